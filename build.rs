@@ -1,0 +1,1 @@
+include!("trl_like/build.rs");

@@ -1,0 +1,136 @@
+//! Loads transformers safetensors checkpoints (one file or sharded with
+//! `model.safetensors.index.json`) into a VarStore whose variable names are the
+//! HF parameter names. Shards are memory-mapped and copied tensor by tensor
+//! into variables already allocated in the target dtype and device, so the
+//! peak host memory is one tensor, not the model.
+
+use super::config::ConfigError;
+use indicatif::{ProgressBar, ProgressStyle};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{nn::VarStore, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{dir}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
+    NoWeights { dir: String },
+    #[error("{dir}: {} tensor(s) missing from the checkpoint, e.g. {}", .names.len(), .names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
+    Missing { dir: String, names: Vec<String> },
+    #[error("{dir}: {} tensor(s) in the checkpoint that the model does not have, e.g. {}", .names.len(), .names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
+    Unexpected { dir: String, names: Vec<String> },
+    #[error("{file}: tensor {name} has shape {found:?}, the model expects {expected:?}")]
+    Shape { file: String, name: String, expected: Vec<i64>, found: Vec<i64> },
+}
+
+fn file_err(path: &Path, message: impl ToString) -> LoadError {
+    LoadError::File { path: path.display().to_string(), message: message.to_string() }
+}
+
+/// The safetensors files of a checkpoint directory, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(&index, e))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| file_err(&index, "no \"weight_map\" object"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    if !dir.is_dir() {
+        return Err(file_err(dir, "model directory does not exist"));
+    }
+    Err(LoadError::NoWeights { dir: dir.display().to_string() })
+}
+
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Buffers transformers may save that are recomputed here.
+fn is_ignored_buffer(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
+
+/// Copies every tensor of the checkpoint in `dir` into the same-named variable of `vs`.
+/// Every variable must be filled and every checkpoint tensor must be used.
+pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
+    let files = weight_files(dir)?;
+    let mut variables: HashMap<String, Tensor> = vs.variables();
+    let mut filled = BTreeSet::new();
+    let mut unexpected = Vec::new();
+    let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("loading weights {bar:30} {bytes}/{total_bytes} {msg}")
+            .expect("valid template"),
+    );
+    let _guard = tch::no_grad_guard();
+    for file in &files {
+        let handle = std::fs::File::open(file).map_err(|e| file_err(file, e))?;
+        // SAFETY: the map is read-only and dropped before this function returns;
+        // a checkpoint changed on disk while loading is outside what we support.
+        let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| file_err(file, e))?;
+        let tensors = SafeTensors::deserialize(&mmap)
+            .map_err(|e| file_err(file, format!("not a valid safetensors file ({e})")))?;
+        for (name, view) in tensors.tensors() {
+            if is_ignored_buffer(&name) {
+                continue;
+            }
+            let Some(var) = variables.get_mut(&name) else {
+                unexpected.push(name);
+                continue;
+            };
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            if shape != var.size() {
+                return Err(LoadError::Shape {
+                    file: file.display().to_string(),
+                    name,
+                    expected: var.size(),
+                    found: shape,
+                });
+            }
+            let kind = kind_of(view.dtype())
+                .ok_or_else(|| file_err(file, format!("tensor {name} has unsupported dtype {:?}", view.dtype())))?;
+            let src = Tensor::f_from_data_size(view.data(), &shape, kind)
+                .map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
+            var.f_copy_(&src).map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
+            bar.inc(view.data().len() as u64);
+            filled.insert(name);
+        }
+        bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    }
+    bar.finish_and_clear();
+    let dir_s = dir.display().to_string();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(LoadError::Unexpected { dir: dir_s, names: unexpected });
+    }
+    let mut missing: Vec<String> = variables.keys().filter(|k| !filled.contains(*k)).cloned().collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(LoadError::Missing { dir: dir_s, names: missing });
+    }
+    Ok(())
+}

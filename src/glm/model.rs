@@ -1,0 +1,168 @@
+//! `GlmModel` (embeddings, decoder stack, final norm) and `GlmForCausalLM`
+//! (plus the untied `lm_head`), with HF parameter names so checkpoints load as
+//! they are: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, …
+
+use super::attention::build_mask;
+use super::decoder_layer::DecoderLayer;
+use super::linear::Linear;
+use super::loading::{load_safetensors, LoadError};
+use super::rms_norm::RmsNorm;
+use super::rotary::Rotary;
+use super::GlmConfig;
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+use trl_like::modeling::{CausalLM, CausalLMInput, KvCache};
+
+#[derive(Debug)]
+pub struct GlmModel {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    rotary: Rotary,
+}
+
+impl GlmModel {
+    pub fn new(path: nn::Path, cfg: &GlmConfig) -> Self {
+        let embed_tokens = (&path / "embed_tokens").var("weight", &[cfg.vocab_size, cfg.hidden_size], nn::Init::Const(0.0));
+        let layers = (0..cfg.num_hidden_layers as usize)
+            .map(|i| DecoderLayer::new(&path / "layers" / i, cfg, i))
+            .collect();
+        Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(&path / "norm", cfg.hidden_size, cfg.rms_norm_eps),
+            rotary: Rotary::new(cfg.rotary_dim(), cfg.rope_theta(), path.device()),
+        }
+    }
+
+    /// # Shapes
+    /// see [`CausalLM::forward_hidden`].
+    pub fn forward(&self, input: &CausalLMInput, mut cache: Option<&mut KvCache>) -> Tensor {
+        let (batch, seq) = input.input_ids.size2().expect("input_ids must be [batch, seq]");
+        let device = self.embed_tokens.device();
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let mut hidden = Tensor::embedding(&self.embed_tokens, &input.input_ids.to_device(device), -1, false, false);
+        let position_ids = match input.position_ids {
+            Some(p) => p.to_device(device),
+            None => (Tensor::arange(seq, (Kind::Int64, device)) + past).unsqueeze(0).expand([batch, seq], false),
+        };
+        let (cos, sin) = self.rotary.cos_sin(&position_ids);
+        let padding = input.attention_mask.map(|m| m.to_device(device));
+        let mask = build_mask(padding.as_ref(), past, seq, device);
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, &self.rotary, &cos, &sin, &mask, cache.as_deref_mut());
+        }
+        self.norm.forward(&hidden)
+    }
+}
+
+/// GLM-4 with its language-model head. One implementation serves both
+/// architectures: `config.model_type` "glm" (GLM-4-9B) or "glm4" (GLM-4-0414,
+/// whose layers add two norms), as transformers' Glm4 reuses Glm's modules.
+#[derive(Debug)]
+pub struct GlmForCausalLM {
+    pub config: GlmConfig,
+    pub model: GlmModel,
+    pub lm_head: Linear,
+    /// Owns every base weight; trainers keep adapters in a store of their own.
+    pub vs: nn::VarStore,
+}
+
+/// GLM-4-0414 (`model_type: "glm4"`): same type, chosen by the config.
+pub type Glm4ForCausalLM = GlmForCausalLM;
+
+impl GlmForCausalLM {
+    /// Allocates the model in `kind` on `device` (weights zero; load or init them next).
+    pub fn new(config: GlmConfig, device: Device, kind: Kind) -> Self {
+        let mut vs = nn::VarStore::new(device);
+        // Set on the empty store so variables are created in `kind` directly:
+        // a 9B model never exists in fp32 first.
+        vs.set_kind(kind);
+        let root = vs.root();
+        let model = GlmModel::new(&root / "model", &config);
+        let lm_head = Linear::new(&root / "lm_head", config.hidden_size, config.vocab_size, false);
+        Self { config, model, lm_head, vs }
+    }
+
+    /// Loads `config.json` and the safetensors weights (single file or sharded) of a
+    /// transformers checkpoint directory. `kind` = `None` uses the checkpoint's dtype.
+    pub fn from_pretrained(dir: impl AsRef<Path>, kind: Option<Kind>, device: Device) -> Result<Self, LoadError> {
+        let dir = dir.as_ref();
+        let config = GlmConfig::from_pretrained(dir)?;
+        let kind = match kind {
+            Some(k) => k,
+            None => dtype_from_name(config.torch_dtype.as_deref().unwrap_or("float32")).unwrap_or(Kind::Float),
+        };
+        let model = Self::new(config, device, kind);
+        load_safetensors(&model.vs, dir)?;
+        model.vs.freeze_base();
+        Ok(model)
+    }
+
+    /// Random weights (normal, `initializer_range`; norms at 1), for benchmarks of
+    /// real shapes without a download.
+    pub fn init_random(&self, seed: i64) {
+        tch::manual_seed(seed);
+        let std = self.config.initializer_range;
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in self.vs.variables() {
+            if name.ends_with("norm.weight") {
+                let _ = var.fill_(1.0);
+            } else if name.ends_with(".bias") {
+                let _ = var.zero_();
+            } else {
+                let _ = var.normal_(0.0, std);
+            }
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+}
+
+/// Extension on the base store: generation and adapter training never need
+/// gradients of the base weights.
+trait FreezeBase {
+    fn freeze_base(&self);
+}
+
+impl FreezeBase for nn::VarStore {
+    fn freeze_base(&self) {
+        for (_, var) in self.variables() {
+            let _ = var.set_requires_grad(false);
+        }
+    }
+}
+
+impl CausalLM for GlmForCausalLM {
+    fn forward_hidden(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, _train: bool) -> Tensor {
+        self.model.forward(input, cache)
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        self.lm_head.forward(hidden)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.num_layers())
+    }
+
+    fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    fn dtype(&self) -> Kind {
+        self.vs.kind()
+    }
+}
+
+/// `--torch_dtype` names as transformers spells them.
+pub fn dtype_from_name(name: &str) -> Option<Kind> {
+    match name {
+        "bfloat16" | "bf16" => Some(Kind::BFloat16),
+        "float16" | "fp16" | "half" => Some(Kind::Half),
+        "float32" | "fp32" | "float" => Some(Kind::Float),
+        _ => None,
+    }
+}

@@ -1,0 +1,344 @@
+//! `glm4`: fine-tune and run GLM-4 from Rust. Thin CLI over the `glm4` and
+//! `trl_like` crates; every subcommand mirrors a script of the Python tutorial.
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use glm4::glm::{GlmConfig, GlmForCausalLM};
+use glm4::runtime;
+use serde_json::json;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use tch::Tensor;
+use trl_like::generation::{generate, GenerationConfig};
+use trl_like::tokenizer::PreTrainedTokenizer;
+
+#[derive(Parser)]
+#[command(name = "glm4", version, about = "Fine-tune and chat with GLM-4 from Rust (tch / libtorch)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print versions, the libtorch in use and the CUDA devices (like `trl env`).
+    Env,
+    /// Download a model or dataset repository from the Hugging Face Hub into a folder.
+    Download(DownloadArgs),
+    /// Generate a continuation (or a chat answer with --chat) for one prompt.
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat (the tutorial's chat_cli.py); reads one turn per line when piped.
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// Repository id, e.g. THUDM/glm-4-9b-hf.
+    repo_id: String,
+    /// Folder to put the files in (default: ./weights/<repo name>).
+    #[arg(long = "local_dir", alias = "local-dir")]
+    local_dir: Option<PathBuf>,
+    /// model, dataset or space.
+    #[arg(long = "repo_type", alias = "repo-type", default_value = "model")]
+    repo_type: String,
+    /// Branch, tag or commit.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Access token (default: $HF_TOKEN or the token saved by `huggingface-cli login`).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory (config.json, safetensors weights, tokenizer files).
+    #[arg(long = "model_name_or_path", alias = "model-name-or-path", default_value = "./weights/glm-4-9b-hf")]
+    model_name_or_path: PathBuf,
+    /// LoRA adapter directory (PEFT format) to apply on top of the model.
+    #[arg(long = "adapter_path", alias = "adapter-path")]
+    adapter_path: Option<PathBuf>,
+    /// auto, bfloat16, float16 or float32 (auto: the checkpoint's dtype on CUDA, float32 on CPU).
+    #[arg(long = "torch_dtype", alias = "torch-dtype", visible_alias = "dtype", default_value = "auto")]
+    torch_dtype: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sample instead of greedy decoding.
+    #[arg(long = "do_sample", alias = "do-sample", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    do_sample: Option<bool>,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long = "top_p", alias = "top-p")]
+    top_p: Option<f64>,
+    #[arg(long = "top_k", alias = "top-k")]
+    top_k: Option<i64>,
+    #[arg(long = "repetition_penalty", alias = "repetition-penalty")]
+    repetition_penalty: Option<f64>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: i64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as one user message through the chat template.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    chat: bool,
+    #[arg(long = "max_new_tokens", alias = "max-new-tokens", default_value_t = 256)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print {"prompt_ids", "generated_ids", "text"} as JSON.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Maximum total length (conversation so far plus the answer), in tokens.
+    #[arg(long = "max_length", alias = "max-length", default_value_t = 1024)]
+    max_length: usize,
+    /// Optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.8)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f64,
+    #[arg(long = "repetition_penalty", alias = "repetition-penalty", default_value_t = 1.2)]
+    repetition_penalty: f64,
+    #[arg(long = "do_sample", alias = "do-sample", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    do_sample: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: i64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Env => cmd_env(),
+        Command::Download(a) => cmd_download(a),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn cmd_env() -> Result<()> {
+    println!("glm4 version: {}", env!("CARGO_PKG_VERSION"));
+    println!("tch version: 0.24.0");
+    match runtime::loaded_libtorch_dir() {
+        Some(dir) => {
+            let version = runtime::libtorch_version(&dir).unwrap_or_else(|| "unknown".into());
+            println!("libtorch version: {version}");
+            println!("libtorch path: {}", dir.display());
+        }
+        None => println!("libtorch path: unknown"),
+    }
+    let cuda = tch::Cuda::is_available();
+    println!("CUDA available: {cuda}");
+    println!("CUDA devices: {}", tch::Cuda::device_count());
+    println!("cuDNN available: {}", tch::Cuda::cudnn_is_available());
+    for (i, name) in runtime::gpu_names().iter().enumerate() {
+        println!("  cuda:{i}: {name}");
+    }
+    println!("CPU threads: {}", tch::get_num_threads());
+    Ok(())
+}
+
+fn cmd_download(a: DownloadArgs) -> Result<()> {
+    let local_dir = a.local_dir.unwrap_or_else(|| {
+        let name = a.repo_id.rsplit('/').next().unwrap_or(&a.repo_id);
+        PathBuf::from("weights").join(name)
+    });
+    let req = trl_like::hub::SnapshotRequest {
+        repo_id: a.repo_id,
+        repo_type: a.repo_type,
+        revision: a.revision,
+        local_dir,
+        allow_suffixes: vec![],
+        token: a.token,
+    };
+    let dir = trl_like::hub::snapshot_download(&req)?;
+    eprintln!("downloaded {} to {}", req.repo_id, dir.display());
+    Ok(())
+}
+
+/// Model + tokenizer + generation defaults from a model directory.
+struct Loaded {
+    model: GlmForCausalLM,
+    tokenizer: PreTrainedTokenizer,
+    generation: GenerationConfig,
+}
+
+fn load(args: &ModelArgs) -> Result<Loaded> {
+    let dir = &args.model_name_or_path;
+    if !dir.is_dir() {
+        bail!(
+            "model directory {} does not exist (download GLM-4-9B with `glm4 download THUDM/glm-4-9b-hf --local_dir {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if args.adapter_path.is_some() {
+        bail!("--adapter_path: LoRA adapters are not supported yet (they come with the trainer)");
+    }
+    let device = runtime::parse_device(&args.device)?;
+    let config = GlmConfig::from_pretrained(dir)?;
+    let kind = runtime::parse_dtype(&args.torch_dtype, config.torch_dtype.as_deref(), device)?;
+    let model = GlmForCausalLM::from_pretrained(dir, Some(kind), device)?;
+    let tokenizer = glm4::load_tokenizer(dir)?;
+    let mut generation = GenerationConfig::from_pretrained(dir).map_err(anyhow::Error::msg)?.unwrap_or_default();
+    if generation.eos_token_id.is_empty() {
+        generation.eos_token_id = model.config.eos_token_ids();
+    }
+    if generation.eos_token_id.is_empty() {
+        generation.eos_token_id.extend(tokenizer.eos_token_id());
+    }
+    if generation.pad_token_id.is_none() {
+        generation.pad_token_id = tokenizer.pad_token_id().or(model.config.pad_token_id);
+    }
+    Ok(Loaded { model, tokenizer, generation })
+}
+
+fn apply_sampling(cfg: &mut GenerationConfig, s: &SamplingArgs) {
+    if let Some(v) = s.do_sample {
+        cfg.do_sample = v;
+    }
+    if let Some(v) = s.temperature {
+        cfg.temperature = v;
+    }
+    if let Some(v) = s.top_p {
+        cfg.top_p = v;
+    }
+    if let Some(v) = s.top_k {
+        cfg.top_k = v;
+    }
+    if let Some(v) = s.repetition_penalty {
+        cfg.repetition_penalty = v;
+    }
+    tch::manual_seed(s.seed);
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let Loaded { model, tokenizer, mut generation } = load(&a.model)?;
+    apply_sampling(&mut generation, &a.sampling);
+    // Greedy unless asked: `generate` is for reproducible answers.
+    if a.sampling.do_sample.is_none() {
+        generation.do_sample = false;
+    }
+    generation.max_new_tokens = Some(a.max_new_tokens);
+    let prompt_ids = if a.chat {
+        tokenizer.apply_chat_template_ids(&[json!({"role": "user", "content": a.prompt})], None, true)?
+    } else {
+        // Like `tokenizer.encode(prompt)`: the tokenizer's own special tokens are added.
+        tokenizer.encode(&a.prompt, true)?
+    };
+    let input = Tensor::from_slice(&prompt_ids).unsqueeze(0);
+    let out = generate(&model, &input, None, &generation, None);
+    let all: Vec<i64> = Vec::try_from(out.sequences.get(0)).context("reading generated ids")?;
+    let generated = &all[prompt_ids.len()..];
+    // Drop the pad filler after an early stop, keep the stop token itself.
+    let stop = generated.iter().position(|t| generation.eos_token_id.contains(t)).map_or(generated.len(), |i| i + 1);
+    let generated = &generated[..stop];
+    let text = tokenizer.decode(generated, true)?;
+    if a.json {
+        println!("{}", json!({"prompt_ids": prompt_ids, "generated_ids": generated, "text": text}));
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let Loaded { model, tokenizer, mut generation } = load(&a.model)?;
+    generation.do_sample = a.do_sample;
+    generation.top_p = a.top_p;
+    generation.temperature = a.temperature;
+    generation.repetition_penalty = a.repetition_penalty;
+    generation.max_new_tokens = None;
+    generation.max_length = a.max_length;
+    tch::manual_seed(a.seed);
+    let interactive = std::io::stdin().is_terminal();
+    let mut history: Vec<serde_json::Value> = Vec::new();
+    if let Some(system) = &a.system {
+        history.push(json!({"role": "system", "content": system}));
+    }
+    if interactive {
+        eprintln!("GLM-4 chat — type a message; `exit` or `quit` to leave, `clear` to start over.");
+    }
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        if interactive {
+            eprint!("\n用户: ");
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "exit" || line == "quit" {
+            break;
+        }
+        if line == "clear" {
+            history.retain(|m| m["role"] == "system");
+            continue;
+        }
+        history.push(json!({"role": "user", "content": line}));
+        let prompt_ids = tokenizer.apply_chat_template_ids(&history, None, true)?;
+        if prompt_ids.len() >= a.max_length {
+            history.pop();
+            eprintln!("the conversation is {} tokens, at --max_length {}; type `clear` to start over", prompt_ids.len(), a.max_length);
+            continue;
+        }
+        if interactive {
+            eprint!("GLM-4: ");
+        }
+        let mut answer_ids: Vec<i64> = Vec::new();
+        let mut shown = String::new();
+        let eos = generation.eos_token_id.clone();
+        let mut stream = |ids: &[i64]| {
+            let id = ids[0];
+            if eos.contains(&id) {
+                return;
+            }
+            answer_ids.push(id);
+            // Print only complete characters: a multi-byte character may span tokens.
+            if let Ok(text) = tokenizer.decode(&answer_ids, true) {
+                if !text.ends_with('\u{FFFD}') && text.len() > shown.len() && text.starts_with(&shown) {
+                    let _ = write!(stdout, "{}", &text[shown.len()..]);
+                    let _ = stdout.flush();
+                    shown = text;
+                }
+            }
+        };
+        let input = Tensor::from_slice(&prompt_ids).unsqueeze(0);
+        generate(&model, &input, None, &generation, Some(&mut stream));
+        let answer = tokenizer.decode(&answer_ids, true)?;
+        if answer.len() > shown.len() && answer.starts_with(&shown) {
+            write!(stdout, "{}", &answer[shown.len()..])?;
+        }
+        writeln!(stdout)?;
+        stdout.flush()?;
+        history.push(json!({"role": "assistant", "content": answer}));
+    }
+    Ok(())
+}

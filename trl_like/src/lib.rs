@@ -1,0 +1,10 @@
+//! A TRL / transformers / PEFT-like API over tch-rs (libtorch).
+//!
+//! Model-agnostic: models plug in through [`modeling::CausalLM`]; tokenizers
+//! are Hugging Face `tokenizer.json` files with their Jinja chat templates.
+
+pub mod chat_template;
+pub mod generation;
+pub mod hub;
+pub mod modeling;
+pub mod tokenizer;

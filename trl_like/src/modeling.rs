@@ -1,0 +1,95 @@
+//! The contract between the trainer / generation code and a model.
+//!
+//! `trl_like` never names a concrete architecture: the GLM-4 model in the
+//! application crate implements [`CausalLM`], and everything here (generation,
+//! and later the SFT trainer) works through it — the way TRL works with any
+//! `AutoModelForCausalLM`.
+
+use tch::{Device, Kind, Tensor};
+
+/// Key/value cache for incremental decoding (transformers' `DynamicCache`).
+///
+/// One `(key, value)` pair per decoder layer, each `[batch, kv_heads, seq, head_dim]`,
+/// grown along the sequence dimension as tokens are decoded.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect() }
+    }
+
+    /// Number of positions already cached (0 for an empty cache).
+    pub fn seq_len(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.size()[2],
+            _ => 0,
+        }
+    }
+
+    /// Appends this step's keys/values for `layer` and returns the full cached ones.
+    ///
+    /// # Shapes
+    /// `key`, `value`: `[batch, kv_heads, new_seq, head_dim]`; returns
+    /// `[batch, kv_heads, past_seq + new_seq, head_dim]` each.
+    pub fn update(&mut self, layer: usize, key: Tensor, value: Tensor) -> (Tensor, Tensor) {
+        let slot = &mut self.layers[layer];
+        let merged = match slot.take() {
+            None => (key, value),
+            Some((k, v)) => (Tensor::cat(&[k, key], 2), Tensor::cat(&[v, value], 2)),
+        };
+        *slot = Some((merged.0.shallow_clone(), merged.1.shallow_clone()));
+        merged
+    }
+
+    /// Keeps only the batch rows in `index` (used when sequences are dropped from a batch).
+    pub fn select_rows(&mut self, index: &Tensor) {
+        for slot in self.layers.iter_mut().flatten() {
+            slot.0 = slot.0.index_select(0, index);
+            slot.1 = slot.1.index_select(0, index);
+        }
+    }
+}
+
+/// Inputs of one forward pass, as transformers' `model(input_ids, attention_mask, position_ids)`.
+pub struct CausalLMInput<'a> {
+    /// `[batch, seq]`, int64.
+    pub input_ids: &'a Tensor,
+    /// `[batch, past_seq + seq]`, 1 for real tokens and 0 for padding; `None` = no padding.
+    pub attention_mask: Option<&'a Tensor>,
+    /// `[batch, seq]`, int64; `None` = `past_seq..past_seq+seq` for every row
+    /// (what transformers uses when none are given).
+    pub position_ids: Option<&'a Tensor>,
+}
+
+/// A decoder-only language model: the `AutoModelForCausalLM` of this crate.
+pub trait CausalLM {
+    /// Final hidden states after the last norm.
+    ///
+    /// # Shapes
+    /// returns `[batch, seq, hidden]` in the model's compute dtype.
+    fn forward_hidden(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, train: bool) -> Tensor;
+
+    /// Projects hidden states to vocabulary logits (`lm_head`).
+    ///
+    /// # Shapes
+    /// `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
+    fn lm_head(&self, hidden: &Tensor) -> Tensor;
+
+    /// Logits for every position: `lm_head(forward_hidden(..))`.
+    fn forward(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let hidden = self.forward_hidden(input, cache, train);
+        self.lm_head(&hidden)
+    }
+
+    /// An empty cache sized for this model.
+    fn new_cache(&self) -> KvCache;
+
+    /// Device the weights live on.
+    fn device(&self) -> Device;
+
+    /// Dtype activations are computed in (the dtype of the base weights).
+    fn dtype(&self) -> Kind;
+}
