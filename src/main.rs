@@ -106,7 +106,8 @@ struct GenerateArgs {
 struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Maximum total length (conversation so far plus the answer), in tokens.
+    /// Maximum number of tokens in each answer (the tutorial's chat_cli passes its
+    /// max_length as max_new_tokens).
     #[arg(long = "max_length", alias = "max-length", default_value_t = 1024)]
     max_length: usize,
     /// Optional system message.
@@ -270,8 +271,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     generation.top_p = a.top_p;
     generation.temperature = a.temperature;
     generation.repetition_penalty = a.repetition_penalty;
-    generation.max_new_tokens = None;
-    generation.max_length = a.max_length;
+    generation.max_new_tokens = Some(a.max_length);
     tch::manual_seed(a.seed);
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<serde_json::Value> = Vec::new();
@@ -304,11 +304,6 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         }
         history.push(json!({"role": "user", "content": line}));
         let prompt_ids = tokenizer.apply_chat_template_ids(&history, None, true)?;
-        if prompt_ids.len() >= a.max_length {
-            history.pop();
-            eprintln!("the conversation is {} tokens, at --max_length {}; type `clear` to start over", prompt_ids.len(), a.max_length);
-            continue;
-        }
         if interactive {
             eprint!("GLM-4: ");
         }
@@ -338,7 +333,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         }
         writeln!(stdout)?;
         stdout.flush()?;
-        history.push(json!({"role": "assistant", "content": answer}));
+        // Stored stripped, as the tutorial's chat_cli keeps its history.
+        history.push(json!({"role": "assistant", "content": answer.trim()}));
     }
     Ok(())
 }

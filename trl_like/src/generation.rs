@@ -82,13 +82,14 @@ impl GenerationConfig {
 }
 
 /// Position ids for a left-padded batch, as transformers' generate derives them:
-/// `cumsum(mask) - 1`, with padding positions set to 1.
+/// `cumsum(mask) - 1`, with padding positions set to 0 (transformers 5; 4.x used 1 —
+/// either way padding is masked out and never influences real tokens).
 ///
 /// # Shapes
 /// `attention_mask`: `[batch, seq]` → `[batch, seq]` int64.
 pub fn position_ids_from_mask(attention_mask: &Tensor) -> Tensor {
     let pos = attention_mask.to_kind(Kind::Int64).cumsum(-1, Kind::Int64) - 1;
-    pos.masked_fill(&attention_mask.eq(0), 1)
+    pos.masked_fill(&attention_mask.eq(0), 0)
 }
 
 /// Applies repetition penalty, then (when sampling) temperature, top-k and top-p
