@@ -1,7 +1,7 @@
 //! `GlmAttention`: grouped-query attention (32 query heads share 2 key/value
 //! heads in GLM-4-9B) with partial rotary embeddings and libtorch's SDPA.
 
-use super::linear::Linear;
+use trl_like::nn::Linear;
 use super::rotary::Rotary;
 use super::GlmConfig;
 use trl_like::modeling::KvCache;
@@ -56,9 +56,10 @@ impl Attention {
         sin: &Tensor,
         mask: &AttentionMask,
         cache: Option<&mut KvCache>,
+        train: bool,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states must be [batch, seq, hidden]");
-        let heads = |proj: &Linear, n: i64| proj.forward(x).view([b, t, n, self.head_dim]).transpose(1, 2);
+        let heads = |proj: &Linear, n: i64| proj.forward_t(x, train).view([b, t, n, self.head_dim]).transpose(1, 2);
         let q = rotary.apply(&heads(&self.q_proj, self.num_heads), cos, sin);
         let k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads), cos, sin);
         let v = heads(&self.v_proj, self.num_kv_heads);
@@ -74,7 +75,7 @@ impl Attention {
             AttentionMask::Dense(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
         };
         let out = out.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&out)
+        self.o_proj.forward_t(&out, train)
     }
 }
 

@@ -44,13 +44,14 @@ impl DecoderLayer {
         sin: &Tensor,
         mask: &AttentionMask,
         cache: Option<&mut KvCache>,
+        train: bool,
     ) -> Tensor {
-        let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, cos, sin, mask, cache);
+        let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, cos, sin, mask, cache, train);
         if let Some(norm) = &self.post_self_attn_layernorm {
             attn = norm.forward(&attn);
         }
         let x = x + attn;
-        let mut mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x));
+        let mut mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x), train);
         if let Some(norm) = &self.post_mlp_layernorm {
             mlp = norm.forward(&mlp);
         }

@@ -1,6 +1,6 @@
 //! `GlmMLP`: fused gate/up projection, SiLU gating, down projection.
 
-use super::linear::Linear;
+use trl_like::nn::Linear;
 use tch::{nn, Tensor};
 
 #[derive(Debug)]
@@ -19,9 +19,9 @@ impl Mlp {
 
     /// # Shapes
     /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // The first half of gate_up_proj's output is the gate, the second the up projection.
-        let gate_up = self.gate_up_proj.forward(x).chunk(2, -1);
-        self.down_proj.forward(&(gate_up[0].silu() * &gate_up[1]))
+        let gate_up = self.gate_up_proj.forward_t(x, train).chunk(2, -1);
+        self.down_proj.forward_t(&(gate_up[0].silu() * &gate_up[1]), train)
     }
 }

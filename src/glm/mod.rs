@@ -4,7 +4,6 @@
 pub mod attention;
 pub mod config;
 pub mod decoder_layer;
-pub mod linear;
 pub mod loading;
 pub mod mlp;
 pub mod model;

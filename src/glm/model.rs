@@ -4,7 +4,6 @@
 
 use super::attention::build_mask;
 use super::decoder_layer::DecoderLayer;
-use super::linear::Linear;
 use super::loading::{load_safetensors, LoadError};
 use super::rms_norm::RmsNorm;
 use super::rotary::Rotary;
@@ -12,6 +11,8 @@ use super::GlmConfig;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 use trl_like::modeling::{CausalLM, CausalLMInput, KvCache};
+use trl_like::nn::Linear;
+use trl_like::peft::LoraModel;
 
 #[derive(Debug)]
 pub struct GlmModel {
@@ -37,7 +38,7 @@ impl GlmModel {
 
     /// # Shapes
     /// see [`CausalLM::forward_hidden`].
-    pub fn forward(&self, input: &CausalLMInput, mut cache: Option<&mut KvCache>) -> Tensor {
+    pub fn forward(&self, input: &CausalLMInput, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let (batch, seq) = input.input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = self.embed_tokens.device();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
@@ -50,7 +51,7 @@ impl GlmModel {
         let padding = input.attention_mask.map(|m| m.to_device(device));
         let mask = build_mask(padding.as_ref(), past, seq, device);
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &self.rotary, &cos, &sin, &mask, cache.as_deref_mut());
+            hidden = layer.forward(&hidden, &self.rotary, &cos, &sin, &mask, cache.as_deref_mut(), train);
         }
         self.norm.forward(&hidden)
     }
@@ -136,8 +137,8 @@ impl FreezeBase for nn::VarStore {
 }
 
 impl CausalLM for GlmForCausalLM {
-    fn forward_hidden(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, _train: bool) -> Tensor {
-        self.model.forward(input, cache)
+    fn forward_hidden(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        self.model.forward(input, cache, train)
     }
 
     fn lm_head(&self, hidden: &Tensor) -> Tensor {
@@ -154,6 +155,27 @@ impl CausalLM for GlmForCausalLM {
 
     fn dtype(&self) -> Kind {
         self.vs.kind()
+    }
+}
+
+impl LoraModel for GlmForCausalLM {
+    fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let attn = &mut layer.self_attn;
+            for (name, lin) in [
+                ("q_proj", &mut attn.q_proj),
+                ("k_proj", &mut attn.k_proj),
+                ("v_proj", &mut attn.v_proj),
+                ("o_proj", &mut attn.o_proj),
+            ] {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), lin));
+            }
+            out.push((format!("model.layers.{i}.mlp.gate_up_proj"), &mut layer.mlp.gate_up_proj));
+            out.push((format!("model.layers.{i}.mlp.down_proj"), &mut layer.mlp.down_proj));
+        }
+        out.push(("lm_head".to_string(), &mut self.lm_head));
+        out
     }
 }
 

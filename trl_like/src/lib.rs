@@ -4,7 +4,11 @@
 //! are Hugging Face `tokenizer.json` files with their Jinja chat templates.
 
 pub mod chat_template;
+pub mod config;
+pub mod data;
 pub mod generation;
 pub mod hub;
 pub mod modeling;
+pub mod nn;
+pub mod peft;
 pub mod tokenizer;

@@ -1,0 +1,46 @@
+//! Building blocks a model shares with the trainer: a `Linear` layer that can
+//! carry a LoRA adapter (PEFT's `LoraLayer` wrapping `nn.Linear`).
+
+use crate::peft::LoraLayer;
+use tch::{nn, Tensor};
+
+/// A dense layer `y = x Wᵀ + b` with HF parameter names (`weight` `[out, in]`,
+/// optional `bias` `[out]`), plus an optional LoRA adapter added to its output.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraLayer>,
+}
+
+impl Linear {
+    /// Creates `weight` (and `bias` when asked) under `path`, zero-filled: values
+    /// come from a checkpoint or an explicit initialisation.
+    pub fn new(path: nn::Path, in_features: i64, out_features: i64, bias: bool) -> Self {
+        let weight = path.var("weight", &[out_features, in_features], nn::Init::Const(0.0));
+        let bias = bias.then(|| path.var("bias", &[out_features], nn::Init::Const(0.0)));
+        Self { weight, bias, lora: None }
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    /// # Shapes
+    /// `x`: `[..., in]` → `[..., out]` in `x`'s dtype.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let base = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            None => base,
+            Some(lora) => lora.add_to(&base, x, train),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_t(x, false)
+    }
+}

@@ -1,0 +1,382 @@
+//! LoRA as PEFT does it, and PEFT's file format both ways.
+//!
+//! `y = W x + b + scaling · B(A(dropout(x)))` with `scaling = lora_alpha / r`
+//! (`lora_alpha / √r` with rsLoRA); A is kaiming-uniform(a=√5), B zeros, so a
+//! fresh adapter leaves the model unchanged. Adapters live in a VarStore of
+//! their own (fp32 even on a bf16 base), which is all the optimizer ever sees.
+//! Saved as `adapter_model.safetensors` (keys
+//! `base_model.model.<module>.lora_A.weight` / `lora_B.weight`) plus
+//! `adapter_config.json`, which `PeftModel.from_pretrained` opens.
+
+use crate::nn::Linear;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+/// Which linear layers get adapters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    /// Module names matched like PEFT: equal to, or the last dotted part of, the module path.
+    Names(Vec<String>),
+    /// Every linear layer except the output head (`lm_head`).
+    AllLinear,
+}
+
+impl Serialize for TargetModules {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TargetModules::Names(v) => v.serialize(s),
+            TargetModules::AllLinear => "all-linear".serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetModules {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
+            // PEFT also accepts a single regex string; treat it as one exact name.
+            Value::String(s) => Ok(TargetModules::Names(vec![s])),
+            Value::Array(v) => v
+                .into_iter()
+                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| serde::de::Error::custom("target_modules must be strings")))
+                .collect::<Result<_, _>>()
+                .map(TargetModules::Names),
+            _ => Err(serde::de::Error::custom("target_modules must be a list of names or \"all-linear\"")),
+        }
+    }
+}
+
+impl TargetModules {
+    /// PEFT's rule for a list of names: `module == name` or `module.endswith("." + name)`.
+    pub fn matches(&self, module: &str) -> bool {
+        match self {
+            TargetModules::AllLinear => module != "lm_head" && !module.ends_with(".lm_head"),
+            TargetModules::Names(names) => {
+                names.iter().any(|n| module == n || module.ends_with(&format!(".{n}")))
+            }
+        }
+    }
+}
+
+/// PEFT's `LoraConfig` (the fields this crate uses; unknown keys of an
+/// `adapter_config.json` are ignored when reading, as PEFT's newer fields are).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+}
+
+fn default_bias() -> String {
+    "none".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("invalid LoRA setting: {0}")]
+    Config(String),
+    #[error("{adapter}: the adapter targets module {module}, which this model does not have (its linear modules are: {available})")]
+    UnknownModule { adapter: String, module: String, available: String },
+    #[error("{adapter}: tensor {name} has shape {found:?}, the model needs {expected:?} (is the adapter made for another base model?)")]
+    Shape { adapter: String, name: String, expected: Vec<i64>, found: Vec<i64> },
+    #[error("none of the model's linear modules match target_modules {0}")]
+    NoTargets(String),
+}
+
+impl LoraConfig {
+    pub fn new(r: i64, lora_alpha: f64, lora_dropout: f64, target_modules: TargetModules) -> Self {
+        Self {
+            r,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            use_rslora: false,
+            modules_to_save: None,
+            bias: default_bias(),
+            base_model_name_or_path: None,
+            use_dora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            fan_in_fan_out: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), PeftError> {
+        if self.r <= 0 {
+            return Err(PeftError::Config(format!("lora_r must be at least 1, got {}", self.r)));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(PeftError::Config(format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout)));
+        }
+        if self.use_dora {
+            return Err(PeftError::Config("use_dora is not supported yet".into()));
+        }
+        if self.bias != "none" {
+            return Err(PeftError::Config(format!("bias {:?} is not supported (only \"none\")", self.bias)));
+        }
+        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
+            return Err(PeftError::Config("rank_pattern / alpha_pattern are not supported yet".into()));
+        }
+        if self.fan_in_fan_out {
+            return Err(PeftError::Config("fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to GLM-4".into()));
+        }
+        Ok(())
+    }
+
+    /// The factor on `B·A`: `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// `adapter_config.json` with PEFT's field names and values.
+    pub fn to_peft_json(&self, inference_mode: bool) -> Value {
+        let targets = match &self.target_modules {
+            TargetModules::Names(v) => json!(v),
+            TargetModules::AllLinear => json!("all-linear"),
+        };
+        json!({
+            "alpha_pattern": {},
+            "auto_mapping": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": self.bias,
+            "exclude_modules": null,
+            "fan_in_fan_out": false,
+            "inference_mode": inference_mode,
+            "init_lora_weights": true,
+            "layer_replication": null,
+            "layers_pattern": null,
+            "layers_to_transform": null,
+            "loftq_config": {},
+            "lora_alpha": self.lora_alpha,
+            "lora_bias": false,
+            "lora_dropout": self.lora_dropout,
+            "megatron_config": null,
+            "megatron_core": "megatron.core",
+            "modules_to_save": self.modules_to_save,
+            "peft_type": "LORA",
+            "r": self.r,
+            "rank_pattern": {},
+            "revision": null,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+            "trainable_token_indices": null,
+            "use_dora": false,
+            "use_rslora": self.use_rslora,
+        })
+    }
+}
+
+/// One adapter on one linear layer.
+///
+/// # Shapes
+/// `lora_a`: `[r, in]`, `lora_b`: `[out, r]` (both fp32 by default).
+#[derive(Debug)]
+pub struct LoraLayer {
+    pub lora_a: Tensor,
+    pub lora_b: Tensor,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraLayer {
+    /// `base + scaling · B(A(dropout(x)))`, computed in the adapter dtype and cast
+    /// back to the base output's dtype (PEFT casts the input to the adapter dtype,
+    /// adds, and returns the base result dtype).
+    pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
+        let x = x.to_kind(self.lora_a.kind());
+        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x };
+        let delta = x.linear::<Tensor>(&self.lora_a, None).linear::<Tensor>(&self.lora_b, None) * self.scaling;
+        (base + delta).to_kind(base.kind())
+    }
+}
+
+/// A model whose linear layers can carry adapters: it lists them by their HF
+/// module path (e.g. `model.layers.0.self_attn.q_proj`).
+pub trait LoraModel {
+    fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)>;
+}
+
+/// The adapters attached to a model: their config and their own VarStore
+/// (variables named as PEFT saves them).
+pub struct PeftAdapter {
+    pub config: LoraConfig,
+    pub vs: nn::VarStore,
+    /// Module paths that carry an adapter, in model order.
+    pub modules: Vec<String>,
+}
+
+/// PEFT's key for an adapter tensor of `module`.
+pub fn peft_key(module: &str, which: &str) -> String {
+    format!("base_model.model.{module}.{which}.weight")
+}
+
+impl PeftAdapter {
+    /// Attaches freshly initialised adapters (A kaiming-uniform, B zero) to every
+    /// matching linear layer — `get_peft_model(model, config)`.
+    pub fn attach_new(model: &mut dyn LoraModel, config: LoraConfig, device: Device) -> Result<Self, PeftError> {
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let mut modules = Vec::new();
+        for (name, linear) in model.linear_layers_mut() {
+            if !config.target_modules.matches(&name) {
+                continue;
+            }
+            let (fan_in, fan_out) = (linear.in_features(), linear.out_features());
+            // kaiming_uniform_(a=√5) on [r, in]: bound = gain·√(3/fan_in) = 1/√fan_in.
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let root = vs.root();
+            let a = root.var(&peft_key(&name, "lora_A"), &[config.r, fan_in], nn::Init::Uniform { lo: -bound, up: bound });
+            let b = root.var(&peft_key(&name, "lora_B"), &[fan_out, config.r], nn::Init::Const(0.0));
+            linear.lora = Some(LoraLayer { lora_a: a, lora_b: b, scaling: config.scaling(), dropout: config.lora_dropout });
+            modules.push(name);
+        }
+        if modules.is_empty() {
+            return Err(PeftError::NoTargets(format!("{:?}", config.target_modules)));
+        }
+        Ok(Self { config, vs, modules })
+    }
+
+    /// Loads a PEFT adapter directory (ours or one saved by Python PEFT) onto `model`
+    /// — `PeftModel.from_pretrained(model, dir)`.
+    pub fn load(model: &mut dyn LoraModel, dir: &Path, device: Device, trainable: bool) -> Result<Self, PeftError> {
+        let file_err = |path: &Path, message: String| PeftError::File { path: path.display().to_string(), message };
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+        let config: LoraConfig = serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+        let peft_type = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["peft_type"].as_str().map(str::to_string));
+        if let Some(t) = peft_type.filter(|t| t != "LORA") {
+            return Err(file_err(&cfg_path, format!("peft_type {t:?} is not supported (only LORA)")));
+        }
+        config.validate()?;
+        let weights = dir.join("adapter_model.safetensors");
+        let tensors = Tensor::read_safetensors(&weights).map_err(|e| file_err(&weights, e.to_string()))?;
+        let mut by_module: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (key, t) in tensors {
+            let Some(rest) = key.strip_prefix("base_model.model.") else {
+                return Err(file_err(&weights, format!("unexpected tensor {key} (not a LoRA weight)")));
+            };
+            let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+                (m, 0)
+            } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+                (m, 1)
+            } else {
+                return Err(file_err(&weights, format!("unsupported tensor {key} (only lora_A / lora_B weights are)")));
+            };
+            let slot = by_module.entry(module.to_string()).or_default();
+            if which == 0 {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
+        }
+        let vs = nn::VarStore::new(device);
+        let mut linears: BTreeMap<String, &mut Linear> = model.linear_layers_mut().into_iter().collect();
+        let available = linears_list(&linears);
+        let adapter = dir.display().to_string();
+        let mut modules = Vec::new();
+        for (module, pair) in by_module {
+            let (Some(a), Some(b)) = pair else {
+                return Err(file_err(&weights, format!("{module} has only one of lora_A / lora_B")));
+            };
+            if !linears.contains_key(&module) {
+                return Err(PeftError::UnknownModule { adapter, module, available });
+            }
+            let linear = linears.get_mut(&module).expect("checked above");
+            let expect_a = vec![config.r, linear.in_features()];
+            let expect_b = vec![linear.out_features(), config.r];
+            for (name, t, expected) in [("lora_A", &a, &expect_a), ("lora_B", &b, &expect_b)] {
+                if t.size() != *expected {
+                    return Err(PeftError::Shape { adapter, name: peft_key(&module, name), expected: expected.clone(), found: t.size() });
+                }
+            }
+            let root = vs.root();
+            let mut va = root.var(&peft_key(&module, "lora_A"), &expect_a, nn::Init::Const(0.0));
+            let mut vb = root.var(&peft_key(&module, "lora_B"), &expect_b, nn::Init::Const(0.0));
+            tch::no_grad(|| {
+                va.copy_(&a);
+                vb.copy_(&b);
+            });
+            if !trainable {
+                va = va.set_requires_grad(false);
+                vb = vb.set_requires_grad(false);
+            }
+            linear.lora = Some(LoraLayer { lora_a: va, lora_b: vb, scaling: config.scaling(), dropout: config.lora_dropout });
+            modules.push(module);
+        }
+        Ok(Self { config, vs, modules })
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<(), PeftError> {
+        let io = |e: std::io::Error| PeftError::File { path: dir.display().to_string(), message: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let named: Vec<(String, Tensor)> = named.into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu))).collect();
+        let weights = dir.join("adapter_model.safetensors");
+        Tensor::write_safetensors(&named, &weights)
+            .map_err(|e| PeftError::File { path: weights.display().to_string(), message: e.to_string() })?;
+        let config = serde_json::to_string_pretty(&self.config.to_peft_json(true)).expect("json");
+        std::fs::write(dir.join("adapter_config.json"), config + "\n").map_err(io)?;
+        Ok(())
+    }
+
+    /// Trainable adapter tensors, by PEFT name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+}
+
+fn linears_list(linears: &BTreeMap<String, &mut Linear>) -> String {
+    let mut short: Vec<&str> = linears.keys().map(|k| k.rsplit('.').next().unwrap_or(k)).collect();
+    short.sort();
+    short.dedup();
+    format!("{} (e.g. {})", short.join(", "), linears.keys().next().cloned().unwrap_or_default())
+}
+
+/// PEFT's `merge_and_unload`: folds every adapter into its base weight
+/// (`W += scaling · B A`, computed in fp32) and removes the adapters.
+pub fn merge_and_unload(model: &mut dyn LoraModel) {
+    tch::no_grad(|| {
+        for (_, linear) in model.linear_layers_mut() {
+            if let Some(lora) = linear.lora.take() {
+                let delta = lora.lora_b.to_kind(Kind::Float).matmul(&lora.lora_a.to_kind(Kind::Float)) * lora.scaling;
+                let merged = linear.weight.to_kind(Kind::Float) + delta.to_device(linear.weight.device());
+                linear.weight.copy_(&merged.to_kind(linear.weight.kind()));
+            }
+        }
+    });
+}
