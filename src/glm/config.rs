@@ -42,7 +42,7 @@ impl TokenIds {
 pub struct GlmConfig {
     /// "glm" (GLM-4-9B) or "glm4" (GLM-4-0414: two extra norms per layer).
     pub model_type: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
     #[serde(default = "d::vocab_size")]
     pub vocab_size: i64,
@@ -57,7 +57,7 @@ pub struct GlmConfig {
     #[serde(default = "d::num_key_value_heads")]
     pub num_key_value_heads: i64,
     /// Fraction of each head that is rotated (0.5 for GLM-4: 64 of 128 dims).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
     #[serde(default = "d::head_dim")]
     pub head_dim: i64,
@@ -76,24 +76,24 @@ pub struct GlmConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// transformers 4.x spelling; transformers 5 writes `rope_parameters`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<i64>,
     #[serde(default = "d::yes")]
     pub attention_bias: bool,
     /// `torch_dtype` (transformers 4) or `dtype` (transformers 5) the weights were saved in.
-    #[serde(default, alias = "dtype")]
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "dtype")]
     pub torch_dtype: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,

@@ -134,3 +134,39 @@ pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
     }
     Ok(())
 }
+
+/// Largest shard written by [`save_safetensors`] (transformers' default `max_shard_size` is 5 GB).
+pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Writes named tensors as `model.safetensors`, or as `model-0000i-of-0000n.safetensors`
+/// shards plus `model.safetensors.index.json` when they exceed `max_shard_bytes`.
+pub fn save_safetensors(named: &[(String, Tensor)], dir: &Path, max_shard_bytes: usize) -> std::io::Result<()> {
+    let to_io = |e: tch::TchError| std::io::Error::other(e.to_string());
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut current = 0usize;
+    let mut total = 0usize;
+    for (name, t) in named {
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        if current > 0 && current + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += bytes;
+        total += bytes;
+        shards.last_mut().expect("one shard").push((name.clone(), t.detach().to_device(tch::Device::Cpu)));
+    }
+    if shards.len() == 1 {
+        return Tensor::write_safetensors(&shards[0], dir.join("model.safetensors")).map_err(to_io);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        Tensor::write_safetensors(shard, dir.join(&file)).map_err(to_io)?;
+        for (name, _) in shard {
+            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)? + "\n")
+}

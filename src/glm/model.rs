@@ -4,13 +4,13 @@
 
 use super::attention::build_mask;
 use super::decoder_layer::DecoderLayer;
-use super::loading::{load_safetensors, LoadError};
+use super::loading::{load_safetensors, save_safetensors, LoadError, MAX_SHARD_BYTES};
 use super::rms_norm::RmsNorm;
 use super::rotary::Rotary;
 use super::GlmConfig;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
-use trl_like::modeling::{CausalLM, CausalLMInput, KvCache};
+use trl_like::modeling::{CausalLM, CausalLMInput, KvCache, PreTrainedModel};
 use trl_like::nn::Linear;
 use trl_like::peft::LoraModel;
 
@@ -67,6 +67,8 @@ pub struct GlmForCausalLM {
     pub lm_head: Linear,
     /// Owns every base weight; trainers keep adapters in a store of their own.
     pub vs: nn::VarStore,
+    /// The directory the weights came from (empty for random init).
+    pub name_or_path: String,
 }
 
 /// GLM-4-0414 (`model_type: "glm4"`): same type, chosen by the config.
@@ -82,7 +84,7 @@ impl GlmForCausalLM {
         let root = vs.root();
         let model = GlmModel::new(&root / "model", &config);
         let lm_head = Linear::new(&root / "lm_head", config.hidden_size, config.vocab_size, false);
-        Self { config, model, lm_head, vs }
+        Self { config, model, lm_head, vs, name_or_path: String::new() }
     }
 
     /// Loads `config.json` and the safetensors weights (single file or sharded) of a
@@ -94,8 +96,9 @@ impl GlmForCausalLM {
             Some(k) => k,
             None => dtype_from_name(config.torch_dtype.as_deref().unwrap_or("float32")).unwrap_or(Kind::Float),
         };
-        let model = Self::new(config, device, kind);
+        let mut model = Self::new(config, device, kind);
         load_safetensors(&model.vs, dir)?;
+        model.name_or_path = dir.display().to_string();
         model.vs.freeze_base();
         Ok(model)
     }
@@ -155,6 +158,33 @@ impl CausalLM for GlmForCausalLM {
 
     fn dtype(&self) -> Kind {
         self.vs.kind()
+    }
+}
+
+impl PreTrainedModel for GlmForCausalLM {
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut config = serde_json::to_value(&self.config).map_err(std::io::Error::other)?;
+        // Record the dtype the weights are saved in, under both spellings.
+        let dtype = match self.vs.kind() {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            _ => "float32",
+        };
+        config["torch_dtype"] = dtype.into();
+        config["dtype"] = dtype.into();
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+        save_safetensors(&self.named_parameters(), dir, MAX_SHARD_BYTES)
+    }
+
+    fn name_or_path(&self) -> String {
+        self.name_or_path.clone()
     }
 }
 

@@ -54,14 +54,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("source", &self.source).finish()
-    }
-}
-
-impl Clone for ChatTemplate {
-    fn clone(&self) -> Self {
-        // The source compiled before, so it compiles again.
-        Self::new(self.source.clone()).expect("a compiled template recompiles")
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -131,12 +126,22 @@ fn strftime_now(format: String) -> Result<String, Error> {
 
 /// Jinja2 prints values with Python's `str()`; minijinja would print lists and
 /// dicts in Rust `Debug` style and large floats without an exponent.
-fn python_formatter(out: &mut minijinja::Output, _state: &State, value: &Value) -> Result<(), Error> {
+fn python_formatter(
+    out: &mut minijinja::Output,
+    _state: &State,
+    value: &Value,
+) -> Result<(), Error> {
     let text = match value.kind() {
         // Jinja2's default Undefined prints as "".
         ValueKind::Undefined => return Ok(()),
-        ValueKind::String => return out.write_str(value.as_str().unwrap_or_default()).map_err(write_err),
-        ValueKind::Number if !value.is_integer() => python_float_repr(f64::try_from(value.clone())?),
+        ValueKind::String => {
+            return out
+                .write_str(value.as_str().unwrap_or_default())
+                .map_err(write_err)
+        }
+        ValueKind::Number if !value.is_integer() => {
+            python_float_repr(f64::try_from(value.clone())?)
+        }
         ValueKind::Seq | ValueKind::Map => {
             let mut s = String::new();
             python_repr(value, &mut s)?;
@@ -189,7 +194,11 @@ fn python_repr(value: &Value, out: &mut String) -> Result<(), Error> {
 
 /// Python's `repr(str)`: single quotes unless the string contains `'` and no `"`.
 fn python_str_repr(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -266,7 +275,11 @@ pub(crate) fn python_float_repr(x: f64) -> String {
         }
     } else {
         let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
     }
@@ -276,8 +289,9 @@ pub(crate) fn python_float_repr(x: f64) -> String {
 // tojson: Python json.dumps
 // ---------------------------------------------------------------------------
 
-/// Options of Python's `json.dumps` that transformers' `tojson` exposes.
-#[derive(Debug, Clone)]
+/// Options of Python's `json.dumps` that transformers' `tojson` exposes;
+/// `Default` is transformers' default (`ensure_ascii=False`, no indent, Python separators).
+#[derive(Debug, Clone, Default)]
 pub struct JsonDumpsOptions {
     /// Escape every non-ASCII character as `\uXXXX` (transformers' default: false).
     pub ensure_ascii: bool,
@@ -291,18 +305,15 @@ pub struct JsonDumpsOptions {
     pub sort_keys: bool,
 }
 
-impl Default for JsonDumpsOptions {
-    fn default() -> Self {
-        Self { ensure_ascii: false, indent: None, separators: None, sort_keys: false }
-    }
-}
-
 /// `x | tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False)`;
 /// positional arguments bind in that order, as in transformers' Python function.
 fn tojson_filter(value: &Value, args: Rest<Value>) -> Result<Value, Error> {
     let (positional, kwargs): (&[Value], Kwargs) = from_args(&args)?;
     if positional.len() > 4 {
-        return Err(Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments",
+        ));
     }
     let arg = |pos: usize, name: &str| -> Result<Option<Value>, Error> {
         let kw: Option<Value> = kwargs.get(name)?;
@@ -340,8 +351,10 @@ fn tojson_filter(value: &Value, args: Rest<Value>) -> Result<Value, Error> {
             let items: Vec<Value> = v.try_iter()?.collect();
             match items.as_slice() {
                 [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
-                    opts.separators =
-                        Some((a.as_str().unwrap_or_default().into(), b.as_str().unwrap_or_default().into()));
+                    opts.separators = Some((
+                        a.as_str().unwrap_or_default().into(),
+                        b.as_str().unwrap_or_default().into(),
+                    ));
                 }
                 _ => {
                     return Err(Error::new(
@@ -368,7 +381,12 @@ pub fn json_dumps(value: &Value, opts: &JsonDumpsOptions) -> Result<String, Erro
         None => (", ", ": "),
     };
     let mut out = String::new();
-    let mut w = JsonWriter { opts, item_sep, key_sep, out: &mut out };
+    let mut w = JsonWriter {
+        opts,
+        item_sep,
+        key_sep,
+        out: &mut out,
+    };
     w.value(value, 0)?;
     Ok(out)
 }
@@ -393,7 +411,9 @@ impl JsonWriter<'_> {
     fn value(&mut self, value: &Value, level: usize) -> Result<(), Error> {
         match value.kind() {
             ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self.out.push_str(if value.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self
+                .out
+                .push_str(if value.is_true() { "true" } else { "false" }),
             ValueKind::Number if value.is_integer() => self.out.push_str(&value.to_string()),
             ValueKind::Number => {
                 let x = f64::try_from(value.clone())?;
@@ -401,7 +421,11 @@ impl JsonWriter<'_> {
                 let s = if x.is_nan() {
                     "NaN".to_string()
                 } else if x.is_infinite() {
-                    if x > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+                    if x > 0.0 {
+                        "Infinity".into()
+                    } else {
+                        "-Infinity".into()
+                    }
                 } else {
                     python_float_repr(x)
                 };
@@ -517,7 +541,10 @@ struct Zone {
 
 impl Zone {
     fn utc() -> Self {
-        Zone { offset_s: 0, abbrev: "UTC".into() }
+        Zone {
+            offset_s: 0,
+            abbrev: "UTC".into(),
+        }
     }
 }
 
@@ -578,7 +605,12 @@ fn parse_tzif(b: &[u8], t: i64) -> Option<Zone> {
     let version = *b.get(4)?;
     // Version 2+ files repeat the data with 64-bit times after the v1 block.
     let (h, start, tsize) = if version >= b'2' {
-        let v1_len = h1.timecnt * 5 + h1.typecnt * 6 + h1.charcnt + h1.leapcnt * 8 + h1.isstdcnt + h1.isutcnt;
+        let v1_len = h1.timecnt * 5
+            + h1.typecnt * 6
+            + h1.charcnt
+            + h1.leapcnt * 8
+            + h1.isstdcnt
+            + h1.isutcnt;
         let at = 44 + v1_len;
         (header(at)?, at + 44, 8)
     } else {
@@ -593,7 +625,11 @@ fn parse_tzif(b: &[u8], t: i64) -> Option<Zone> {
     let chars_at = types_at + h.typecnt * 6;
     let mut type_idx = 0usize;
     for i in 0..h.timecnt {
-        let tt = if tsize == 8 { be64(b, times_at + 8 * i)? } else { be32(b, times_at + 4 * i)? };
+        let tt = if tsize == 8 {
+            be64(b, times_at + 8 * i)?
+        } else {
+            be32(b, times_at + 4 * i)?
+        };
         if tt > t {
             break;
         }
@@ -629,10 +665,28 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
-const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const WEEKDAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
 
 /// C-locale `strftime` of local seconds `local` (unix time shifted by the zone offset).
 ///
@@ -679,7 +733,13 @@ fn strftime(format: &str, local: i64, zone: &Zone) -> String {
             'C' => num(year.div_euclid(100), 2),
             'm' => num(month as i64, 2),
             'd' => num(day as i64, 2),
-            'e' => if no_pad { day.to_string() } else { format!("{day:>2}") },
+            'e' => {
+                if no_pad {
+                    day.to_string()
+                } else {
+                    format!("{day:>2}")
+                }
+            }
             'H' => num(hour, 2),
             'I' => num(hour12, 2),
             'M' => num(minute, 2),
@@ -744,7 +804,10 @@ mod tests {
     }
 
     fn indent(n: usize) -> JsonDumpsOptions {
-        JsonDumpsOptions { indent: Some(" ".repeat(n)), ..Default::default() }
+        JsonDumpsOptions {
+            indent: Some(" ".repeat(n)),
+            ..Default::default()
+        }
     }
 
     // ---- tojson: expectations printed by CPython 3.11's json module ----
@@ -764,7 +827,10 @@ mod tests {
         let expected = "{\n    \"name\": \"get_weather\",\n    \"parameters\": {\n        \"type\": \"object\",\n        \"properties\": {},\n        \"required\": []\n    },\n    \"tags\": [\n        \"a\",\n        {\n            \"x\": 1\n        }\n    ],\n    \"n\": -0.0\n}";
         let v = json!({"name": "get_weather", "parameters": {"type": "object", "properties": {}, "required": []}, "tags": ["a", {"x": 1}], "n": -0.0});
         assert_eq!(dumps(v.clone(), indent(4)), expected);
-        assert_eq!(render("{{ x | tojson(indent=4) }}", json!({ "x": v })), expected);
+        assert_eq!(
+            render("{{ x | tojson(indent=4) }}", json!({ "x": v })),
+            expected
+        );
     }
 
     #[test]
@@ -772,7 +838,10 @@ mod tests {
         // python3 -c 'import json; print(json.dumps([1, [2]], indent=0))'
         assert_eq!(dumps(json!([1, [2]]), indent(0)), "[\n1,\n[\n2\n]\n]");
         // python3 -c 'import json; print(json.dumps({"a": 1}, indent="\t"))'
-        assert_eq!(render("{{ x | tojson(indent='\t') }}", json!({"x": {"a": 1}})), "{\n\t\"a\": 1\n}");
+        assert_eq!(
+            render("{{ x | tojson(indent='\t') }}", json!({"x": {"a": 1}})),
+            "{\n\t\"a\": 1\n}"
+        );
     }
 
     #[test]
@@ -784,7 +853,10 @@ mod tests {
             "\"q\\\"b\\\\s\\n\\r\\t\\b\\f\\u0001\u{7f}\u{2028}é😀\""
         );
         // python3 -c 'import json; print(json.dumps("é😀"))'   (ensure_ascii=True)
-        let opts = JsonDumpsOptions { ensure_ascii: true, ..Default::default() };
+        let opts = JsonDumpsOptions {
+            ensure_ascii: true,
+            ..Default::default()
+        };
         assert_eq!(dumps(json!("é😀"), opts), r#""\u00e9\ud83d\ude00""#);
     }
 
@@ -801,15 +873,27 @@ mod tests {
     fn tojson_separators_sort_keys_and_positional_args() {
         // python3 -c 'import json; print(json.dumps({"b": 1, "a": [1, 2]}, separators=(",", ":"), sort_keys=True))'
         assert_eq!(
-            render("{{ x | tojson(separators=(',', ':'), sort_keys=true) }}", json!({"x": {"b": 1, "a": [1, 2]}})),
+            render(
+                "{{ x | tojson(separators=(',', ':'), sort_keys=true) }}",
+                json!({"x": {"b": 1, "a": [1, 2]}})
+            ),
             r#"{"a":[1,2],"b":1}"#
         );
         // Positional binding follows the Python signature: tojson(x, ensure_ascii, indent, ...).
         // python3 -c 'import json; print(json.dumps({"k": "é"}, ensure_ascii=False, indent=2))'
-        assert_eq!(render("{{ x | tojson(false, 2) }}", json!({"x": {"k": "é"}})), "{\n  \"k\": \"é\"\n}");
+        assert_eq!(
+            render("{{ x | tojson(false, 2) }}", json!({"x": {"k": "é"}})),
+            "{\n  \"k\": \"é\"\n}"
+        );
         // Key order is insertion order, not sorted (preserve_order).
-        assert_eq!(render("{{ x | tojson }}", json!({"x": {"z": 1, "a": 2}})), r#"{"z": 1, "a": 2}"#);
-        assert!(ChatTemplate::new("{{ x | tojson(bogus=1) }}").unwrap().render(json!({"x": 1})).is_err());
+        assert_eq!(
+            render("{{ x | tojson }}", json!({"x": {"z": 1, "a": 2}})),
+            r#"{"z": 1, "a": 2}"#
+        );
+        assert!(ChatTemplate::new("{{ x | tojson(bogus=1) }}")
+            .unwrap()
+            .render(json!({"x": 1}))
+            .is_err());
     }
 
     // ---- template globals ----
@@ -817,9 +901,18 @@ mod tests {
     #[test]
     fn raise_exception_carries_the_message() {
         let t = ChatTemplate::new("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}ok").unwrap();
-        let err = t.render(json!({"messages": [{"role": "system"}]})).unwrap_err();
-        assert!(err.to_string().contains("Conversation roles must alternate user/assistant"), "{err}");
-        assert_eq!(t.render(json!({"messages": [{"role": "user"}]})).unwrap(), "ok");
+        let err = t
+            .render(json!({"messages": [{"role": "system"}]}))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Conversation roles must alternate user/assistant"),
+            "{err}"
+        );
+        assert_eq!(
+            t.render(json!({"messages": [{"role": "user"}]})).unwrap(),
+            "ok"
+        );
     }
 
     #[test]
@@ -838,23 +931,40 @@ mod tests {
         // python3 -c 'import datetime; print(datetime.datetime(2024, 7, 26, 15, 4, 5).strftime("%Y %y %m %d %H %I %M %S %p %B %b %A %a %j %-d %e %F %T %%"))'
         let t = days_from_civil(2024, 7, 26) * 86_400 + 15 * 3600 + 4 * 60 + 5;
         assert_eq!(
-            strftime("%Y %y %m %d %H %I %M %S %p %B %b %A %a %j %-d %e %F %T %%", t, &Zone::utc()),
+            strftime(
+                "%Y %y %m %d %H %I %M %S %p %B %b %A %a %j %-d %e %F %T %%",
+                t,
+                &Zone::utc()
+            ),
             "2024 24 07 26 15 03 04 05 PM July Jul Friday Fri 208 26 26 2024-07-26 15:04:05 %"
         );
         // python3 -c 'import datetime; print(datetime.datetime(2000, 1, 1, 0, 30).strftime("%I %p %j %a %w"))'
         let t = days_from_civil(2000, 1, 1) * 86_400 + 30 * 60;
-        assert_eq!(strftime("%I %p %j %a %w", t, &Zone::utc()), "12 AM 001 Sat 6");
-        assert_eq!(civil_from_days(days_from_civil(1969, 12, 31)), (1969, 12, 31));
+        assert_eq!(
+            strftime("%I %p %j %a %w", t, &Zone::utc()),
+            "12 AM 001 Sat 6"
+        );
+        assert_eq!(
+            civil_from_days(days_from_civil(1969, 12, 31)),
+            (1969, 12, 31)
+        );
     }
 
     // ---- Jinja2 semantics ----
 
     #[test]
     fn undefined_attributes_render_empty_and_is_defined_works() {
+        // transformers' _cached_compile_jinja_template(src).render(messages=[{"role": "user"}, {"tools": []}]) == "[][]T"
         let src = "{% for item in messages %}[{{ item['metadata'] }}]{% if item['tools'] is defined %}T{% endif %}{% endfor %}";
-        assert_eq!(render(src, json!({"messages": [{"role": "user"}, {"tools": []}]})), "[]][T");
+        assert_eq!(
+            render(src, json!({"messages": [{"role": "user"}, {"tools": []}]})),
+            "[][]T"
+        );
         // Jinja2's Undefined: reading an attribute of an undefined value is an error.
-        assert!(ChatTemplate::new("{{ nothing.x.y }}").unwrap().render(json!({})).is_err());
+        assert!(ChatTemplate::new("{{ nothing.x.y }}")
+            .unwrap()
+            .render(json!({}))
+            .is_err());
     }
 
     #[test]
@@ -870,10 +980,19 @@ mod tests {
     fn python_string_methods_and_loop_controls() {
         let src = "{% for m in messages %}{% if loop.index0 == 2 %}{% break %}{% endif %}{{ m.content.strip().split(' ')[0].upper() }}{% if m.content.startswith(' h') %}!{% endif %};{% endfor %}";
         assert_eq!(
-            render(src, json!({"messages": [{"content": " hello world "}, {"content": "bye now"}, {"content": "x"}]})),
+            render(
+                src,
+                json!({"messages": [{"content": " hello world "}, {"content": "bye now"}, {"content": "x"}]})
+            ),
             "HELLO!;BYE;"
         );
-        assert_eq!(render("{% for k, v in d.items() %}{{ k }}={{ v }},{% endfor %}", json!({"d": {"b": 1, "a": 2}})), "b=1,a=2,");
+        assert_eq!(
+            render(
+                "{% for k, v in d.items() %}{{ k }}={{ v }},{% endfor %}",
+                json!({"d": {"b": 1, "a": 2}})
+            ),
+            "b=1,a=2,"
+        );
     }
 
     #[test]
@@ -891,7 +1010,16 @@ mod tests {
     #[test]
     fn python_float_repr_cases() {
         // python3 -c 'print([1.0, 1e16, 123.456, 5e-324, 1.7976931348623157e308, 0.001, -2.0, 9999999999999998.0])'
-        let xs = [1.0, 1e16, 123.456, 5e-324, 1.7976931348623157e308, 0.001, -2.0, 9999999999999998.0];
+        let xs = [
+            1.0,
+            1e16,
+            123.456,
+            5e-324,
+            1.7976931348623157e308,
+            0.001,
+            -2.0,
+            9999999999999998.0,
+        ];
         let got: Vec<String> = xs.iter().map(|&x| python_float_repr(x)).collect();
         assert_eq!(
             got.join(", "),

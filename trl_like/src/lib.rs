@@ -10,5 +10,8 @@ pub mod generation;
 pub mod hub;
 pub mod modeling;
 pub mod nn;
+pub mod optim;
 pub mod peft;
 pub mod tokenizer;
+pub mod tracking;
+pub mod trainer;

@@ -93,3 +93,18 @@ pub trait CausalLM {
     /// Dtype activations are computed in (the dtype of the base weights).
     fn dtype(&self) -> Kind;
 }
+
+/// A causal LM the trainer can fine-tune: forward passes, adapters on its
+/// linear layers, its base weights by HF name, and saving in HF format
+/// (transformers' `PreTrainedModel`).
+pub trait PreTrainedModel: CausalLM + crate::peft::LoraModel {
+    /// Base weights by HF parameter name (`model.layers.0.self_attn.q_proj.weight`, …).
+    fn named_parameters(&self) -> Vec<(String, Tensor)>;
+
+    /// Writes `config.json` and the weights as safetensors (sharded with an
+    /// index when large), the layout `from_pretrained` of transformers reads.
+    fn save_pretrained(&self, dir: &std::path::Path) -> std::io::Result<()>;
+
+    /// Where the model came from (recorded as `base_model_name_or_path` in adapters).
+    fn name_or_path(&self) -> String;
+}

@@ -232,6 +232,22 @@ pub struct PeftAdapter {
     pub modules: Vec<String>,
 }
 
+/// Creates a variable whose full dotted name is `key` (tch wants the dots as path segments).
+fn var_at(root: &nn::Path, key: &str, dims: &[i64], init: nn::Init) -> Tensor {
+    let (parents, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut path: Option<nn::Path> = None;
+    for part in parents.split('.').filter(|p| !p.is_empty()) {
+        path = Some(match path {
+            None => root.sub(part),
+            Some(p) => p.sub(part),
+        });
+    }
+    match path {
+        Some(p) => p.var(name, dims, init),
+        None => root.var(name, dims, init),
+    }
+}
+
 /// PEFT's key for an adapter tensor of `module`.
 pub fn peft_key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
@@ -252,8 +268,8 @@ impl PeftAdapter {
             // kaiming_uniform_(a=√5) on [r, in]: bound = gain·√(3/fan_in) = 1/√fan_in.
             let bound = 1.0 / (fan_in as f64).sqrt();
             let root = vs.root();
-            let a = root.var(&peft_key(&name, "lora_A"), &[config.r, fan_in], nn::Init::Uniform { lo: -bound, up: bound });
-            let b = root.var(&peft_key(&name, "lora_B"), &[fan_out, config.r], nn::Init::Const(0.0));
+            let a = var_at(&root, &peft_key(&name, "lora_A"), &[config.r, fan_in], nn::Init::Uniform { lo: -bound, up: bound });
+            let b = var_at(&root, &peft_key(&name, "lora_B"), &[fan_out, config.r], nn::Init::Const(0.0));
             linear.lora = Some(LoraLayer { lora_a: a, lora_b: b, scaling: config.scaling(), dropout: config.lora_dropout });
             modules.push(name);
         }
@@ -317,8 +333,8 @@ impl PeftAdapter {
                 }
             }
             let root = vs.root();
-            let mut va = root.var(&peft_key(&module, "lora_A"), &expect_a, nn::Init::Const(0.0));
-            let mut vb = root.var(&peft_key(&module, "lora_B"), &expect_b, nn::Init::Const(0.0));
+            let mut va = var_at(&root, &peft_key(&module, "lora_A"), &expect_a, nn::Init::Const(0.0));
+            let mut vb = var_at(&root, &peft_key(&module, "lora_B"), &expect_b, nn::Init::Const(0.0));
             tch::no_grad(|| {
                 va.copy_(&a);
                 vb.copy_(&b);

@@ -16,18 +16,31 @@ use tokenizers::{AddedToken, Tokenizer};
 use crate::chat_template::{json_dumps, ChatTemplate, ChatTemplateError, JsonDumpsOptions};
 
 /// Named special-token attributes, in transformers' `SPECIAL_TOKENS_ATTRIBUTES` order.
-const SPECIAL_TOKEN_ATTRS: [&str; 7] =
-    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+const SPECIAL_TOKEN_ATTRS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 /// Errors from loading, using or saving a tokenizer. File errors name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A JSON file is not valid JSON.
     #[error("{}: invalid JSON: {source}", path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     /// A file is valid JSON but has an unexpected shape.
     #[error("{}: {message}", path.display())]
     InvalidFile { path: PathBuf, message: String },
@@ -88,7 +101,9 @@ impl std::str::FromStr for PaddingSide {
         match s {
             "left" => Ok(PaddingSide::Left),
             "right" => Ok(PaddingSide::Right),
-            other => Err(format!("padding_side must be \"left\" or \"right\", got {other:?}")),
+            other => Err(format!(
+                "padding_side must be \"left\" or \"right\", got {other:?}"
+            )),
         }
     }
 }
@@ -107,7 +122,10 @@ pub struct BatchEncoding {
 impl BatchEncoding {
     /// `(input_ids, attention_mask)` as int64 tensors of shape `[batch, seq]` on `device`.
     pub fn to_tensors(&self, device: Device) -> Result<(Tensor, Tensor)> {
-        Ok((rows_to_tensor(&self.input_ids, device)?, rows_to_tensor(&self.attention_mask, device)?))
+        Ok((
+            rows_to_tensor(&self.input_ids, device)?,
+            rows_to_tensor(&self.attention_mask, device)?,
+        ))
     }
 }
 
@@ -131,7 +149,10 @@ struct TemplateSlot {
 
 impl TemplateSlot {
     fn new(source: String) -> Self {
-        Self { source, compiled: OnceLock::new() }
+        Self {
+            source,
+            compiled: OnceLock::new(),
+        }
     }
 
     fn get(&self) -> Result<&ChatTemplate, ChatTemplateError> {
@@ -159,7 +180,10 @@ struct ChatTemplates {
 
 impl ChatTemplates {
     fn get(&self, name: &str) -> Option<&TemplateSlot> {
-        self.templates.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+        self.templates
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
     }
 
     fn is_single(&self) -> bool {
@@ -216,12 +240,21 @@ pub struct PreTrainedTokenizer {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.into(), source })?;
-    serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.into(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
+        path: path.into(),
+        source,
+    })
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> TokenizerError {
-    TokenizerError::InvalidFile { path: path.into(), message: message.into() }
+    TokenizerError::InvalidFile {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 /// A special token as written in a config: `"<s>"`, or an AddedToken-like `{"content": "<s>", ...}`.
@@ -231,21 +264,32 @@ fn token_content(value: &Value, path: &Path, key: &str) -> Result<Option<String>
         Value::String(s) => Ok(Some(s.clone())),
         Value::Object(m) => match m.get("content") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(invalid(path, format!("`{key}` is an object without a string \"content\""))),
+            _ => Err(invalid(
+                path,
+                format!("`{key}` is an object without a string \"content\""),
+            )),
         },
-        _ => Err(invalid(path, format!("`{key}` must be a string, an object with \"content\", or null"))),
+        _ => Err(invalid(
+            path,
+            format!("`{key}` must be a string, an object with \"content\", or null"),
+        )),
     }
 }
 
 /// An AddedToken-like object (`added_tokens_decoder` entries) with Python's defaults.
 fn parse_added_token(value: &Value, path: &Path, key: &str) -> Result<AddedToken> {
-    let m = value
-        .as_object()
-        .ok_or_else(|| invalid(path, format!("added_tokens_decoder[{key}] must be an object")))?;
-    let content = m
-        .get("content")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid(path, format!("added_tokens_decoder[{key}] has no string \"content\"")))?;
+    let m = value.as_object().ok_or_else(|| {
+        invalid(
+            path,
+            format!("added_tokens_decoder[{key}] must be an object"),
+        )
+    })?;
+    let content = m.get("content").and_then(Value::as_str).ok_or_else(|| {
+        invalid(
+            path,
+            format!("added_tokens_decoder[{key}] has no string \"content\""),
+        )
+    })?;
     let flag = |name: &str| m.get(name).and_then(Value::as_bool);
     let special = flag("special").unwrap_or(false);
     // Python's AddedToken(normalized=None) means `not special`.
@@ -301,12 +345,16 @@ impl PreTrainedTokenizer {
         let dir = dir.as_ref();
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(invalid(&tok_path, "not found (only fast tokenizers with a tokenizer.json are supported)"));
+            return Err(invalid(
+                &tok_path,
+                "not found (only fast tokenizers with a tokenizer.json are supported)",
+            ));
         }
-        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| TokenizerError::Backend {
-            context: format!("{}: cannot load tokenizer", tok_path.display()),
-            message: e.to_string(),
-        })?;
+        let mut tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| TokenizerError::Backend {
+                context: format!("{}: cannot load tokenizer", tok_path.display()),
+                message: e.to_string(),
+            })?;
 
         let cfg_path = dir.join("tokenizer_config.json");
         let config = if cfg_path.is_file() {
@@ -322,22 +370,33 @@ impl PreTrainedTokenizer {
         let mut templates: Vec<(String, TemplateSlot)> = Vec::new();
         let jinja_path = dir.join("chat_template.jinja");
         if jinja_path.is_file() {
-            let src = std::fs::read_to_string(&jinja_path)
-                .map_err(|source| TokenizerError::Io { path: jinja_path.clone(), source })?;
+            let src =
+                std::fs::read_to_string(&jinja_path).map_err(|source| TokenizerError::Io {
+                    path: jinja_path.clone(),
+                    source,
+                })?;
             templates.push(("default".into(), TemplateSlot::new(src)));
         }
         let tdir = dir.join("chat_templates");
         if tdir.is_dir() {
-            let entries =
-                std::fs::read_dir(&tdir).map_err(|source| TokenizerError::Io { path: tdir.clone(), source })?;
+            let entries = std::fs::read_dir(&tdir).map_err(|source| TokenizerError::Io {
+                path: tdir.clone(),
+                source,
+            })?;
             let mut files: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "jinja"))
                 .collect();
             files.sort();
             for p in files {
-                let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let src = std::fs::read_to_string(&p).map_err(|source| TokenizerError::Io { path: p.clone(), source })?;
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let src = std::fs::read_to_string(&p).map_err(|source| TokenizerError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
                 templates.retain(|(n, _)| *n != name);
                 templates.push((name, TemplateSlot::new(src)));
             }
@@ -345,7 +404,9 @@ impl PreTrainedTokenizer {
         if templates.is_empty() {
             match config.get("chat_template") {
                 None | Some(Value::Null) => {}
-                Some(Value::String(s)) => templates.push(("default".into(), TemplateSlot::new(s.clone()))),
+                Some(Value::String(s)) => {
+                    templates.push(("default".into(), TemplateSlot::new(s.clone())))
+                }
                 Some(Value::Array(items)) => {
                     for item in items {
                         let name = item.get("name").and_then(Value::as_str);
@@ -361,7 +422,12 @@ impl PreTrainedTokenizer {
                         }
                     }
                 }
-                Some(_) => return Err(invalid(&cfg_path, "`chat_template` must be a string or a list")),
+                Some(_) => {
+                    return Err(invalid(
+                        &cfg_path,
+                        "`chat_template` must be a string or a list",
+                    ))
+                }
             }
         }
 
@@ -369,7 +435,11 @@ impl PreTrainedTokenizer {
         let mut special_tokens: Vec<(String, String)> = Vec::new();
         for attr in SPECIAL_TOKEN_ATTRS {
             if let Some(v) = config.get(attr) {
-                set_token(&mut special_tokens, attr, token_content(v, &cfg_path, attr)?);
+                set_token(
+                    &mut special_tokens,
+                    attr,
+                    token_content(v, &cfg_path, attr)?,
+                );
             }
         }
         // Model-specific named tokens (e.g. `image_token`): other `*_token` keys with string values.
@@ -385,10 +455,16 @@ impl PreTrainedTokenizer {
             match config.get(key) {
                 Some(Value::Object(named)) => {
                     for (name, v) in named {
-                        set_token(&mut special_tokens, name, token_content(v, &cfg_path, name)?);
+                        set_token(
+                            &mut special_tokens,
+                            name,
+                            token_content(v, &cfg_path, name)?,
+                        );
                     }
                 }
-                Some(v) if extra_special_tokens.is_empty() => extra_special_tokens = token_list(v, &cfg_path, key)?,
+                Some(v) if extra_special_tokens.is_empty() => {
+                    extra_special_tokens = token_list(v, &cfg_path, key)?
+                }
                 _ => {}
             }
         }
@@ -417,23 +493,33 @@ impl PreTrainedTokenizer {
         let saved_padding = tokenizer.get_padding().cloned();
         let saved_truncation = tokenizer.get_truncation().cloned();
         if let Some(p) = &saved_padding {
-            if !special_tokens.iter().any(|(n, _)| n == "pad_token") && !config.contains_key("pad_token") {
+            if !special_tokens.iter().any(|(n, _)| n == "pad_token")
+                && !config.contains_key("pad_token")
+            {
                 set_token(&mut special_tokens, "pad_token", Some(p.pad_token.clone()));
             }
         }
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
-            .map_err(|e| TokenizerError::Backend { context: tok_path.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| TokenizerError::Backend {
+                context: tok_path.display().to_string(),
+                message: e.to_string(),
+            })?;
 
         // --- added tokens the backend lacks (transformers adds them at init) ---
         if let Some(decoder) = config.get("added_tokens_decoder") {
-            let m = decoder.as_object().ok_or_else(|| invalid(&cfg_path, "`added_tokens_decoder` must be an object"))?;
+            let m = decoder
+                .as_object()
+                .ok_or_else(|| invalid(&cfg_path, "`added_tokens_decoder` must be an object"))?;
             let mut entries: Vec<(u64, AddedToken)> = Vec::new();
             for (id, v) in m {
-                let id: u64 = id
-                    .parse()
-                    .map_err(|_| invalid(&cfg_path, format!("added_tokens_decoder key {id:?} is not an integer id")))?;
+                let id: u64 = id.parse().map_err(|_| {
+                    invalid(
+                        &cfg_path,
+                        format!("added_tokens_decoder key {id:?} is not an integer id"),
+                    )
+                })?;
                 entries.push((id, parse_added_token(v, &cfg_path, &id.to_string())?));
             }
             entries.sort_by_key(|(id, _)| *id);
@@ -461,10 +547,17 @@ impl PreTrainedTokenizer {
         let padding_side = match config.get("padding_side") {
             Some(Value::String(s)) => s.parse().map_err(|e: String| invalid(&cfg_path, e))?,
             Some(Value::Null) | None => match &saved_padding {
-                Some(p) if matches!(p.direction, tokenizers::PaddingDirection::Left) => PaddingSide::Left,
+                Some(p) if matches!(p.direction, tokenizers::PaddingDirection::Left) => {
+                    PaddingSide::Left
+                }
                 _ => PaddingSide::Right,
             },
-            Some(_) => return Err(invalid(&cfg_path, "`padding_side` must be \"left\" or \"right\"")),
+            Some(_) => {
+                return Err(invalid(
+                    &cfg_path,
+                    "`padding_side` must be \"left\" or \"right\"",
+                ))
+            }
         };
         // transformers stores "no limit" as int(1e30); treat huge values as unset.
         let model_max_length = config
@@ -476,7 +569,9 @@ impl PreTrainedTokenizer {
 
         Ok(Self {
             clean_up_tokenization_spaces: flag("clean_up_tokenization_spaces"),
-            cleanup_bpe_anyway: flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"),
+            cleanup_bpe_anyway: flag(
+                "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+            ),
             tokenizer,
             config,
             special_tokens,
@@ -509,20 +604,34 @@ impl PreTrainedTokenizer {
     /// With `add_special_tokens = true` the post-processor runs (GLM-4: prepends
     /// `[gMASK]<sop>`). Special tokens written in `text` are always recognised.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        let enc = self.tokenizer.encode_fast(text, add_special_tokens).map_err(|e| TokenizerError::Backend {
-            context: "encode".into(),
-            message: e.to_string(),
-        })?;
+        let enc = self
+            .tokenizer
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Backend {
+                context: "encode".into(),
+                message: e.to_string(),
+            })?;
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
     /// [`encode`](Self::encode) for many texts (in parallel); one unpadded id list per text.
-    pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S], add_special_tokens: bool) -> Result<Vec<Vec<i64>>> {
+    pub fn encode_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        add_special_tokens: bool,
+    ) -> Result<Vec<Vec<i64>>> {
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encs = self.tokenizer.encode_batch_fast(inputs, add_special_tokens).map_err(|e| {
-            TokenizerError::Backend { context: "encode_batch".into(), message: e.to_string() }
-        })?;
-        Ok(encs.iter().map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect()).collect())
+        let encs = self
+            .tokenizer
+            .encode_batch_fast(inputs, add_special_tokens)
+            .map_err(|e| TokenizerError::Backend {
+                context: "encode_batch".into(),
+                message: e.to_string(),
+            })?;
+        Ok(encs
+            .iter()
+            .map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect())
+            .collect())
     }
 
     /// `tokenizer.decode(ids, skip_special_tokens=...)`.
@@ -532,10 +641,13 @@ impl PreTrainedTokenizer {
     /// models (it corrupts BPE output), so GLM-4 decodes verbatim.
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids = to_u32(ids)?;
-        let text = self.tokenizer.decode(&ids, skip_special_tokens).map_err(|e| TokenizerError::Backend {
-            context: "decode".into(),
-            message: e.to_string(),
-        })?;
+        let text = self
+            .tokenizer
+            .decode(&ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Backend {
+                context: "decode".into(),
+                message: e.to_string(),
+            })?;
         let is_bpe = matches!(self.tokenizer.get_model(), ModelWrapper::BPE(_));
         if self.clean_up_tokenization_spaces && (!is_bpe || self.cleanup_bpe_anyway) {
             Ok(clean_up_tokenization(&text))
@@ -545,8 +657,15 @@ impl PreTrainedTokenizer {
     }
 
     /// [`decode`](Self::decode) for each sequence.
-    pub fn batch_decode(&self, sequences: &[Vec<i64>], skip_special_tokens: bool) -> Result<Vec<String>> {
-        sequences.iter().map(|s| self.decode(s, skip_special_tokens)).collect()
+    pub fn batch_decode(
+        &self,
+        sequences: &[Vec<i64>],
+        skip_special_tokens: bool,
+    ) -> Result<Vec<String>> {
+        sequences
+            .iter()
+            .map(|s| self.decode(s, skip_special_tokens))
+            .collect()
     }
 
     /// A streaming decoder that turns ids into text one token at a time.
@@ -565,7 +684,9 @@ impl PreTrainedTokenizer {
 
     /// Token string of `id`.
     pub fn id_to_token(&self, id: i64) -> Option<String> {
-        u32::try_from(id).ok().and_then(|id| self.tokenizer.id_to_token(id))
+        u32::try_from(id)
+            .ok()
+            .and_then(|id| self.tokenizer.id_to_token(id))
     }
 
     /// `len(tokenizer)`: vocabulary size including added tokens.
@@ -580,7 +701,10 @@ impl PreTrainedTokenizer {
 
     /// A named special token (`"eos_token"`, `"pad_token"`, or a model-specific `*_token`).
     pub fn special_token(&self, name: &str) -> Option<&str> {
-        self.special_tokens.iter().find(|(n, _)| n == name).map(|(_, t)| t.as_str())
+        self.special_tokens
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
     }
 
     fn special_token_id(&self, name: &str) -> Option<i64> {
@@ -622,7 +746,11 @@ impl PreTrainedTokenizer {
         if self.tokenizer.token_to_id(token).is_none() {
             return Err(TokenizerError::UnknownToken(token.to_string()));
         }
-        set_token(&mut self.special_tokens, "pad_token", Some(token.to_string()));
+        set_token(
+            &mut self.special_tokens,
+            "pad_token",
+            Some(token.to_string()),
+        );
         Ok(())
     }
 
@@ -656,7 +784,10 @@ impl PreTrainedTokenizer {
 
     /// `tokenizer.all_special_ids` (tokens missing from the vocabulary are left out).
     pub fn all_special_ids(&self) -> Vec<i64> {
-        self.all_special_tokens().iter().filter_map(|t| self.token_to_id(t)).collect()
+        self.all_special_tokens()
+            .iter()
+            .filter_map(|t| self.token_to_id(t))
+            .collect()
     }
 
     /// `tokenizer.padding_side` (from the config; `Right` if absent).
@@ -720,12 +851,18 @@ impl PreTrainedTokenizer {
     /// The chat template source (`tokenizer.chat_template`); with several named
     /// templates, the `"default"` one.
     pub fn chat_template(&self) -> Option<&str> {
-        self.chat_templates.get("default").map(|t| t.source.as_str())
+        self.chat_templates
+            .get("default")
+            .map(|t| t.source.as_str())
     }
 
     /// Names of all chat templates (`["default"]` for a single one).
     pub fn chat_template_names(&self) -> Vec<&str> {
-        self.chat_templates.templates.iter().map(|(n, _)| n.as_str()).collect()
+        self.chat_templates
+            .templates
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// `tokenizer.chat_template = template` (replaces all templates with this one).
@@ -759,6 +896,14 @@ impl PreTrainedTokenizer {
         extra: &Map<String, Value>,
     ) -> Result<String> {
         let template = self.chat_templates.select(tools.is_some())?.get()?;
+        // transformers accepts tools only as a list of JSON-schema dicts (or functions).
+        if let Some(t) = tools {
+            if !t.as_array().is_some_and(|a| a.iter().all(Value::is_object)) {
+                return Err(TokenizerError::InvalidConversation(
+                    "tools must be a list of JSON objects (function schemas)".into(),
+                ));
+            }
+        }
         if messages.is_empty() {
             return Err(TokenizerError::InvalidConversation(
                 "cannot apply a chat template to an empty conversation".into(),
@@ -767,10 +912,15 @@ impl PreTrainedTokenizer {
         let mut chat = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             let Value::Object(m) = m else {
-                return Err(TokenizerError::InvalidConversation(format!("message {i} is not a JSON object: {m}")));
+                return Err(TokenizerError::InvalidConversation(format!(
+                    "message {i} is not a JSON object: {m}"
+                )));
             };
             chat.push(Value::Object(alias_reasoning_fields(
-                m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect(),
+                m.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             )));
         }
         // template_kwargs = {**special_tokens_map, **kwargs}; then messages/tools/... on top.
@@ -784,7 +934,10 @@ impl PreTrainedTokenizer {
         ctx.insert("messages".into(), Value::Array(chat));
         ctx.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
         ctx.entry("documents").or_insert(Value::Null);
-        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
         Ok(template.render(&ctx)?)
     }
 
@@ -831,9 +984,15 @@ impl PreTrainedTokenizer {
     /// go to `chat_templates/<name>.jinja`.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|source| TokenizerError::Io { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| TokenizerError::Io {
+            path: dir.into(),
+            source,
+        })?;
         let write = |path: PathBuf, text: &str| -> Result<PathBuf> {
-            std::fs::write(&path, text).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
+            std::fs::write(&path, text).map_err(|source| TokenizerError::Io {
+                path: path.clone(),
+                source,
+            })?;
             Ok(path)
         };
         let mut written = Vec::new();
@@ -844,15 +1003,27 @@ impl PreTrainedTokenizer {
         let tok_path = dir.join("tokenizer.json");
         backend
             .with_truncation(self.saved_truncation.clone())
-            .map_err(|e| TokenizerError::Backend { context: tok_path.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| TokenizerError::Backend {
+                context: tok_path.display().to_string(),
+                message: e.to_string(),
+            })?;
         let tok_json = backend
             .to_string(true)
-            .map_err(|e| TokenizerError::Backend { context: tok_path.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| TokenizerError::Backend {
+                context: tok_path.display().to_string(),
+                message: e.to_string(),
+            })?;
         written.push(write(tok_path, &tok_json)?);
 
         // tokenizer_config.json: the loaded config with the current state on top.
         let mut cfg = self.config.clone();
-        for key in ["chat_template", "name_or_path", "tokenizer_file", "special_tokens_map_file", "additional_special_tokens"] {
+        for key in [
+            "chat_template",
+            "name_or_path",
+            "tokenizer_file",
+            "special_tokens_map_file",
+            "additional_special_tokens",
+        ] {
             cfg.remove(key);
         }
         for attr in SPECIAL_TOKEN_ATTRS {
@@ -864,16 +1035,33 @@ impl PreTrainedTokenizer {
         if !self.extra_special_tokens.is_empty() {
             cfg.insert(
                 "extra_special_tokens".into(),
-                Value::Array(self.extra_special_tokens.iter().cloned().map(Value::String).collect()),
+                Value::Array(
+                    self.extra_special_tokens
+                        .iter()
+                        .cloned()
+                        .map(Value::String)
+                        .collect(),
+                ),
             );
         }
-        cfg.insert("padding_side".into(), Value::String(self.padding_side.as_str().into()));
-        cfg.insert("clean_up_tokenization_spaces".into(), Value::Bool(self.clean_up_tokenization_spaces));
+        cfg.insert(
+            "padding_side".into(),
+            Value::String(self.padding_side.as_str().into()),
+        );
+        cfg.insert(
+            "clean_up_tokenization_spaces".into(),
+            Value::Bool(self.clean_up_tokenization_spaces),
+        );
         if let Some(n) = self.model_max_length {
             cfg.insert("model_max_length".into(), Value::from(n as u64));
         }
-        cfg.entry("tokenizer_class").or_insert_with(|| Value::String("PreTrainedTokenizerFast".into()));
-        let mut added: Vec<(u32, AddedToken)> = self.tokenizer.get_added_tokens_decoder().into_iter().collect();
+        cfg.entry("tokenizer_class")
+            .or_insert_with(|| Value::String("PreTrainedTokenizerFast".into()));
+        let mut added: Vec<(u32, AddedToken)> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .collect();
         added.sort_by_key(|(id, _)| *id);
         let mut decoder = Map::new();
         for (id, t) in added {
@@ -887,7 +1075,10 @@ impl PreTrainedTokenizer {
         }
         cfg.insert("added_tokens_decoder".into(), Value::Object(decoder));
         if self.chat_templates.is_single() {
-            cfg.insert("chat_template".into(), Value::String(self.chat_templates.templates[0].1.source.clone()));
+            cfg.insert(
+                "chat_template".into(),
+                Value::String(self.chat_templates.templates[0].1.source.clone()),
+            );
         } else if !self.chat_templates.templates.is_empty() {
             let list = self
                 .chat_templates
@@ -898,10 +1089,17 @@ impl PreTrainedTokenizer {
             cfg.insert("chat_template".into(), Value::Array(list));
         }
         // Same bytes as transformers: json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n".
-        let opts = JsonDumpsOptions { indent: Some("  ".into()), sort_keys: true, ..Default::default() };
-        let cfg_text = json_dumps(&minijinja::Value::from_serialize(&Value::Object(cfg)), &opts)
+        let opts = JsonDumpsOptions {
+            indent: Some("  ".into()),
+            sort_keys: true,
+            ..Default::default()
+        };
+        let cfg_text = json_dumps(&minijinja::Value::from_serialize(Value::Object(cfg)), &opts)
             .map_err(|e| invalid(&dir.join("tokenizer_config.json"), e.to_string()))?;
-        written.push(write(dir.join("tokenizer_config.json"), &(cfg_text + "\n"))?);
+        written.push(write(
+            dir.join("tokenizer_config.json"),
+            &(cfg_text + "\n"),
+        )?);
 
         for (name, t) in &self.chat_templates.templates {
             if name == "default" {
@@ -909,10 +1107,15 @@ impl PreTrainedTokenizer {
             } else {
                 // Template names come from files/configs: keep them to a plain file name.
                 if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-                    return Err(TokenizerError::NoChatTemplate(format!("invalid chat template name {name:?}")));
+                    return Err(TokenizerError::NoChatTemplate(format!(
+                        "invalid chat template name {name:?}"
+                    )));
                 }
                 let tdir = dir.join("chat_templates");
-                std::fs::create_dir_all(&tdir).map_err(|source| TokenizerError::Io { path: tdir.clone(), source })?;
+                std::fs::create_dir_all(&tdir).map_err(|source| TokenizerError::Io {
+                    path: tdir.clone(),
+                    source,
+                })?;
                 written.push(write(tdir.join(format!("{name}.jinja")), &t.source)?);
             }
         }
@@ -937,7 +1140,9 @@ fn alias_reasoning_fields(message: Map<String, Value>) -> Map<String, Value> {
 }
 
 fn to_u32(ids: &[i64]) -> Result<Vec<u32>> {
-    ids.iter().map(|&i| u32::try_from(i).map_err(|_| TokenizerError::InvalidTokenId(i))).collect()
+    ids.iter()
+        .map(|&i| u32::try_from(i).map_err(|_| TokenizerError::InvalidTokenId(i)))
+        .collect()
 }
 
 /// Incremental detokenizer for streaming generation output (transformers'
@@ -960,7 +1165,12 @@ pub struct DecodeStream<'a> {
 impl<'a> DecodeStream<'a> {
     /// A stream over `tokenizer`; see [`PreTrainedTokenizer::decode_stream`].
     pub fn new(tokenizer: &'a PreTrainedTokenizer, skip_special_tokens: bool) -> Self {
-        Self { tokenizer, skip_special_tokens, ids: Vec::new(), read: 0 }
+        Self {
+            tokenizer,
+            skip_special_tokens,
+            ids: Vec::new(),
+            read: 0,
+        }
     }
 
     /// Feeds one token id; returns the text it completes, if any.
@@ -1054,22 +1264,40 @@ mod tests {
         assert_eq!(&with[2..], &without[..]);
         assert_eq!(t.decode(&with, false).unwrap(), "[gMASK]<sop>hello world");
         assert_eq!(t.decode(&with, true).unwrap(), "hello world");
-        assert_eq!(t.encode_batch(&["hello world", "hi"], false).unwrap()[0], without);
-        assert!(matches!(t.decode(&[-1], false), Err(TokenizerError::InvalidTokenId(-1))));
+        assert_eq!(
+            t.encode_batch(&["hello world", "hi"], false).unwrap()[0],
+            without
+        );
+        assert!(matches!(
+            t.decode(&[-1], false),
+            Err(TokenizerError::InvalidTokenId(-1))
+        ));
     }
 
     #[test]
     fn chat_template_ids_do_not_double_special_tokens() {
         let Some(t) = tiny() else { return };
-        let msgs = vec![json!({"role": "user", "content": "你好"}), json!({"role": "assistant", "content": null})];
+        let msgs = vec![
+            json!({"role": "user", "content": "你好"}),
+            json!({"role": "assistant", "content": null}),
+        ];
         let text = t.apply_chat_template(&msgs, None, true).unwrap();
         // `content: null` is dropped (transformers' normalisation), so that message renders nothing.
+        // tok.apply_chat_template([{"role": "user", "content": "你好"}, {"role": "assistant", "content": None}],
+        //                         tokenize=False, add_generation_prompt=True)  (transformers 5.23)
         assert_eq!(text, "[gMASK]<sop><|user|>\n你好<|assistant|>");
         let ids = t.apply_chat_template_ids(&msgs, None, true).unwrap();
         assert_eq!(ids, t.encode(&text, false).unwrap());
-        assert_eq!(ids.iter().filter(|&&i| Some(i) == t.token_to_id("[gMASK]")).count(), 1);
+        assert_eq!(
+            ids.iter()
+                .filter(|&&i| Some(i) == t.token_to_id("[gMASK]"))
+                .count(),
+            1
+        );
         assert!(t.apply_chat_template(&[], None, false).is_err());
-        assert!(t.apply_chat_template(&[json!("not a message")], None, false).is_err());
+        assert!(t
+            .apply_chat_template(&[json!("not a message")], None, false)
+            .is_err());
     }
 
     #[test]
@@ -1079,6 +1307,8 @@ mod tests {
             "{{ eos_token }}|{{ pad_token }}|{{ bos_token }}|{{ tools is none }}|{{ documents is none }}|{{ messages[0].thinking }}".into(),
         );
         let msgs = [json!({"role": "assistant", "content": "x", "reasoning_content": "why"})];
+        // transformers 5.23, tiny-glm with this chat_template:
+        // tok.apply_chat_template([{"role": "assistant", "content": "x", "reasoning_content": "why"}], tokenize=False)
         assert_eq!(
             t.apply_chat_template(&msgs, None, false).unwrap(),
             "<|endoftext|>|<|endoftext|>||True|True|why"
@@ -1089,22 +1319,31 @@ mod tests {
     fn batch_padding_left_and_right() {
         let Some(mut t) = tiny() else { return };
         let pad = t.pad_token_id().unwrap();
-        let b = t.pad(vec![vec![5, 6, 7], vec![8]], PaddingSide::Left).unwrap();
+        let b = t
+            .pad(vec![vec![5, 6, 7], vec![8]], PaddingSide::Left)
+            .unwrap();
         assert_eq!(b.input_ids, vec![vec![5, 6, 7], vec![pad, pad, 8]]);
         assert_eq!(b.attention_mask, vec![vec![1, 1, 1], vec![0, 0, 1]]);
-        let b = t.pad(vec![vec![5, 6, 7], vec![8]], PaddingSide::Right).unwrap();
+        let b = t
+            .pad(vec![vec![5, 6, 7], vec![8]], PaddingSide::Right)
+            .unwrap();
         assert_eq!(b.input_ids, vec![vec![5, 6, 7], vec![8, pad, pad]]);
         assert_eq!(b.attention_mask, vec![vec![1, 1, 1], vec![1, 0, 0]]);
         let (ids, mask) = b.to_tensors(Device::Cpu).unwrap();
         assert_eq!(ids.size(), vec![2, 3]);
         assert_eq!(mask.kind(), tch::Kind::Int64);
-        assert_eq!(Vec::<i64>::try_from(ids.flatten(0, -1)).unwrap(), vec![5, 6, 7, 8, pad, pad]);
+        assert_eq!(
+            Vec::<i64>::try_from(ids.flatten(0, -1)).unwrap(),
+            vec![5, 6, 7, 8, pad, pad]
+        );
 
         let convs = vec![
             vec![json!({"role": "user", "content": "hi"})],
             vec![json!({"role": "user", "content": "a much longer question here"})],
         ];
-        let b = t.apply_chat_template_batch(&convs, true, PaddingSide::Left).unwrap();
+        let b = t
+            .apply_chat_template_batch(&convs, true, PaddingSide::Left)
+            .unwrap();
         let short = t.apply_chat_template_ids(&convs[0], None, true).unwrap();
         let row = &b.input_ids[0];
         assert_eq!(&row[row.len() - short.len()..], &short[..]);
@@ -1112,7 +1351,10 @@ mod tests {
         // Without a pad token, padding unequal rows is an error, not a panic.
         t.special_tokens.retain(|(n, _)| n != "pad_token");
         assert_eq!(t.pad_token_id(), None);
-        assert!(matches!(t.pad(vec![vec![1], vec![1, 2]], PaddingSide::Right), Err(TokenizerError::NoPadToken)));
+        assert!(matches!(
+            t.pad(vec![vec![1], vec![1, 2]], PaddingSide::Right),
+            Err(TokenizerError::NoPadToken)
+        ));
         assert!(t.set_pad_token("definitely not a token").is_err());
         t.set_pad_token("<|endoftext|>").unwrap();
         assert_eq!(t.pad_token_id(), t.eos_token_id());
@@ -1121,14 +1363,20 @@ mod tests {
     #[test]
     fn decode_stream_matches_full_decode() {
         let Some(t) = tiny() else { return };
-        for text in ["Hello, 世界! 🎉 résumé\n  indented", "[gMASK]<sop><|user|>\n你好"] {
+        for text in [
+            "Hello, 世界! 🎉 résumé\n  indented",
+            "[gMASK]<sop><|user|>\n你好",
+        ] {
             let ids = t.encode(text, false).unwrap();
             for skip in [false, true] {
                 let mut stream = t.decode_stream(skip);
                 let mut out = String::new();
                 for &id in &ids {
                     if let Some(piece) = stream.step(id).unwrap() {
-                        assert!(!piece.contains('\u{FFFD}'), "partial character leaked: {piece:?}");
+                        assert!(
+                            !piece.contains('\u{FFFD}'),
+                            "partial character leaked: {piece:?}"
+                        );
                         out.push_str(&piece);
                     }
                 }
@@ -1153,9 +1401,74 @@ mod tests {
         assert_eq!(u.padding_side(), PaddingSide::Right);
         assert_eq!(u.pad_token(), t.pad_token());
         assert_eq!(u.vocab_size(), t.vocab_size());
-        assert_eq!(u.encode("hello 你好", true).unwrap(), t.encode("hello 你好", true).unwrap());
-        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert_eq!(
+            u.encode("hello 你好", true).unwrap(),
+            t.encode("hello 你好", true).unwrap()
+        );
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(cfg["chat_template"].as_str(), t.chat_template());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn extra_and_model_specific_special_tokens() {
+        if !tiny_dir().join("tokenizer.json").is_file() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("trl_like_tok_extra_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            tiny_dir().join("tokenizer.json"),
+            dir.join("tokenizer.json"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|endoftext|>",
+                "bos_token": {"__type": "AddedToken", "content": "[gMASK]", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true},
+                "additional_special_tokens": ["<|user|>", "<sop>", "<|brand_new|>"],
+                "image_token": "<|begin_of_image|>",
+                "chat_template": "{{ bos_token }}|{{ image_token }}|{{ eos_token }}"}"#,
+        )
+        .unwrap();
+        let t = PreTrainedTokenizer::from_pretrained(&dir).unwrap();
+        // transformers 5.23 on the same directory:
+        //   t.all_special_tokens, t.all_special_ids, len(t), t.pad_token, t.padding_side ->
+        //   ['[gMASK]', '<|endoftext|>', '<|begin_of_image|>', '<|user|>', '<sop>', '<|brand_new|>']
+        //   [1902, 1900, 1910, 1907, 1904, 1914] 1915 None right
+        //   t.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        //     -> '[gMASK]|<|begin_of_image|>|<|endoftext|>'
+        //   t("<|brand_new|> hi").input_ids -> [1902, 1904, 1914, 1477]
+        assert_eq!(
+            t.all_special_tokens(),
+            [
+                "[gMASK]",
+                "<|endoftext|>",
+                "<|begin_of_image|>",
+                "<|user|>",
+                "<sop>",
+                "<|brand_new|>"
+            ]
+        );
+        assert_eq!(
+            t.all_special_ids(),
+            vec![1902, 1900, 1910, 1907, 1904, 1914]
+        );
+        assert_eq!(t.vocab_size(), 1915);
+        assert_eq!(t.pad_token(), None);
+        assert_eq!(t.padding_side(), PaddingSide::Right);
+        let m = [json!({"role": "user", "content": "x"})];
+        assert_eq!(
+            t.apply_chat_template(&m, None, false).unwrap(),
+            "[gMASK]|<|begin_of_image|>|<|endoftext|>"
+        );
+        assert_eq!(
+            t.encode("<|brand_new|> hi", true).unwrap(),
+            vec![1902, 1904, 1914, 1477]
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -1169,17 +1482,33 @@ mod tests {
         let err = PreTrainedTokenizer::from_pretrained(&dir).unwrap_err();
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
         if tiny_dir().join("tokenizer.json").is_file() {
-            std::fs::copy(tiny_dir().join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+            std::fs::copy(
+                tiny_dir().join("tokenizer.json"),
+                dir.join("tokenizer.json"),
+            )
+            .unwrap();
             std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": 5}"#).unwrap();
             let err = PreTrainedTokenizer::from_pretrained(&dir).unwrap_err();
-            assert!(err.to_string().contains("tokenizer_config.json") && err.to_string().contains("eos_token"), "{err}");
+            assert!(
+                err.to_string().contains("tokenizer_config.json")
+                    && err.to_string().contains("eos_token"),
+                "{err}"
+            );
             std::fs::write(dir.join("tokenizer_config.json"), r#"{"chat_template": [{"name": "default", "template": "A{{ messages | length }}"}, {"name": "tool_use", "template": "T"}]}"#).unwrap();
             let t = PreTrainedTokenizer::from_pretrained(&dir).unwrap();
             let m = [json!({"role": "user", "content": "x"})];
             assert_eq!(t.apply_chat_template(&m, None, false).unwrap(), "A1");
-            assert_eq!(t.apply_chat_template(&m, Some(&json!([])), false).unwrap(), "T");
+            assert_eq!(
+                t.apply_chat_template(&m, Some(&json!([])), false).unwrap(),
+                "T"
+            );
+            assert!(t
+                .apply_chat_template(&m, Some(&json!({"name": "f"})), false)
+                .is_err());
             assert!(t.pad_token_id().is_none());
-            assert!(t.apply_chat_template_batch(&[m.to_vec(), vec![]], false, PaddingSide::Left).is_err());
+            assert!(t
+                .apply_chat_template_batch(&[m.to_vec(), vec![]], false, PaddingSide::Left)
+                .is_err());
         }
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -19,6 +19,8 @@ pub enum DatasetFormat {
     Messages,
     Text,
     PromptCompletion,
+    /// Records that carry `input_ids` (and optionally `labels`).
+    Tokenized,
 }
 
 impl DatasetFormat {
@@ -30,6 +32,7 @@ impl DatasetFormat {
             "messages" => Self::Messages,
             "text" => Self::Text,
             "prompt_completion" => Self::PromptCompletion,
+            "tokenized" => Self::Tokenized,
             other => {
                 return Err(format!(
                     "unknown dataset_format {other:?} (expected auto, alpaca, sharegpt, messages, text or prompt_completion)"
@@ -46,13 +49,16 @@ impl DatasetFormat {
             Self::Messages => "messages",
             Self::Text => "text",
             Self::PromptCompletion => "prompt_completion",
+            Self::Tokenized => "tokenized",
         }
     }
 
     /// Picks the format from the fields of a record.
     pub fn detect(record: &Value) -> Option<Self> {
         let has = |k: &str| record.get(k).is_some();
-        if has("conversations") {
+        if has("input_ids") {
+            Some(Self::Tokenized)
+        } else if has("conversations") {
             Some(Self::Sharegpt)
         } else if has("messages") {
             Some(Self::Messages)
@@ -91,6 +97,9 @@ pub enum Example {
     Text(String),
     /// Prompt and completion texts (loss on the completion by default).
     PromptCompletion { prompt: String, completion: String },
+    /// Already tokenized (`input_ids`, optional `labels` with -100 where no loss
+    /// is taken): used as is, as TRL does with pre-tokenized datasets.
+    Tokenized { input_ids: Vec<i64>, labels: Option<Vec<i64>> },
 }
 
 fn field<'a>(record: &'a Record, name: &str) -> Result<&'a Value, DataError> {
@@ -166,6 +175,22 @@ pub fn to_example(record: &Record, format: DatasetFormat, text_field: &str) -> R
             Ok(Example::Conversation { messages })
         }
         DatasetFormat::Text => Ok(Example::Text(string_field(record, text_field)?)),
+        DatasetFormat::Tokenized => {
+            let ids = |name: &str| -> Result<Option<Vec<i64>>, DataError> {
+                match record.value.get(name) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => serde_json::from_value(v.clone())
+                        .map(Some)
+                        .map_err(|_| bad(format!("field \"{name}\" must be a list of integers"))),
+                }
+            };
+            let input_ids = ids("input_ids")?.ok_or_else(|| bad("missing field \"input_ids\"".into()))?;
+            let labels = ids("labels")?;
+            if labels.as_ref().is_some_and(|l| l.len() != input_ids.len()) {
+                return Err(bad("\"labels\" and \"input_ids\" differ in length".into()));
+            }
+            Ok(Example::Tokenized { input_ids, labels })
+        }
         DatasetFormat::PromptCompletion => Ok(Example::PromptCompletion {
             prompt: string_field(record, "prompt")?,
             completion: string_field(record, "completion")?,

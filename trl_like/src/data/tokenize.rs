@@ -3,8 +3,11 @@
 //! - conversations are rendered with the chat template (as the tutorial's
 //!   `formatting_func` does) and then treated as text;
 //! - text gets the eos token appended when it does not already end with it,
-//!   and is encoded with `add_special_tokens=False` (templates write their own
-//!   `[gMASK]<sop>`);
+//!   and is encoded with the tokenizer's special tokens (TRL tokenizes text with
+//!   `add_special_tokens=True`) — except when the text already starts with them,
+//!   as a chat-template rendering does (`[gMASK]<sop>…`): TRL 1.16 would then
+//!   prefix GLM-4 sequences with `[gMASK]<sop>` twice, which we deliberately avoid
+//!   so training sees exactly what inference sees;
 //! - labels are the input ids (loss on every token) unless a completion-only or
 //!   assistant-only mask applies; positions without loss hold -100;
 //! - sequences longer than `max_length` are truncated (`keep_start` or `keep_end`).
@@ -68,22 +71,27 @@ pub fn tokenize_example(
         text
     };
     let (text, input_ids, loss_mask) = match example {
+        Example::Tokenized { input_ids, labels } => {
+            let labels = labels.clone().unwrap_or_else(|| input_ids.clone());
+            let mask = labels.iter().map(|&l| l != IGNORE_INDEX).collect();
+            (String::new(), input_ids.clone(), Some(mask))
+        }
         Example::Text(text) => {
             let text = with_eos(text.clone());
-            let ids = tokenizer.encode(&text, false)?;
+            let ids = encode_once(tokenizer, &text)?;
             (text, ids, None)
         }
         Example::Conversation { messages } => {
             let text = with_eos(tokenizer.apply_chat_template(messages, None, false)?);
-            let ids = tokenizer.encode(&text, false)?;
+            let ids = encode_once(tokenizer, &text)?;
             let mask = if opts.assistant_only_loss { Some(assistant_mask(tokenizer, messages, &ids)?) } else { None };
             (text, ids, mask)
         }
         Example::PromptCompletion { prompt, completion } => {
             let text = with_eos(format!("{prompt}{completion}"));
-            let ids = tokenizer.encode(&text, false)?;
+            let ids = encode_once(tokenizer, &text)?;
             let mask = if opts.completion_only_loss.unwrap_or(true) {
-                let prompt_len = tokenizer.encode(prompt, false)?.len().min(ids.len());
+                let prompt_len = encode_once(tokenizer, prompt)?.len().min(ids.len());
                 Some((0..ids.len()).map(|i| i >= prompt_len).collect())
             } else {
                 None
@@ -113,6 +121,20 @@ pub fn tokenize_example(
         }
     }
     Ok(TokenizedExample { text, input_ids, labels, truncated_tokens })
+}
+
+/// Encodes with the tokenizer's special tokens unless the text already starts
+/// with them (see the module docs).
+pub fn encode_once(tokenizer: &PreTrainedTokenizer, text: &str) -> Result<Vec<i64>, TokenizerError> {
+    let plain = tokenizer.encode(text, false)?;
+    let with_special = tokenizer.encode(text, true)?;
+    if with_special.len() > plain.len() && with_special.ends_with(&plain) {
+        let prefix = &with_special[..with_special.len() - plain.len()];
+        if plain.starts_with(prefix) {
+            return Ok(plain);
+        }
+    }
+    Ok(with_special)
 }
 
 /// Marks the tokens of every assistant turn plus the token right after it (the

@@ -1,0 +1,383 @@
+//! The tutorial's `instruct_train.py` in Rust: its defaults (the
+//! `ChatGLM4ModelConfig` / `DataTrainingArguments` / `MySFTConfig` subclasses),
+//! data loading and split, the `SavePredictCallback`, and `main()`.
+
+use crate::glm::{GlmConfig, GlmForCausalLM};
+use crate::runtime;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+use trl_like::config::{DataArguments, IntervalStrategy, ModelConfig, ParseError, SFTConfig, TorchDtype, TrlParser};
+use trl_like::data::{Dataset, DatasetFormat};
+use trl_like::generation::{generate, GenerationConfig};
+use trl_like::peft::{LoraConfig, TargetModules};
+use trl_like::tokenizer::PaddingSide;
+use trl_like::trainer::{CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState};
+
+/// The tutorial's defaults on top of TRL's.
+pub fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
+    let model = ModelConfig {
+        model_name_or_path: Some("./weights/glm-4-9b-hf".into()),
+        dtype: TorchDtype::Bfloat16,
+        use_peft: true,
+        lora_r: 8,
+        lora_alpha: 32,
+        lora_dropout: 0.1,
+        lora_target_modules: Some(vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
+        ..ModelConfig::default()
+    };
+    let data = DataArguments { data_files: vec!["./data/alpaca_gpt4_data_zh.json".into()], ..DataArguments::default() };
+    let sft = SFTConfig {
+        output_dir: "./output/lora-glm4-9b-alpaca".into(),
+        num_train_epochs: 3.0,
+        per_device_train_batch_size: 2,
+        per_device_eval_batch_size: 4,
+        gradient_accumulation_steps: 1,
+        learning_rate: 5e-4,
+        bf16: Some(true),
+        bf16_full_eval: true,
+        max_length: Some(512),
+        eval_strategy: IntervalStrategy::Steps,
+        eval_steps: Some(0.1),
+        logging_steps: 10.0,
+        save_steps: 0.1,
+        ..SFTConfig::default()
+    };
+    (model, data, sft)
+}
+
+/// The two questions the tutorial's callback asks at every checkpoint.
+pub const TUTORIAL_PROMPTS: [&str; 2] = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"];
+
+/// Options of `glm4 sft` that are not TRL fields (taken out before the TRL parser runs).
+#[derive(Debug, Clone)]
+pub struct AppOptions {
+    /// Questions for the prediction callback (one user message each).
+    pub predict_prompts: Vec<String>,
+    /// A system message with tools for the prediction prompts (the tool-call variant).
+    pub predict_tools: Option<Value>,
+    pub predict_max_new_tokens: usize,
+    pub predict: bool,
+    pub device: String,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            predict_prompts: TUTORIAL_PROMPTS.iter().map(|s| s.to_string()).collect(),
+            predict_tools: None,
+            predict_max_new_tokens: 512,
+            predict: true,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// Splits `glm4 sft` arguments into application options and TRL arguments.
+pub fn split_app_options(args: &[String]) -> Result<(AppOptions, Vec<String>)> {
+    let mut app = AppOptions::default();
+    let mut rest = Vec::new();
+    let mut prompts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].replace('-', "_");
+        let value = |i: usize| -> Result<String> {
+            args.get(i + 1).cloned().with_context(|| format!("{} expects a value", args[i]))
+        };
+        match a.trim_start_matches('_') {
+            "predict_prompt" => {
+                prompts.push(value(i)?);
+                i += 2;
+            }
+            "predict_max_new_tokens" => {
+                let v = value(i)?;
+                app.predict_max_new_tokens = v.parse().with_context(|| format!("--predict_max_new_tokens {v:?} is not a whole number"))?;
+                i += 2;
+            }
+            "predict_tools" => {
+                let v = value(i)?;
+                let text = std::fs::read_to_string(&v).with_context(|| format!("--predict_tools {v}"))?;
+                app.predict_tools = Some(serde_json::from_str(&text).with_context(|| format!("--predict_tools {v}: not JSON"))?);
+                i += 2;
+            }
+            "no_predict" => {
+                app.predict = false;
+                i += 1;
+            }
+            "device" => {
+                app.device = value(i)?;
+                i += 2;
+            }
+            _ => {
+                rest.push(args[i].clone());
+                i += 1;
+            }
+        }
+    }
+    if !prompts.is_empty() {
+        app.predict_prompts = prompts;
+    }
+    Ok((app, rest))
+}
+
+/// Help for the application options, appended to TRL's `--help`.
+pub const APP_HELP: &str = "\
+glm4 options (besides the TRL fields above):
+  --predict_prompt TEXT          a question for the prediction callback (repeatable; default: the tutorial's two)
+  --predict_tools FILE           a JSON list of tools, put on a system message before the second prompt
+  --predict_max_new_tokens N     answer length at each checkpoint (default 512)
+  --no_predict                   do not generate answers at checkpoints
+  --device auto|cpu|cuda|cuda:N  where to train (default: CUDA when available, unless --use_cpu)
+";
+
+/// The tutorial's `SavePredictCallback`: at every checkpoint, answer the test
+/// questions with the current adapter (a left-padded batch, greedy), print the
+/// answers, append them to `output_dir/predictions.jsonl` and send them to the trackers.
+pub struct SavePredictCallback {
+    pub conversations: Vec<Vec<Value>>,
+    pub generation: GenerationConfig,
+    pub output_file: PathBuf,
+}
+
+impl SavePredictCallback {
+    pub fn new(app: &AppOptions, generation: GenerationConfig, output_dir: &Path) -> Self {
+        let conversations = app
+            .predict_prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut conv = Vec::new();
+                // Like the toolcall script: the tools ride on a system message of the second question.
+                if let (Some(tools), 1) = (&app.predict_tools, i) {
+                    conv.push(json!({"role": "system", "content": "", "tools": tools}));
+                }
+                conv.push(json!({"role": "user", "content": p}));
+                conv
+            })
+            .collect();
+        let mut generation = generation;
+        generation.max_new_tokens = Some(app.predict_max_new_tokens);
+        generation.do_sample = false;
+        Self { conversations, generation, output_file: output_dir.join("predictions.jsonl") }
+    }
+
+    fn predict(&self, state: &TrainerState, ctx: &mut CallbackContext) -> Result<()> {
+        let tok = ctx.processing_class;
+        let batch = tok.apply_chat_template_batch(&self.conversations, true, PaddingSide::Left)?;
+        let (ids, mask) = batch.to_tensors(ctx.model.device())?;
+        let out = generate(ctx.model, &ids, Some(&mask), &self.generation, None);
+        let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&out.sequences)?;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.output_file)
+            .with_context(|| format!("opening {}", self.output_file.display()))?;
+        let prompt_len = batch.input_ids.first().map_or(0, Vec::len);
+        for (conv, row) in self.conversations.iter().zip(&rows) {
+            // As the tutorial: the whole sequence decoded with its special tokens.
+            let full = tok.decode(row, false)?;
+            let answer_ids: Vec<i64> = row[prompt_len..]
+                .iter()
+                .copied()
+                .take_while(|t| !self.generation.eos_token_id.contains(t))
+                .collect();
+            let answer = tok.decode(&answer_ids, true)?;
+            let question = conv.last().and_then(|m| m["content"].as_str()).unwrap_or_default();
+            eprintln!("[step {}] {question} -> {answer}", state.global_step);
+            writeln!(file, "{}", json!({"step": state.global_step, "prompt": question, "response": answer, "text": full}))?;
+            ctx.text_logs.push(("Prediction".into(), full));
+        }
+        Ok(())
+    }
+}
+
+impl TrainerCallback for SavePredictCallback {
+    fn on_save(&mut self, _args: &SFTConfig, state: &TrainerState, _control: &mut TrainerControl, ctx: &mut CallbackContext) {
+        if !state.is_world_process_zero {
+            return;
+        }
+        if let Err(e) = self.predict(state, ctx) {
+            eprintln!("warning: the prediction callback failed at step {}: {e:#}", state.global_step);
+        }
+    }
+}
+
+/// Loads the data files (JSON/JSONL paths, or a Hub dataset id downloaded first).
+pub fn load_data(data: &DataArguments) -> Result<Dataset> {
+    if data.data_files.is_empty() {
+        bail!("--data_files: no data files given");
+    }
+    let mut paths = Vec::new();
+    for f in &data.data_files {
+        let p = PathBuf::from(f);
+        if p.exists() {
+            paths.push(p);
+        } else if looks_like_hub_id(f) {
+            let local = PathBuf::from("data").join(f.replace('/', "__"));
+            eprintln!("{f} is not a local file; downloading the dataset {f} to {}", local.display());
+            let req = trl_like::hub::SnapshotRequest {
+                repo_id: f.clone(),
+                repo_type: "dataset".into(),
+                revision: None,
+                local_dir: local.clone(),
+                allow_suffixes: vec![".json".into(), ".jsonl".into()],
+                token: None,
+            };
+            trl_like::hub::snapshot_download(&req)?;
+            let mut found: Vec<PathBuf> = walk_json(&local);
+            found.sort();
+            if found.is_empty() {
+                bail!("dataset {f} has no .json/.jsonl files");
+            }
+            paths.extend(found);
+        } else {
+            bail!("--data_files {f}: no such file");
+        }
+    }
+    let mut ds = Dataset::from_json_files(&paths)?;
+    if let Some(n) = data.max_samples {
+        ds = ds.take(n);
+    }
+    Ok(ds)
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.')) && !s.ends_with(".json") && !s.ends_with(".jsonl")
+}
+
+fn walk_json(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_json(&p));
+            } else if p.extension().is_some_and(|x| x == "json" || x == "jsonl") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The LoRA config TRL's `get_peft_config(model_args)` builds.
+pub fn peft_config(model: &ModelConfig) -> Result<Option<LoraConfig>> {
+    if !model.use_peft {
+        return Ok(None);
+    }
+    if model.lora_modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+        bail!("--lora_modules_to_save is not supported yet");
+    }
+    let targets = if model.targets_all_linear() {
+        TargetModules::AllLinear
+    } else {
+        // PEFT's default for GLM is q/k/v like the tutorial's.
+        TargetModules::Names(
+            model.lora_target_modules.clone().unwrap_or_else(|| vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
+        )
+    };
+    let mut cfg = LoraConfig::new(model.lora_r as i64, model.lora_alpha as f64, model.lora_dropout, targets);
+    cfg.use_rslora = model.use_rslora;
+    cfg.use_dora = model.use_dora;
+    Ok(Some(cfg))
+}
+
+/// Everything `glm4 sft` / `glm4 preview` parse from their arguments.
+pub struct SftSetup {
+    pub model_args: ModelConfig,
+    pub data_args: DataArguments,
+    pub args: SFTConfig,
+    pub app: AppOptions,
+}
+
+/// Parses `glm4 sft` arguments; `Ok(None)` after printing `--help`.
+pub fn parse(raw: &[String]) -> Result<Option<SftSetup>> {
+    let (app, rest) = split_app_options(raw)?;
+    let (m, d, s) = tutorial_defaults();
+    match TrlParser::new(m, d, s).parse_args_and_config(&rest) {
+        Ok((model_args, data_args, args)) => Ok(Some(SftSetup { model_args, data_args, args, app })),
+        Err(ParseError::Help(text)) => {
+            println!("{text}\n{APP_HELP}");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn pick_device(setup: &SftSetup) -> Result<Device> {
+    if setup.args.use_cpu {
+        return Ok(Device::Cpu);
+    }
+    runtime::parse_device(&setup.app.device)
+}
+
+/// Loads the base model in the dtype the config asks for (fp32 on CPU, where bf16 is very slow).
+pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCausalLM> {
+    let dir = PathBuf::from(model_args.model_name_or_path.as_deref().unwrap_or("./weights/glm-4-9b-hf"));
+    if !dir.is_dir() {
+        bail!(
+            "model directory {} does not exist; download it with `glm4 download THUDM/glm-4-9b-hf --local_dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let config = GlmConfig::from_pretrained(&dir)?;
+    let mut kind = runtime::parse_dtype(model_args.dtype.as_str(), config.torch_dtype.as_deref(), device)?;
+    if device == Device::Cpu && kind != Kind::Float {
+        eprintln!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
+        kind = Kind::Float;
+    }
+    Ok(GlmForCausalLM::from_pretrained(&dir, Some(kind), device)?)
+}
+
+/// `glm4 sft`: the tutorial's `main(model_args, data_args, training_args)`.
+pub fn run_sft(raw: &[String]) -> Result<()> {
+    let Some(setup) = parse(raw)? else { return Ok(()) };
+    let device = pick_device(&setup)?;
+    let model_dir = PathBuf::from(setup.model_args.model_name_or_path.clone().unwrap_or_default());
+    let tokenizer = crate::load_tokenizer(&model_dir)?;
+    let raw_data = load_data(&setup.data_args)?;
+    let seed = setup.args.seed;
+    let (train, test) = raw_data.train_test_split(setup.data_args.test_size, seed)?;
+    let eval = (setup.args.eval_strategy != IntervalStrategy::No && !test.is_empty()).then_some(&test);
+    if setup.args.eval_strategy != IntervalStrategy::No && eval.is_none() {
+        bail!("eval_strategy is {} but there is no evaluation split (test_size 0); set --eval_strategy no or --test_size", setup.args.eval_strategy);
+    }
+    let model = load_model(&setup.model_args, device)?;
+    let mut generation = GenerationConfig::from_pretrained(&model_dir).map_err(anyhow::Error::msg)?.unwrap_or_default();
+    if generation.eos_token_id.is_empty() {
+        generation.eos_token_id = model.config.eos_token_ids();
+    }
+    generation.pad_token_id = generation.pad_token_id.or(tokenizer.pad_token_id());
+    let output_dir = PathBuf::from(&setup.args.output_dir);
+    let mut callbacks: Vec<Box<dyn TrainerCallback>> = Vec::new();
+    if setup.app.predict {
+        callbacks.push(Box::new(SavePredictCallback::new(&setup.app, generation, &output_dir)));
+    }
+    let mut data_format = DatasetFormat::parse(setup.data_args.dataset_format.as_str()).map_err(anyhow::Error::msg)?;
+    if let (DatasetFormat::Auto, Some(first)) = (data_format, train.records.first()) {
+        data_format = data_format.resolve(first)?;
+        eprintln!("dataset format: {} (detected; set --dataset_format to override)", data_format.name());
+    }
+    let mut trainer = SFTTrainer::new(
+        model,
+        setup.args.clone(),
+        &train,
+        eval,
+        tokenizer,
+        peft_config(&setup.model_args)?,
+        None,
+        callbacks,
+    )?;
+    trainer.train()?;
+    trainer.save_model(None)?;
+    eprintln!("\nadapter / model: {}", output_dir.display());
+    eprintln!("predictions:     {}", output_dir.join("predictions.jsonl").display());
+    eprintln!("loss curves:     {}", output_dir.join("training_curves.svg").display());
+    eprintln!(
+        "try it:          glm4 chat --model_name_or_path {} --adapter_path {}",
+        model_dir.display(),
+        output_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! `ModelConfig`: TRL 1.16's model and LoRA arguments.
+//!
+//! TRL 1.16 calls the dtype field `dtype` (default `float32`); the tutorial's
+//! `torch_dtype` is accepted as an alias. `trust_remote_code` moved to
+//! [`SFTConfig`](super::SFTConfig) in TRL 1.x and lives there.
+
+use super::{
+    check_at_least_one, check_finite, check_unit_interval, ConfigError, ConfigGroup, FieldSpec,
+};
+
+config_enum! {
+    /// The dtype the weights are loaded in.
+    pub enum TorchDtype {
+        /// The dtype stored in the checkpoint's config (`torch_dtype`/`dtype` in config.json).
+        Auto = "auto",
+        Bfloat16 = "bfloat16",
+        Float16 = "float16",
+        Float32 = "float32",
+    }
+}
+
+config_enum! {
+    /// 4-bit quantization data type (bitsandbytes).
+    pub enum Bnb4bitQuantType {
+        Fp4 = "fp4",
+        Nf4 = "nf4",
+    }
+}
+
+config_struct! {
+    /// Which model to load and how to adapt it: TRL's `ModelConfig`.
+    /// `Default` is TRL 1.16's defaults.
+    pub struct ModelConfig {
+        /// The checkpoint to start from: a local directory or a Hub model id.
+        model_name_or_path: Option<String> = None,
+        /// The Hub revision of the checkpoint: a branch, tag or commit id.
+        model_revision: String = "main".to_string(),
+        /// Load the weights in this dtype (auto: the checkpoint's own).
+        #[alias = "torch_dtype"]
+        dtype: TorchDtype = TorchDtype::Float32,
+        /// The attention kernel (e.g. eager, sdpa, flash_attention_2); unset picks the default.
+        attn_implementation: Option<String> = None,
+        /// Train LoRA adapters (PEFT) instead of all weights.
+        use_peft: bool = false,
+        /// LoRA rank r: the inner dimension of each adapter.
+        lora_r: usize = 16,
+        /// LoRA alpha: the adapter output is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+        lora_alpha: usize = 32,
+        /// Dropout on the adapter input while training.
+        lora_dropout: f64 = 0.05,
+        /// Module names (suffixes) that get adapters, e.g. q_proj k_proj v_proj, or "all-linear";
+        /// unset uses the model type's default.
+        lora_target_modules: Option<Vec<String>> = None,
+        /// Modules trained in full next to the adapters (e.g. embed_tokens lm_head).
+        lora_modules_to_save: Option<Vec<String>> = None,
+        /// PEFT task type; CAUSAL_LM for language modeling.
+        lora_task_type: String = "CAUSAL_LM".to_string(),
+        /// Rank-stabilized LoRA: scale adapters by alpha / sqrt(r) instead of alpha / r.
+        use_rslora: bool = false,
+        /// DoRA: learn a magnitude vector next to the low-rank direction update (not supported yet).
+        use_dora: bool = false,
+        /// Load the base model quantized to 8 bits (bitsandbytes; not supported here).
+        load_in_8bit: bool = false,
+        /// Load the base model quantized to 4 bits (bitsandbytes; not supported here).
+        load_in_4bit: bool = false,
+        /// 4-bit quantization data type.
+        bnb_4bit_quant_type: Bnb4bitQuantType = Bnb4bitQuantType::Nf4,
+        /// Quantize the 4-bit quantization constants again (nested quantization).
+        use_bnb_nested_quant: bool = false,
+        /// Storage dtype of 4-bit weights.
+        bnb_4bit_quant_storage: Option<String> = None,
+    }
+}
+
+impl ModelConfig {
+    /// `dtype`, under the tutorial's name.
+    pub fn torch_dtype(&self) -> TorchDtype {
+        self.dtype
+    }
+
+    /// The factor applied to the adapter output: `alpha / r`, or
+    /// `alpha / sqrt(r)` with rsLoRA (PEFT's `scaling`).
+    pub fn lora_scaling(&self) -> f64 {
+        let r = self.lora_r.max(1) as f64;
+        if self.use_rslora {
+            self.lora_alpha as f64 / r.sqrt()
+        } else {
+            self.lora_alpha as f64 / r
+        }
+    }
+
+    /// Whether `lora_target_modules` is PEFT's "all-linear" shorthand.
+    pub fn targets_all_linear(&self) -> bool {
+        matches!(self.lora_target_modules.as_deref(), Some([one]) if one.eq_ignore_ascii_case("all-linear"))
+    }
+
+    /// Checks ranges and rejects features this implementation lacks. The
+    /// LoRA fields are checked even without `use_peft`, as a typo guard.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(m) = &self.model_name_or_path {
+            if m.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "model_name_or_path",
+                    "must not be empty",
+                ));
+            }
+        }
+        check_at_least_one("lora_r", self.lora_r)?;
+        check_at_least_one("lora_alpha", self.lora_alpha)?;
+        check_finite("lora_dropout", self.lora_dropout)?;
+        check_unit_interval("lora_dropout", self.lora_dropout)?;
+        if let Some(t) = &self.lora_target_modules {
+            if t.is_empty() || t.iter().any(|m| m.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    "lora_target_modules",
+                    "must name at least one module",
+                ));
+            }
+            if t.len() > 1 && t.iter().any(|m| m.eq_ignore_ascii_case("all-linear")) {
+                return Err(ConfigError::invalid(
+                    "lora_target_modules",
+                    "\"all-linear\" cannot be combined with module names",
+                ));
+            }
+        }
+        if self.lora_task_type != "CAUSAL_LM" {
+            return Err(ConfigError::unsupported(
+                "lora_task_type",
+                format!("only CAUSAL_LM is supported, got {:?}", self.lora_task_type),
+            ));
+        }
+        if self.load_in_8bit && self.load_in_4bit {
+            return Err(ConfigError::conflict(
+                "load_in_8bit",
+                "load_in_4bit",
+                "8-bit and 4-bit loading cannot be used together",
+            ));
+        }
+        if self.load_in_8bit {
+            return Err(ConfigError::unsupported(
+                "load_in_8bit",
+                "8-bit (bitsandbytes) loading is not supported",
+            ));
+        }
+        if self.load_in_4bit {
+            return Err(ConfigError::unsupported(
+                "load_in_4bit",
+                "4-bit (bitsandbytes) loading is not supported",
+            ));
+        }
+        if self.use_dora {
+            return Err(ConfigError::unsupported(
+                "use_dora",
+                "use_dora is not supported yet; use plain LoRA",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ConfigGroup for ModelConfig {
+    const NAME: &'static str = "ModelConfig";
+    const TITLE: &'static str = "Model arguments (ModelConfig)";
+
+    fn fields() -> &'static [FieldSpec] {
+        Self::FIELDS
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        ModelConfig::validate(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_trl_1_16() {
+        let m = ModelConfig::default();
+        assert_eq!(m.model_name_or_path, None);
+        assert_eq!(m.model_revision, "main");
+        assert_eq!(m.dtype, TorchDtype::Float32);
+        assert_eq!((m.lora_r, m.lora_alpha, m.lora_dropout), (16, 32, 0.05));
+        assert_eq!(m.lora_task_type, "CAUSAL_LM");
+        assert!(!m.use_peft);
+        assert_eq!(m.bnb_4bit_quant_type, Bnb4bitQuantType::Nf4);
+        assert_eq!(m.validate(), Ok(()));
+    }
+
+    #[test]
+    fn scaling() {
+        let m = ModelConfig {
+            lora_r: 8,
+            lora_alpha: 32,
+            ..Default::default()
+        };
+        assert_eq!(m.lora_scaling(), 4.0);
+        let m = ModelConfig {
+            lora_r: 16,
+            lora_alpha: 32,
+            use_rslora: true,
+            ..Default::default()
+        };
+        assert_eq!(m.lora_scaling(), 8.0);
+    }
+
+    #[test]
+    fn unsupported_features_name_the_field() {
+        for (m, field) in [
+            (
+                ModelConfig {
+                    use_dora: true,
+                    ..Default::default()
+                },
+                "use_dora",
+            ),
+            (
+                ModelConfig {
+                    load_in_4bit: true,
+                    ..Default::default()
+                },
+                "load_in_4bit",
+            ),
+            (
+                ModelConfig {
+                    load_in_8bit: true,
+                    ..Default::default()
+                },
+                "load_in_8bit",
+            ),
+            (
+                ModelConfig {
+                    lora_r: 0,
+                    ..Default::default()
+                },
+                "lora_r",
+            ),
+            (
+                ModelConfig {
+                    lora_dropout: 1.0,
+                    ..Default::default()
+                },
+                "lora_dropout",
+            ),
+            (
+                ModelConfig {
+                    lora_target_modules: Some(vec![]),
+                    ..Default::default()
+                },
+                "lora_target_modules",
+            ),
+        ] {
+            assert_eq!(m.validate().unwrap_err().field(), field);
+        }
+        let e = ModelConfig {
+            use_dora: true,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("not supported yet"), "{e}");
+    }
+
+    #[test]
+    fn all_linear() {
+        let m = ModelConfig {
+            lora_target_modules: Some(vec!["all-linear".into()]),
+            ..Default::default()
+        };
+        assert!(m.targets_all_linear());
+        assert_eq!(m.validate(), Ok(()));
+        let m = ModelConfig {
+            lora_target_modules: Some(vec!["all-linear".into(), "q_proj".into()]),
+            ..Default::default()
+        };
+        assert!(m.validate().is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Checkpoints: `output_dir/checkpoint-{step}/` with the adapter (or full
+//! weights), optimizer state, `trainer_state.json`, loop counters and the
+//! tokenizer. Each is written under a temporary name and renamed when
+//! complete, so a crash never leaves a half checkpoint that looks finished.
+
+use super::{io_err, LoopState, SFTTrainer, TrainerError};
+use crate::config::{ResumeFrom, SFTConfig};
+use crate::modeling::PreTrainedModel;
+use crate::optim::AdamW;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+pub const PREFIX: &str = "checkpoint-";
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const LOOP_FILE: &str = "trainer_extra.json";
+const ARGS_FILE: &str = "training_args.json";
+const FULL_WEIGHTS_DIR: &str = ".";
+
+/// Complete checkpoints in `output_dir`, oldest first (by step).
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return Vec::new() };
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix(PREFIX)?.parse().ok()?;
+            let path = e.path();
+            path.join(STATE_FILE).is_file().then_some((step, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// What to resume from: `resume_from_checkpoint`, or — like the tutorial's
+/// script — the newest checkpoint of a non-empty `output_dir` unless
+/// `overwrite_output_dir`. A non-empty `output_dir` without checkpoints is an
+/// error (it would be overwritten), as transformers' examples treat it.
+pub fn resolve_resume(args: &SFTConfig, output_dir: &Path) -> Result<Option<PathBuf>, TrainerError> {
+    match args.resume_from() {
+        Some(ResumeFrom::Path(p)) => {
+            if !p.join(STATE_FILE).is_file() {
+                return Err(TrainerError::Checkpoint(format!(
+                    "resume_from_checkpoint {}: not a checkpoint directory (no {STATE_FILE})",
+                    p.display()
+                )));
+            }
+            return Ok(Some(p));
+        }
+        Some(ResumeFrom::Latest) => {
+            return match list_checkpoints(output_dir).pop() {
+                Some((_, p)) => Ok(Some(p)),
+                None => Err(TrainerError::Checkpoint(format!(
+                    "resume_from_checkpoint true: no checkpoint-* directory in {}",
+                    output_dir.display()
+                ))),
+            };
+        }
+        None => {}
+    }
+    if args.overwrite_output_dir || !output_dir.is_dir() {
+        return Ok(None);
+    }
+    if let Some((_, p)) = list_checkpoints(output_dir).pop() {
+        eprintln!("found checkpoint {} in output_dir; resuming (pass --overwrite_output_dir to start over)", p.display());
+        return Ok(Some(p));
+    }
+    let non_empty = std::fs::read_dir(output_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if non_empty {
+        return Err(TrainerError::Checkpoint(format!(
+            "output_dir {} already exists and is not empty, but holds no checkpoint to resume from; \
+             use --overwrite_output_dir to train into it anyway, or choose another --output_dir",
+            output_dir.display()
+        )));
+    }
+    Ok(None)
+}
+
+impl<M: PreTrainedModel> SFTTrainer<M> {
+    /// Writes `checkpoint-{global_step}` and rotates old ones (transformers' `_save_checkpoint`).
+    pub(super) fn save_checkpoint(&mut self, output_dir: &Path, metrics: Option<&Map<String, Value>>) -> Result<(), TrainerError> {
+        let step = self.state.global_step;
+        let name = format!("{PREFIX}{step}");
+        let final_dir = output_dir.join(&name);
+        let tmp_dir = output_dir.join(format!(".{name}.partial"));
+        if tmp_dir.exists() {
+            std::fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        }
+        std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+
+        self.update_best(metrics, &final_dir);
+        self.save_model(Some(&tmp_dir))?;
+        if !self.args.save_only_model {
+            let optimizer = self.optimizer.as_ref().expect("optimizer exists while training");
+            optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
+            let extra = serde_json::to_string_pretty(&self.loop_state).expect("json");
+            std::fs::write(tmp_dir.join(LOOP_FILE), extra).map_err(io_err(&tmp_dir))?;
+        }
+        let args = serde_json::to_string_pretty(&self.args).expect("json");
+        std::fs::write(tmp_dir.join(ARGS_FILE), args).map_err(io_err(&tmp_dir))?;
+        // The state file goes last: its presence marks a complete checkpoint.
+        self.state.save_to_json(&tmp_dir.join(STATE_FILE), &self.control).map_err(io_err(&tmp_dir))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+        }
+        std::fs::rename(&tmp_dir, &final_dir).map_err(io_err(&final_dir))?;
+        self.rotate_checkpoints(output_dir)?;
+        self.fire(super::Event::Save, super::Payload::Checkpoint(&final_dir));
+        self.control.should_save = false;
+        Ok(())
+    }
+
+    /// Tracks `metric_for_best_model` (transformers' `_determine_best_metric`).
+    fn update_best(&mut self, metrics: Option<&Map<String, Value>>, checkpoint: &Path) {
+        let (Some(metrics), Some(metric)) = (metrics, self.args.resolved_metric_for_best_model()) else { return };
+        let key = if metric.starts_with("eval_") { metric } else { format!("eval_{metric}") };
+        let Some(value) = metrics.get(&key).and_then(Value::as_f64) else {
+            eprintln!("warning: metric_for_best_model {key} is not among the evaluation metrics");
+            return;
+        };
+        if !value.is_finite() {
+            return;
+        }
+        let greater = self.args.resolved_greater_is_better().unwrap_or(false);
+        let better = match self.state.best_metric {
+            None => true,
+            Some(best) => if greater { value > best } else { value < best },
+        };
+        if better {
+            self.state.best_metric = Some(value);
+            self.state.best_global_step = Some(self.state.global_step);
+            self.state.best_model_checkpoint = Some(checkpoint.display().to_string());
+        }
+    }
+
+    /// Deletes the oldest checkpoints beyond `save_total_limit`, never the best one.
+    fn rotate_checkpoints(&self, output_dir: &Path) -> Result<(), TrainerError> {
+        let Some(limit) = self.args.save_total_limit else { return Ok(()) };
+        let mut all = list_checkpoints(output_dir);
+        let best = self.state.best_model_checkpoint.as_ref().map(PathBuf::from);
+        // transformers keeps the best by moving it to the end of the deletion order.
+        if let Some(best) = &best {
+            if let Some(i) = all.iter().position(|(_, p)| p == best) {
+                let b = all.remove(i);
+                all.push(b);
+            }
+        }
+        // With a limit of 1 and a best checkpoint that is not the newest, keep both.
+        let keep = if limit == 1 && best.is_some() && all.last().map(|(_, p)| Some(p) != best.as_ref()).unwrap_or(false) { 2 } else { limit.max(1) };
+        let excess = all.len().saturating_sub(keep);
+        for (_, path) in all.into_iter().take(excess) {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Restores weights, optimizer, state and loop counters from `dir`.
+    pub(super) fn load_checkpoint(&mut self, dir: &Path, optimizer: &mut AdamW) -> Result<(), TrainerError> {
+        let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
+        let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE)).map_err(TrainerError::Checkpoint)?;
+        if !dir.join(OPTIMIZER_FILE).is_file() {
+            return Err(ckpt("holds only model weights (save_only_model), so training cannot resume from it".into()));
+        }
+        // Adapter or full weights into the existing variables.
+        let weights = match &self.peft {
+            Some(_) => dir.join("adapter_model.safetensors"),
+            None => dir.join(FULL_WEIGHTS_DIR).join("model.safetensors"),
+        };
+        let tensors = tch::Tensor::read_safetensors(&weights).map_err(|e| ckpt(format!("cannot read {}: {e}", weights.display())))?;
+        let by_name: std::collections::HashMap<String, tch::Tensor> = tensors.into_iter().collect();
+        tch::no_grad(|| -> Result<(), TrainerError> {
+            for (name, param) in &self.params {
+                let src = by_name.get(name).ok_or_else(|| ckpt(format!("tensor {name} is missing from {}", weights.display())))?;
+                if src.size() != param.size() {
+                    return Err(ckpt(format!("tensor {name} has shape {:?}, expected {:?}", src.size(), param.size())));
+                }
+                let mut p = param.shallow_clone();
+                p.copy_(src);
+            }
+            Ok(())
+        })?;
+        optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+        if let Ok(text) = std::fs::read_to_string(dir.join(LOOP_FILE)) {
+            self.loop_state = serde_json::from_str::<LoopState>(&text).map_err(|e| ckpt(format!("{LOOP_FILE}: {e}")))?;
+        } else {
+            self.loop_state.last_logged_step = state.global_step;
+        }
+        // Keep this run's step arithmetic; take progress and history from the checkpoint.
+        self.state.global_step = state.global_step;
+        self.state.epoch = state.epoch;
+        self.state.num_input_tokens_seen = state.num_input_tokens_seen;
+        self.state.log_history = state.log_history;
+        self.state.best_metric = state.best_metric;
+        self.state.best_global_step = state.best_global_step;
+        self.state.best_model_checkpoint = state.best_model_checkpoint;
+        self.state.total_flos = state.total_flos;
+        Ok(())
+    }
+}

@@ -1,0 +1,769 @@
+//! `SFTTrainer`: TRL's supervised fine-tuning loop over any [`PreTrainedModel`].
+//!
+//! The recipe, as transformers' `Trainer.train` runs it: prepare the datasets
+//! (format, chat template, eos, tokenize, truncate), attach LoRA adapters (or
+//! train every weight), build AdamW + the LR schedule, then for each optimizer
+//! step accumulate `gradient_accumulation_steps` micro-batches whose summed
+//! token losses are divided by the token count of the whole window, clip, step,
+//! and let the callbacks decide when to log, evaluate and save. Checkpoints
+//! hold everything needed to resume exactly where the run stopped.
+
+pub mod callbacks;
+pub mod checkpoint;
+pub mod state;
+
+pub use callbacks::{
+    CallbackContext, DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback,
+};
+pub use state::{TrainerControl, TrainerState};
+
+use crate::config::{SFTConfig, SamplingStrategy};
+use crate::data::tokenize::{tokenize_example, IGNORE_INDEX};
+use crate::data::{collate, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions, TokenizedExample, TruncationMode};
+use crate::modeling::{CausalLMInput, PreTrainedModel};
+use crate::optim::{clip_grad_norm, decay_groups, AdamW, LrScheduler};
+use crate::peft::{LoraConfig, PeftAdapter};
+use crate::tokenizer::PreTrainedTokenizer;
+use crate::tracking::{make_trackers, plot_training_curves, Tracker};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// Why training could not start or continue.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Peft(#[from] crate::peft::PeftError),
+    #[error(transparent)]
+    Optim(#[from] crate::optim::OptimError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tracking(#[from] crate::tracking::TrackingError),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
+    move |source| TrainerError::Io { path: path.display().to_string(), source }
+}
+
+/// Turns a raw record into the text to train on (the tutorial's `formatting_func`).
+pub type FormattingFunc = Box<dyn Fn(&Value) -> Result<String, String>>;
+
+/// Returned by [`SFTTrainer::train`] (transformers' `TrainOutput`).
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    pub global_step: usize,
+    pub training_loss: f64,
+    pub metrics: Map<String, Value>,
+}
+
+/// Token-weighted sums of a logging window (TRL's `_metrics`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct WindowMetrics {
+    /// Sum of per-step mean losses since the last log.
+    loss_sum: f64,
+    /// Per-micro-batch values TRL averages at log time.
+    entropy: Vec<f64>,
+    accuracy: Vec<f64>,
+}
+
+/// Loop counters that are not part of `trainer_state.json` but make a resumed
+/// run continue exactly (saved as `trainer_extra.json` in checkpoints).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct LoopState {
+    window: WindowMetrics,
+    total_loss: f64,
+    last_logged_step: usize,
+    last_grad_norm: Option<f64>,
+}
+
+pub struct SFTTrainer<M: PreTrainedModel> {
+    pub model: M,
+    pub args: SFTConfig,
+    pub processing_class: PreTrainedTokenizer,
+    pub train_dataset: Vec<TokenizedExample>,
+    pub eval_dataset: Option<Vec<TokenizedExample>>,
+    /// The adapters being trained (`None` for full fine-tuning).
+    pub peft: Option<PeftAdapter>,
+    pub state: TrainerState,
+    pub control: TrainerControl,
+    callbacks: Vec<Box<dyn TrainerCallback>>,
+    trackers: Vec<Box<dyn Tracker>>,
+    /// Trainable tensors by name: adapter weights, or every base weight.
+    params: Vec<(String, Tensor)>,
+    optimizer: Option<AdamW>,
+    loop_state: LoopState,
+    device: Device,
+    /// Learning rate of the last optimizer step (what transformers logs).
+    current_lr: f64,
+}
+
+/// Statistics of dataset preparation, for messages and `glm4 preview`.
+#[derive(Debug, Clone, Default)]
+pub struct PrepareStats {
+    pub format: Option<DatasetFormat>,
+    pub truncated: usize,
+    pub skipped: usize,
+}
+
+/// Formats and tokenizes a dataset with TRL's rules (see [`crate::data::tokenize`]).
+pub fn prepare_dataset(
+    dataset: &Dataset,
+    tokenizer: &PreTrainedTokenizer,
+    args: &SFTConfig,
+    format: DatasetFormat,
+    formatting_func: Option<&FormattingFunc>,
+    skip_bad_records: bool,
+) -> Result<(Vec<TokenizedExample>, PrepareStats), TrainerError> {
+    let opts = TokenizeOptions {
+        max_length: args.max_length,
+        truncation_mode: match args.truncation_mode {
+            crate::config::TruncationMode::KeepStart => TruncationMode::KeepStart,
+            crate::config::TruncationMode::KeepEnd => TruncationMode::KeepEnd,
+        },
+        completion_only_loss: args.completion_only_loss,
+        assistant_only_loss: args.assistant_only_loss,
+    };
+    let mut stats = PrepareStats::default();
+    let format = match (formatting_func, dataset.records.first()) {
+        (Some(_), _) | (None, None) => format,
+        (None, Some(first)) => format.resolve(first)?,
+    };
+    stats.format = Some(format);
+    let mut out = Vec::with_capacity(dataset.len());
+    for record in &dataset.records {
+        let example = match formatting_func {
+            Some(f) => f(&record.value)
+                .map(Example::Text)
+                .map_err(|message| crate::data::DataError::Record { origin: record.origin.clone(), message }),
+            None => formats::to_example(record, format, &args.dataset_text_field),
+        };
+        let tokenized = example.and_then(|ex| {
+            tokenize_example(tokenizer, &ex, &opts)
+                .map_err(|source| crate::data::DataError::Tokenizer { origin: record.origin.clone(), source })
+        });
+        match tokenized {
+            Ok(t) => {
+                if t.truncated_tokens > 0 {
+                    stats.truncated += 1;
+                }
+                out.push(t);
+            }
+            Err(e) if skip_bad_records => {
+                eprintln!("warning: skipping {e}");
+                stats.skipped += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if out.is_empty() {
+        return Err(TrainerError::Invalid("no usable records in the dataset".into()));
+    }
+    Ok((out, stats))
+}
+
+impl<M: PreTrainedModel> SFTTrainer<M> {
+    /// `SFTTrainer(model, args, train_dataset, eval_dataset, processing_class,
+    /// peft_config, formatting_func, callbacks)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        mut model: M,
+        args: SFTConfig,
+        train_dataset: &Dataset,
+        eval_dataset: Option<&Dataset>,
+        processing_class: PreTrainedTokenizer,
+        peft_config: Option<LoraConfig>,
+        formatting_func: Option<FormattingFunc>,
+        callbacks: Vec<Box<dyn TrainerCallback>>,
+    ) -> Result<Self, TrainerError> {
+        args.validate()?;
+        let device = model.device();
+        let (train, stats) =
+            prepare_dataset(train_dataset, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?;
+        if stats.truncated > 0 {
+            eprintln!(
+                "note: {} of {} training examples were longer than max_length {:?} and were truncated",
+                stats.truncated,
+                train.len(),
+                args.max_length
+            );
+        }
+        let eval = match eval_dataset {
+            Some(ds) if !ds.is_empty() => {
+                Some(prepare_dataset(ds, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?.0)
+            }
+            _ => None,
+        };
+        let peft = match peft_config {
+            Some(mut cfg) => {
+                if cfg.base_model_name_or_path.is_none() {
+                    cfg.base_model_name_or_path = Some(model.name_or_path());
+                }
+                tch::manual_seed(args.seed as i64);
+                Some(PeftAdapter::attach_new(&mut model, cfg, device)?)
+            }
+            None => None,
+        };
+        Ok(Self::build(model, args, train, eval, processing_class, peft, callbacks))
+    }
+
+    /// Like [`new`](Self::new) for a model that already carries adapters
+    /// (TRL accepts a `PeftModel`): e.g. adapters loaded with
+    /// [`PeftAdapter::load`] to continue training them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_peft_model(
+        model: M,
+        adapter: PeftAdapter,
+        args: SFTConfig,
+        train_dataset: &Dataset,
+        eval_dataset: Option<&Dataset>,
+        processing_class: PreTrainedTokenizer,
+        formatting_func: Option<FormattingFunc>,
+        callbacks: Vec<Box<dyn TrainerCallback>>,
+    ) -> Result<Self, TrainerError> {
+        args.validate()?;
+        let (train, _) =
+            prepare_dataset(train_dataset, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?;
+        let eval = match eval_dataset {
+            Some(ds) if !ds.is_empty() => {
+                Some(prepare_dataset(ds, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?.0)
+            }
+            _ => None,
+        };
+        Ok(Self::build(model, args, train, eval, processing_class, Some(adapter), callbacks))
+    }
+
+    fn build(
+        model: M,
+        args: SFTConfig,
+        train: Vec<TokenizedExample>,
+        eval: Option<Vec<TokenizedExample>>,
+        processing_class: PreTrainedTokenizer,
+        peft: Option<PeftAdapter>,
+        callbacks: Vec<Box<dyn TrainerCallback>>,
+    ) -> Self {
+        let device = model.device();
+        let params: Vec<(String, Tensor)> = match &peft {
+            Some(adapter) => adapter.named_parameters(),
+            // Full fine-tuning: every base weight is trained.
+            None => model.named_parameters().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect(),
+        };
+        let mut trainer = Self {
+            model,
+            args,
+            processing_class,
+            train_dataset: train,
+            eval_dataset: eval,
+            peft,
+            state: TrainerState::default(),
+            control: TrainerControl::default(),
+            callbacks: Vec::new(),
+            trackers: Vec::new(),
+            params,
+            optimizer: None,
+            loop_state: LoopState::default(),
+            device,
+            current_lr: 0.0,
+        };
+        trainer.callbacks.push(Box::new(DefaultFlowCallback));
+        if trainer.args.disable_tqdm {
+            trainer.callbacks.push(Box::new(PrinterCallback));
+        } else {
+            trainer.callbacks.push(Box::new(ProgressCallback::default()));
+        }
+        trainer.callbacks.extend(callbacks);
+        trainer.fire(Event::InitEnd, Payload::None);
+        trainer
+    }
+
+    /// Adds a callback (transformers' `add_callback`).
+    pub fn add_callback(&mut self, callback: Box<dyn TrainerCallback>) {
+        self.callbacks.push(callback);
+    }
+
+    /// Number of trainable parameters and of all parameters, as PEFT's `print_trainable_parameters`.
+    pub fn trainable_parameters(&self) -> (i64, i64) {
+        let trainable: i64 = self.params.iter().map(|(_, t)| t.numel() as i64).sum();
+        let base: i64 = self.model.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+        let total = if self.peft.is_some() { base + trainable } else { base };
+        (trainable, total)
+    }
+
+    /// Micro-batches of one epoch: indices into the training set.
+    fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let n = self.train_dataset.len();
+        let bs = self.args.per_device_train_batch_size.max(1);
+        let seed = self.args.data_seed.unwrap_or(self.args.seed);
+        let order: Vec<usize> = match self.args.sampling_strategy() {
+            SamplingStrategy::Sequential => (0..n).collect(),
+            SamplingStrategy::Random => shuffled(n, seed, epoch),
+            SamplingStrategy::GroupByLength => {
+                // transformers' LengthGroupedSampler: shuffle, cut into mega-batches of
+                // 50 batches, sort each by length (longest first).
+                let order = shuffled(n, seed, epoch);
+                order
+                    .chunks(50 * bs)
+                    .flat_map(|chunk| {
+                        let mut c = chunk.to_vec();
+                        c.sort_by_key(|&i| std::cmp::Reverse(self.train_dataset[i].input_ids.len()));
+                        c
+                    })
+                    .collect()
+            }
+        };
+        let mut batches: Vec<Vec<usize>> = order.chunks(bs).map(|c| c.to_vec()).collect();
+        if self.args.dataloader_drop_last && batches.last().is_some_and(|b| b.len() < bs) {
+            batches.pop();
+        }
+        batches
+    }
+
+    fn num_batches_per_epoch(&self) -> usize {
+        let bs = self.args.per_device_train_batch_size.max(1);
+        let n = self.train_dataset.len();
+        if self.args.dataloader_drop_last {
+            n / bs
+        } else {
+            n.div_ceil(bs)
+        }
+    }
+
+    fn batch_of(&self, indices: &[usize]) -> Batch {
+        let examples: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.train_dataset[i]).collect();
+        collate(&examples, self.pad_token_id(), self.args.pad_to_multiple_of, self.device)
+    }
+
+    fn pad_token_id(&self) -> i64 {
+        self.processing_class.pad_token_id().or(self.processing_class.eos_token_id()).unwrap_or(0)
+    }
+
+    /// Runs the training loop; resumes when `resume_from_checkpoint` says so.
+    pub fn train(&mut self) -> Result<TrainOutput, TrainerError> {
+        let output_dir = PathBuf::from(&self.args.output_dir);
+        let resume = checkpoint::resolve_resume(&self.args, &output_dir)?;
+        std::fs::create_dir_all(&output_dir).map_err(io_err(&output_dir))?;
+
+        let batches_per_epoch = self.num_batches_per_epoch();
+        if batches_per_epoch == 0 {
+            return Err(TrainerError::Invalid(format!(
+                "the training set has {} examples, fewer than one batch of {} with dataloader_drop_last",
+                self.train_dataset.len(),
+                self.args.per_device_train_batch_size
+            )));
+        }
+        let ga = self.args.gradient_accumulation_steps.max(1);
+        let steps_per_epoch = self.args.num_update_steps_per_epoch(batches_per_epoch);
+        let max_steps = self.args.total_training_steps(batches_per_epoch);
+        let num_epochs = max_steps.div_ceil(steps_per_epoch);
+
+        self.state = TrainerState {
+            max_steps,
+            logging_steps: self.args.resolved_logging_steps(max_steps),
+            eval_steps: self.args.resolved_eval_steps(max_steps),
+            save_steps: self.args.resolved_save_steps(max_steps),
+            train_batch_size: self.args.per_device_train_batch_size,
+            num_train_epochs: num_epochs,
+            ..TrainerState::default()
+        };
+        let groups = decay_groups(self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), self.args.weight_decay);
+        let mut optimizer = AdamW::new(groups, (self.args.adam_beta1, self.args.adam_beta2), self.args.adam_epsilon);
+        let warmup = self.args.get_warmup_steps(max_steps);
+        let scheduler = LrScheduler::new(
+            self.args.lr_scheduler_type.as_str(),
+            self.args.learning_rate,
+            warmup,
+            max_steps,
+            &self.args.lr_scheduler_kwargs,
+        )?;
+        self.loop_state = LoopState::default();
+        if let Some(dir) = &resume {
+            self.load_checkpoint(dir, &mut optimizer)?;
+            eprintln!("resuming from {} at step {}", dir.display(), self.state.global_step);
+        }
+        self.optimizer = Some(optimizer);
+        let logging_dir = output_dir.join("runs");
+        let run_name = self.args.run_name.clone().unwrap_or_default();
+        self.trackers = make_trackers(&self.args.report_to, &logging_dir, &run_name)?;
+
+        let (trainable, total) = self.trainable_parameters();
+        eprintln!(
+            "***** Running training *****\n  examples = {}, epochs = {}, batch size = {}, accumulation = {}, optimizer steps = {}\n  trainable params: {} || all params: {} || trainable%: {:.4}",
+            self.train_dataset.len(),
+            num_epochs,
+            self.args.per_device_train_batch_size,
+            ga,
+            max_steps,
+            trainable,
+            total,
+            100.0 * trainable as f64 / total.max(1) as f64
+        );
+
+        let start = Instant::now();
+        let start_step = self.state.global_step;
+        let tokens_at_start = self.state.num_input_tokens_seen;
+        self.fire(Event::TrainBegin, Payload::None);
+        if self.args.eval_on_start && start_step == 0 {
+            self.evaluate()?;
+        }
+        let epochs_done = start_step / steps_per_epoch;
+        let mut skip_steps = start_step % steps_per_epoch;
+        'epochs: for epoch in epochs_done..num_epochs {
+            self.fire(Event::EpochBegin, Payload::None);
+            let batches = self.epoch_batches(epoch);
+            for (window_idx, window) in batches.chunks(ga).enumerate() {
+                if skip_steps > 0 {
+                    skip_steps -= 1;
+                    continue;
+                }
+                self.training_step(window, epoch, window_idx, batches.len(), &scheduler)?;
+                self.fire(Event::StepEnd, Payload::None);
+                self.maybe_log_save_evaluate(&output_dir)?;
+                if self.control.should_epoch_stop || self.control.should_training_stop {
+                    break;
+                }
+            }
+            self.fire(Event::EpochEnd, Payload::None);
+            self.maybe_log_save_evaluate(&output_dir)?;
+            if self.control.should_training_stop {
+                break 'epochs;
+            }
+        }
+
+        let runtime = start.elapsed().as_secs_f64();
+        let steps = (self.state.global_step - start_step) as f64;
+        let samples = steps * (self.args.per_device_train_batch_size * ga) as f64;
+        let tokens = (self.state.num_input_tokens_seen - tokens_at_start) as f64;
+        let train_loss = self.loop_state.total_loss / self.state.global_step.max(1) as f64;
+        let mut metrics = Map::new();
+        metrics.insert("train_runtime".into(), json!(round(runtime, 4)));
+        metrics.insert("train_samples_per_second".into(), json!(round(samples / runtime.max(1e-9), 3)));
+        metrics.insert("train_steps_per_second".into(), json!(round(steps / runtime.max(1e-9), 3)));
+        metrics.insert("train_tokens_per_second".into(), json!(round(tokens / runtime.max(1e-9), 3)));
+        metrics.insert("total_flos".into(), json!(self.state.total_flos));
+        metrics.insert("train_loss".into(), json!(train_loss));
+        self.log(metrics.clone());
+        self.fire(Event::TrainEnd, Payload::None);
+        self.state
+            .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
+            .map_err(io_err(&output_dir))?;
+        let history: Vec<Value> = self.state.log_history.iter().cloned().map(Value::Object).collect();
+        let plot = output_dir.join("training_curves.svg");
+        plot_training_curves(&history, &plot).map_err(io_err(&plot))?;
+        for t in &mut self.trackers {
+            let _ = t.flush();
+        }
+        Ok(TrainOutput { global_step: self.state.global_step, training_loss: train_loss, metrics })
+    }
+
+    /// One optimizer step over a window of micro-batches.
+    fn training_step(
+        &mut self,
+        window: &[Vec<usize>],
+        epoch: usize,
+        window_idx: usize,
+        batches_in_epoch: usize,
+        scheduler: &LrScheduler,
+    ) -> Result<(), TrainerError> {
+        self.fire(Event::StepBegin, Payload::None);
+        // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
+        tch::manual_seed(self.args.seed as i64 + 1_000_003 * self.state.global_step as i64);
+        let batches: Vec<Batch> = window.iter().map(|idx| self.batch_of(idx)).collect();
+        // transformers' num_items_in_batch: loss tokens of the whole window, so the
+        // step's loss is the token mean over all its examples however they are split.
+        let num_items: i64 = batches.iter().map(|b| b.num_loss_tokens).sum();
+        let mut step_loss = 0.0;
+        for (i, batch) in batches.iter().enumerate() {
+            let out = self.compute_loss(batch, Some(num_items.max(1)), true);
+            out.loss.backward();
+            step_loss += out.loss.double_value(&[]);
+            self.loop_state.window.entropy.push(out.entropy);
+            self.loop_state.window.accuracy.push(out.accuracy);
+            self.state.num_input_tokens_seen += out.num_tokens;
+            if i + 1 < batches.len() {
+                self.fire(Event::SubstepEnd, Payload::None);
+            }
+        }
+        let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let grad_norm = clip_grad_norm(&tensors, self.args.max_grad_norm);
+        self.fire(Event::PreOptimizerStep, Payload::None);
+        let lr = scheduler.lr_at(self.state.global_step);
+        let optimizer = self.optimizer.as_mut().expect("optimizer is set in train()");
+        optimizer.step(lr);
+        self.fire(Event::OptimizerStep, Payload::None);
+        self.optimizer.as_ref().expect("optimizer").zero_grad();
+        self.state.global_step += 1;
+        // transformers: epoch + micro-batches done in this epoch / micro-batches per epoch.
+        let done = (window_idx * self.args.gradient_accumulation_steps.max(1) + window.len()).min(batches_in_epoch);
+        self.state.epoch = Some(epoch as f64 + done as f64 / batches_in_epoch as f64);
+        self.loop_state.window.loss_sum += step_loss;
+        self.loop_state.total_loss += step_loss;
+        self.loop_state.last_grad_norm = Some(grad_norm);
+        // transformers logs the rate this step used.
+        self.current_lr = lr;
+        Ok(())
+    }
+}
+
+/// Result of one forward pass with loss.
+struct LossOutput {
+    /// Scalar to backpropagate: summed token losses / `num_items` (or the batch mean).
+    loss: Tensor,
+    /// Mean entropy of the predicted distributions over real (non-padding) tokens.
+    entropy: f64,
+    /// Share of loss tokens whose argmax prediction is the label.
+    accuracy: f64,
+    /// Real tokens in the batch (attention-mask ones).
+    num_tokens: i64,
+}
+
+/// Training events, mapped onto [`TrainerCallback`] methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    InitEnd,
+    TrainBegin,
+    TrainEnd,
+    EpochBegin,
+    EpochEnd,
+    StepBegin,
+    SubstepEnd,
+    PreOptimizerStep,
+    OptimizerStep,
+    StepEnd,
+    Evaluate,
+    PredictionStep,
+    Save,
+    Log,
+}
+
+enum Payload<'a> {
+    None,
+    Logs(&'a Map<String, Value>),
+    Metrics(&'a Map<String, Value>),
+    Checkpoint(&'a Path),
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// A seeded shuffle of `0..n` for `epoch` (same order for the same seed and epoch,
+/// which is what makes resuming exact).
+fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    crate::data::permutation(n, seed.wrapping_add(epoch as u64))
+}
+
+impl<M: PreTrainedModel> SFTTrainer<M> {
+    /// transformers' `ForCausalLMLoss` plus TRL's entropy and token accuracy.
+    ///
+    /// With `num_items` the summed token loss is divided by it (gradient
+    /// accumulation); without, it is the mean over the batch's loss tokens.
+    fn compute_loss(&self, batch: &Batch, num_items: Option<i64>, train: bool) -> LossOutput {
+        let input = CausalLMInput {
+            input_ids: &batch.input_ids,
+            attention_mask: if batch.has_padding { Some(&batch.attention_mask) } else { None },
+            position_ids: None,
+        };
+        // Logits in fp32 whatever the model dtype, as transformers upcasts them for the loss.
+        let logits = self.model.forward(&input, None, train).to_kind(Kind::Float);
+        let (b, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
+        let shift_logits = logits.narrow(1, 0, t - 1);
+        let shift_labels = batch.labels.narrow(1, 1, t - 1);
+        let summed = shift_logits.reshape([b * (t - 1), v]).cross_entropy_loss::<Tensor>(
+            &shift_labels.reshape([b * (t - 1)]),
+            None,
+            Reduction::Sum,
+            IGNORE_INDEX,
+            0.0,
+        );
+        let denom = num_items.unwrap_or(batch.num_loss_tokens).max(1) as f64;
+        let loss = summed / denom;
+        let (entropy, accuracy) = tch::no_grad(|| {
+            let mask = batch.attention_mask.to_kind(Kind::Float);
+            let logp = logits.log_softmax(-1, Kind::Float);
+            let _ = mask;
+            // TRL: entropy of the predicted distributions at the positions that take loss.
+            let valid = shift_labels.ne(IGNORE_INDEX);
+            let shift_logp = logp.narrow(1, 0, t - 1);
+            let per_token = -(shift_logp.exp() * &shift_logp).sum_dim_intlist(-1, false, Kind::Float);
+            let valid_f = valid.to_kind(Kind::Float);
+            let entropy = (per_token * &valid_f).sum(Kind::Float) / valid_f.sum(Kind::Float).clamp_min(1.0);
+            let correct = shift_logits.argmax(-1, false).eq_tensor(&shift_labels).logical_and(&valid);
+            let total = valid.sum(Kind::Float).double_value(&[]);
+            let acc = if total > 0.0 { correct.sum(Kind::Float).double_value(&[]) / total } else { 0.0 };
+            (entropy.double_value(&[]), acc)
+        });
+        let num_tokens = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
+        LossOutput { loss, entropy, accuracy, num_tokens }
+    }
+
+    /// Runs the evaluation set and logs `eval_loss` & co. (transformers' `evaluate`).
+    pub fn evaluate(&mut self) -> Result<Map<String, Value>, TrainerError> {
+        let Some(eval) = &self.eval_dataset else {
+            return Err(TrainerError::Invalid("evaluation needs an eval_dataset".into()));
+        };
+        let start = Instant::now();
+        let bs = self.args.per_device_eval_batch_size.max(1);
+        let pad = self.pad_token_id();
+        let n = eval.len();
+        let (mut loss_sum, mut entropy, mut accuracy) = (0.0, Vec::new(), Vec::new());
+        let mut batches = 0usize;
+        let chunks: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(bs).map(|c| c.to_vec()).collect();
+        for idx in chunks {
+            let examples: Vec<&TokenizedExample> =
+                idx.iter().map(|&i| &self.eval_dataset.as_ref().expect("checked")[i]).collect();
+            let batch = collate(&examples, pad, self.args.pad_to_multiple_of, self.device);
+            let out = tch::no_grad(|| self.compute_loss(&batch, None, false));
+            // transformers repeats each batch's mean loss batch-size times, then averages.
+            loss_sum += out.loss.double_value(&[]) * idx.len() as f64;
+            entropy.push(out.entropy);
+            accuracy.push(out.accuracy);
+            batches += 1;
+            self.fire(Event::PredictionStep, Payload::None);
+        }
+        let runtime = start.elapsed().as_secs_f64().max(1e-9);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let mut metrics = Map::new();
+        metrics.insert("eval_loss".into(), json!(loss_sum / n.max(1) as f64));
+        metrics.insert("eval_runtime".into(), json!(round(runtime, 4)));
+        metrics.insert("eval_samples_per_second".into(), json!(round(n as f64 / runtime, 3)));
+        metrics.insert("eval_steps_per_second".into(), json!(round(batches as f64 / runtime, 3)));
+        metrics.insert("eval_entropy".into(), json!(mean(&entropy)));
+        metrics.insert("eval_mean_token_accuracy".into(), json!(mean(&accuracy)));
+        metrics.insert("eval_num_tokens".into(), json!(self.state.num_input_tokens_seen as f64));
+        self.log(metrics.clone());
+        self.fire(Event::Evaluate, Payload::Metrics(&metrics));
+        self.control.should_evaluate = false;
+        Ok(metrics)
+    }
+
+    /// Appends an entry to `log_history` (with epoch and step), sends it to the
+    /// trackers and to `on_log` (transformers' `Trainer.log`).
+    pub fn log(&mut self, mut logs: Map<String, Value>) {
+        if let Some(epoch) = self.state.epoch {
+            logs.insert("epoch".into(), json!(epoch));
+        }
+        let mut entry = logs.clone();
+        entry.insert("step".into(), json!(self.state.global_step));
+        self.state.log_history.push(entry);
+        let scalars: Vec<(String, f64)> = logs.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect();
+        for t in &mut self.trackers {
+            if let Err(e) = t.log_scalars(self.state.global_step as u64, &scalars) {
+                eprintln!("warning: could not write a tracker log: {e}");
+            }
+        }
+        self.fire(Event::Log, Payload::Logs(&logs));
+        self.control.should_log = false;
+    }
+
+    fn maybe_log_save_evaluate(&mut self, output_dir: &Path) -> Result<(), TrainerError> {
+        if self.control.should_log && self.state.global_step > self.loop_state.last_logged_step {
+            let steps = (self.state.global_step - self.loop_state.last_logged_step) as f64;
+            let w = std::mem::take(&mut self.loop_state.window);
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let mut logs = Map::new();
+            logs.insert("loss".into(), json!(w.loss_sum / steps));
+            if let Some(g) = self.loop_state.last_grad_norm {
+                logs.insert("grad_norm".into(), json!(g));
+            }
+            logs.insert("learning_rate".into(), json!(self.current_lr));
+            logs.insert("entropy".into(), json!(mean(&w.entropy)));
+            logs.insert("mean_token_accuracy".into(), json!(mean(&w.accuracy)));
+            logs.insert("num_tokens".into(), json!(self.state.num_input_tokens_seen as f64));
+            self.loop_state.last_logged_step = self.state.global_step;
+            self.log(logs);
+        }
+        let mut metrics = None;
+        if self.control.should_evaluate {
+            if self.eval_dataset.is_some() {
+                metrics = Some(self.evaluate()?);
+            } else {
+                self.control.should_evaluate = false;
+            }
+        }
+        if self.control.should_save {
+            self.save_checkpoint(output_dir, metrics.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Calls every callback's method for `event`, then forwards any text they produced.
+    fn fire(&mut self, event: Event, payload: Payload) {
+        let mut ctx = CallbackContext {
+            model: &self.model,
+            processing_class: &self.processing_class,
+            logs: None,
+            metrics: None,
+            checkpoint_dir: None,
+            text_logs: Vec::new(),
+        };
+        match payload {
+            Payload::None => {}
+            Payload::Logs(l) => ctx.logs = Some(l),
+            Payload::Metrics(m) => ctx.metrics = Some(m),
+            Payload::Checkpoint(p) => ctx.checkpoint_dir = Some(p),
+        }
+        let (args, state, control) = (&self.args, &self.state, &mut self.control);
+        match event {
+            // The handler resets per-step flags before the callbacks run, as transformers does.
+            Event::StepBegin => {
+                control.should_log = false;
+                control.should_evaluate = false;
+                control.should_save = false;
+            }
+            Event::EpochBegin => control.should_epoch_stop = false,
+            Event::TrainBegin => control.should_training_stop = false,
+            _ => {}
+        }
+        for cb in self.callbacks.iter_mut() {
+            match event {
+                Event::InitEnd => cb.on_init_end(args, state, control, &mut ctx),
+                Event::TrainBegin => cb.on_train_begin(args, state, control, &mut ctx),
+                Event::TrainEnd => cb.on_train_end(args, state, control, &mut ctx),
+                Event::EpochBegin => cb.on_epoch_begin(args, state, control, &mut ctx),
+                Event::EpochEnd => cb.on_epoch_end(args, state, control, &mut ctx),
+                Event::StepBegin => cb.on_step_begin(args, state, control, &mut ctx),
+                Event::SubstepEnd => cb.on_substep_end(args, state, control, &mut ctx),
+                Event::PreOptimizerStep => cb.on_pre_optimizer_step(args, state, control, &mut ctx),
+                Event::OptimizerStep => cb.on_optimizer_step(args, state, control, &mut ctx),
+                Event::StepEnd => cb.on_step_end(args, state, control, &mut ctx),
+                Event::Evaluate => cb.on_evaluate(args, state, control, &mut ctx),
+                Event::PredictionStep => cb.on_prediction_step(args, state, control, &mut ctx),
+                Event::Save => cb.on_save(args, state, control, &mut ctx),
+                Event::Log => cb.on_log(args, state, control, &mut ctx),
+            }
+        }
+        let step = self.state.global_step as u64;
+        for (tag, text) in ctx.text_logs {
+            for t in &mut self.trackers {
+                if let Err(e) = t.log_text(step, &tag, &text) {
+                    eprintln!("warning: could not write a tracker text log: {e}");
+                }
+            }
+        }
+    }
+
+    /// Writes the final model: the adapter (PEFT format) or full weights, plus
+    /// the tokenizer (transformers' `trainer.save_model(output_dir)`).
+    pub fn save_model(&self, dir: Option<&Path>) -> Result<(), TrainerError> {
+        let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        match &self.peft {
+            Some(adapter) => adapter.save_pretrained(&dir)?,
+            None => self.model.save_pretrained(&dir).map_err(io_err(&dir))?,
+        }
+        self.processing_class
+            .save_pretrained(&dir)
+            .map_err(|e| TrainerError::Checkpoint(format!("saving the tokenizer to {}: {e}", dir.display())))?;
+        Ok(())
+    }
+}
