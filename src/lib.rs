@@ -8,6 +8,7 @@ pub mod glm;
 pub const GLM4_CHAT_TEMPLATE: &str = include_str!("glm4_chat_template.jinja");
 
 pub mod runtime;
+pub mod preview;
 pub mod sft;
 
 use std::path::Path;

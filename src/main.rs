@@ -10,6 +10,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use tch::Tensor;
 use trl_like::generation::{generate, GenerationConfig};
+use trl_like::modeling::PreTrainedModel;
+use trl_like::peft::{merge_and_unload, PeftAdapter};
 use trl_like::tokenizer::PreTrainedTokenizer;
 
 #[derive(Parser)]
@@ -29,6 +31,37 @@ enum Command {
     Generate(GenerateArgs),
     /// Interactive multi-turn chat (the tutorial's chat_cli.py); reads one turn per line when piped.
     Chat(ChatArgs),
+    /// Supervised fine-tuning (the tutorial's train script): `glm4 sft [--config F.yaml] [--FIELD VALUE ...]`.
+    #[command(disable_help_flag = true)]
+    Sft {
+        /// TRL arguments: every SFTConfig / ModelConfig / data field as --name VALUE (see `glm4 sft --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show the training data as the model will see it: `glm4 preview [same flags as sft] [--num_examples N] [--json]`.
+    #[command(disable_help_flag = true)]
+    Preview {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Fold a LoRA adapter into the base weights and save a plain transformers checkpoint (PEFT's merge_and_unload).
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Base model directory.
+    #[arg(long = "model_name_or_path", alias = "model-name-or-path")]
+    model_name_or_path: PathBuf,
+    /// LoRA adapter directory (PEFT format).
+    #[arg(long = "adapter_path", alias = "adapter-path")]
+    adapter_path: PathBuf,
+    /// Where to write the merged checkpoint.
+    #[arg(long = "output_dir", alias = "output-dir")]
+    output_dir: PathBuf,
+    /// Dtype of the merged weights (auto: the base checkpoint's).
+    #[arg(long = "torch_dtype", alias = "torch-dtype", visible_alias = "dtype", default_value = "auto")]
+    torch_dtype: String,
 }
 
 #[derive(Args)]
@@ -132,6 +165,9 @@ fn main() {
         Command::Download(a) => cmd_download(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
+        Command::Sft { args } => glm4::sft::run_sft(&args),
+        Command::Preview { args } => glm4::preview::run_preview(&args),
+        Command::Merge(a) => cmd_merge(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
@@ -195,14 +231,19 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             dir.display()
         );
     }
-    if args.adapter_path.is_some() {
-        bail!("--adapter_path: LoRA adapters are not supported yet (they come with the trainer)");
-    }
     let device = runtime::parse_device(&args.device)?;
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = runtime::parse_dtype(&args.torch_dtype, config.torch_dtype.as_deref(), device)?;
-    let model = GlmForCausalLM::from_pretrained(dir, Some(kind), device)?;
-    let tokenizer = glm4::load_tokenizer(dir)?;
+    let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), device)?;
+    let mut tokenizer = glm4::load_tokenizer(dir)?;
+    if let Some(adapter) = &args.adapter_path {
+        // Like the tutorial's chat_cli: PeftModel.from_pretrained, and the adapter's
+        // tokenizer files when it has them.
+        PeftAdapter::load(&mut model, adapter, device, false)?;
+        if adapter.join("tokenizer.json").exists() {
+            tokenizer = glm4::load_tokenizer(adapter)?;
+        }
+    }
     let mut generation = GenerationConfig::from_pretrained(dir).map_err(anyhow::Error::msg)?.unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
@@ -336,5 +377,26 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         // Stored stripped, as the tutorial's chat_cli keeps its history.
         history.push(json!({"role": "assistant", "content": answer.trim()}));
     }
+    Ok(())
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let dir = &a.model_name_or_path;
+    let config = GlmConfig::from_pretrained(dir)?;
+    let kind = match a.torch_dtype.as_str() {
+        "auto" => config.torch_dtype.as_deref().and_then(glm4::glm::dtype_from_name).unwrap_or(tch::Kind::Float),
+        other => glm4::glm::dtype_from_name(other).with_context(|| format!("--torch_dtype {other:?} is not one of auto, bfloat16, float16, float32"))?,
+    };
+    let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), tch::Device::Cpu)?;
+    let adapter = PeftAdapter::load(&mut model, &a.adapter_path, tch::Device::Cpu, false)?;
+    eprintln!("merging {} adapters from {}", adapter.modules.len(), a.adapter_path.display());
+    merge_and_unload(&mut model);
+    model.save_pretrained(&a.output_dir).with_context(|| format!("writing {}", a.output_dir.display()))?;
+    let tokenizer_dir = if a.adapter_path.join("tokenizer.json").exists() { &a.adapter_path } else { dir };
+    glm4::load_tokenizer(tokenizer_dir)?.save_pretrained(&a.output_dir)?;
+    if dir.join("generation_config.json").exists() {
+        std::fs::copy(dir.join("generation_config.json"), a.output_dir.join("generation_config.json"))?;
+    }
+    eprintln!("merged model written to {}", a.output_dir.display());
     Ok(())
 }

@@ -40,6 +40,7 @@ fn crc32c(data: &[u8]) -> u32 {
     crc ^ 0xFFFF_FFFF
 }
 
+#[allow(clippy::manual_rotate)] // spelled as the TFRecord format describes it
 fn masked(crc: u32) -> u32 {
     ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
 }
@@ -114,7 +115,7 @@ fn decode(mut buf: &[u8]) -> Vec<(u32, Field)> {
     fields
 }
 
-fn get<'a>(fields: &'a [(u32, Field)], number: u32) -> Option<&'a Field> {
+fn get(fields: &[(u32, Field)], number: u32) -> Option<&Field> {
     fields.iter().find(|(n, _)| *n == number).map(|(_, f)| f)
 }
 
@@ -245,7 +246,7 @@ fn tensorboard_events_round_trip() {
 
     // One file, named like TensorBoard's own: events.out.tfevents.<secs>.<host>.<pid>.<n>
     let files = event_files(&dir);
-    assert_eq!(files, [path.clone()]);
+    assert_eq!(files, std::slice::from_ref(&path));
     let name = path.file_name().unwrap().to_string_lossy().to_string();
     let parts: Vec<&str> = name.trim_start_matches("events.out.tfevents.").splitn(2, '.').collect();
     assert_eq!(parts[0].len(), 10, "ten-digit unix time in {name}");
@@ -390,6 +391,7 @@ fn make_trackers_explains_unknown_integrations() {
         let err = make_trackers(&names(&["tensorboard", name]), &dir, "run").err().expect("an error");
         assert!(matches!(err, TrackingError::UnknownIntegration { .. }));
         let msg = err.to_string();
+        eprintln!("{msg}");
         let import = format!("swanlab convert -t tensorboard --tb-log-dir {}", dir.display());
         for needle in [name, "\"tensorboard\"", "\"jsonl\"", "\"all\"", "\"none\"", &import] {
             assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
@@ -588,4 +590,28 @@ fn plot_empty_and_single_point_histories() {
             assert!(count_near(&png, TRAIN_BLUE) > 20 && count_near(&png, LR_GREEN) > 20);
         }
     }
+}
+
+#[test]
+fn plot_long_run_with_small_learning_rate() {
+    // Logging every step of a 3,000-step run with a cosine schedule peaking at 2e-5.
+    let history: Vec<Value> = (1..=3000)
+        .map(|step| {
+            let s = step as f64;
+            let lr = 2e-5 * 0.5 * (1.0 + (std::f64::consts::PI * s / 3000.0).cos());
+            let loss = 0.6 + 1.2 / (1.0 + s / 150.0) + 0.05 * (s * 0.37).sin();
+            json!({"loss": loss, "learning_rate": lr, "step": step})
+        })
+        .collect();
+    let dir = scratch("plot_long");
+    let started = std::time::Instant::now();
+    plot_training_curves(&history, &dir.join("long.png")).unwrap();
+    plot_training_curves(&history, &dir.join("long.svg")).unwrap();
+    eprintln!("plotted 3,000 steps as PNG and SVG in {:.2?}", started.elapsed());
+    let svg = std::fs::read_to_string(dir.join("long.svg")).unwrap();
+    assert_well_formed_svg(&svg);
+    assert!(svg.contains(">2e-5<") || svg.contains(">2.0e-5<"), "learning-rate ticks in scientific notation");
+    assert!(svg.contains("peak lr 2e-5"));
+    let png = decode_png(&std::fs::read(dir.join("long.png")).unwrap());
+    assert!(count_near(&png, TRAIN_BLUE) > 1000 && count_near(&png, LR_GREEN) > 500);
 }

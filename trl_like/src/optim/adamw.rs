@@ -48,7 +48,11 @@ struct ParamState {
 impl ParamState {
     /// torch's lazy state initialisation in `Adam._init_group`.
     fn zeros_like(param: &Tensor) -> Self {
-        ParamState { step: 0, exp_avg: param.zeros_like(), exp_avg_sq: param.zeros_like() }
+        ParamState {
+            step: 0,
+            exp_avg: param.zeros_like(),
+            exp_avg_sq: param.zeros_like(),
+        }
     }
 }
 
@@ -97,10 +101,16 @@ impl AdamW {
             return Err(invalid(format!("Invalid epsilon value: {eps}")));
         }
         if !(0.0..1.0).contains(&betas.0) {
-            return Err(invalid(format!("Invalid beta parameter at index 0: {}", betas.0)));
+            return Err(invalid(format!(
+                "Invalid beta parameter at index 0: {}",
+                betas.0
+            )));
         }
         if !(0.0..1.0).contains(&betas.1) {
-            return Err(invalid(format!("Invalid beta parameter at index 1: {}", betas.1)));
+            return Err(invalid(format!(
+                "Invalid beta parameter at index 1: {}",
+                betas.1
+            )));
         }
         let mut seen = HashSet::new();
         for group in &groups {
@@ -116,7 +126,12 @@ impl AdamW {
                 }
             }
         }
-        Ok(AdamW { groups, betas, eps, state: HashMap::new() })
+        Ok(AdamW {
+            groups,
+            betas,
+            eps,
+            state: HashMap::new(),
+        })
     }
 
     /// The parameter groups, in the order given to [`AdamW::new`].
@@ -140,7 +155,11 @@ impl AdamW {
         if let Some(st) = self.state.get(name) {
             return Some(st.step);
         }
-        self.groups.iter().flat_map(|g| &g.params).any(|(n, _)| n == name).then_some(0)
+        self.groups
+            .iter()
+            .flat_map(|g| &g.params)
+            .any(|(n, _)| n == name)
+            .then_some(0)
     }
 
     /// One AdamW update with learning rate `lr` of every parameter that has a
@@ -189,7 +208,7 @@ impl AdamW {
                         // `param.mul_(1 - lr * weight_decay)`: the factor is
                         // formed in f64 (Python float) and rounded to the
                         // parameter dtype by the kernel, as in torch.
-                        let _ = p.g_mul_scalar_(1.0 - lr * wd);
+                        mul_python_scalar_(&mut p, 1.0 - lr * wd);
                     }
 
                     // `exp_avg.lerp_(grad, 1 - beta1)`.
@@ -201,7 +220,7 @@ impl AdamW {
                     // the compiler), so pre-scaling t1 by `value` and using
                     // value = 1 rounds identically (checked bit-for-bit against
                     // torch 2.11 on vectorised and scalar paths, fp32 and bf16).
-                    let _ = st.exp_avg_sq.g_mul_scalar_(beta2);
+                    mul_python_scalar_(&mut st.exp_avg_sq, beta2);
                     let scaled_grad = grad.to_kind(opmath) * (1.0 - beta2);
                     let _ = st.exp_avg_sq.addcmul_(&scaled_grad, &grad);
 
@@ -236,7 +255,12 @@ impl AdamW {
         // tch has no binding to reset `.grad` to None, but libtorch's C++
         // `Optimizer::zero_grad(set_to_none = true)` does exactly that; a
         // throw-away SGD holding the same tensors gives access to it.
-        let params: Vec<&Tensor> = self.groups.iter().flat_map(|g| &g.params).map(|(_, t)| t).collect();
+        let params: Vec<&Tensor> = self
+            .groups
+            .iter()
+            .flat_map(|g| &g.params)
+            .map(|(_, t)| t)
+            .collect();
         let via_libtorch = || -> Result<(), tch::TchError> {
             let mut holder = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
             for t in &params {
@@ -292,7 +316,10 @@ impl AdamW {
         let mut given: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, t) in tensors {
             if given.contains_key(&name) {
-                return Err(OptimError::BadState { name, message: "appears twice".into() });
+                return Err(OptimError::BadState {
+                    name,
+                    message: "appears twice".into(),
+                });
             }
             given.insert(name, t);
         }
@@ -359,7 +386,11 @@ impl AdamW {
                 }
                 new_state.insert(
                     name.clone(),
-                    ParamState { step: step as u64, exp_avg, exp_avg_sq },
+                    ParamState {
+                        step: step as u64,
+                        exp_avg,
+                        exp_avg_sq,
+                    },
                 );
             }
             Ok(())
@@ -387,6 +418,14 @@ impl AdamW {
     }
 }
 
+/// `t.mul_(s)` as Python runs it for a float `s`: `mul_.Tensor` with `s` as
+/// a CPU 0-dim double tensor. tch's `g_mul_scalar_` calls `mul_.Scalar`,
+/// which on bf16/fp16 rounds differently (checked with torch 2.11: ~15% of
+/// bf16 elements differ by one ulp); fp32 gives the same bits either way.
+fn mul_python_scalar_(t: &mut Tensor, s: f64) {
+    let _ = t.g_mul_(&Tensor::scalar_tensor(s, (Kind::Double, Device::Cpu)));
+}
+
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)` (L2): returns the total
 /// norm of all gradients before clipping, as if they were concatenated, and
 /// scales every gradient by `min(1, max_norm / (total + 1e-6))`.
@@ -403,7 +442,11 @@ impl AdamW {
 /// them to the gradient dtype first.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .collect();
         if grads.is_empty() {
             return 0.0;
         }
@@ -411,7 +454,11 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         let norms: Vec<Tensor> = grads
             .iter()
             .map(|g| {
-                let n = if g.kind() == Kind::Float { g.norm() } else { g.to_kind(Kind::Float).norm() };
+                let n = if g.kind() == Kind::Float {
+                    g.norm()
+                } else {
+                    g.to_kind(Kind::Float).norm()
+                };
                 n.to_device(first_device)
             })
             .collect();
@@ -443,7 +490,9 @@ pub fn applies_weight_decay(name: &str) -> bool {
     }
     // Both regexes anchor on a dot-separated component: one equal to `norm`,
     // or one ending in `_norm`.
-    !lower.split('.').any(|c| c == "norm" || c.ends_with("_norm"))
+    !lower
+        .split('.')
+        .any(|c| c == "norm" || c.ends_with("_norm"))
 }
 
 /// transformers' `Trainer.create_optimizer` grouping: `[decay, no_decay]`,
@@ -464,8 +513,16 @@ pub fn decay_groups(named: Vec<(String, Tensor)>, weight_decay: f64) -> Vec<Para
         }
     }
     vec![
-        ParamGroup { name: "decay".into(), params: decay, weight_decay },
-        ParamGroup { name: "no_decay".into(), params: no_decay, weight_decay: 0.0 },
+        ParamGroup {
+            name: "decay".into(),
+            params: decay,
+            weight_decay,
+        },
+        ParamGroup {
+            name: "no_decay".into(),
+            params: no_decay,
+            weight_decay: 0.0,
+        },
     ]
 }
 
@@ -474,7 +531,9 @@ mod tests {
     use super::*;
 
     fn leaf(values: &[f32], shape: &[i64]) -> Tensor {
-        Tensor::from_slice(values).reshape(shape).set_requires_grad(true)
+        Tensor::from_slice(values)
+            .reshape(shape)
+            .set_requires_grad(true)
     }
 
     /// Gives `t` the gradient `g` through autograd (`(t * g).sum().backward()`).
@@ -516,16 +575,39 @@ mod tests {
     #[test]
     fn decay_groups_split_and_skip_frozen() {
         let named = vec![
-            ("a.lora_A.weight".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)).set_requires_grad(true)),
-            ("a.bias".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)).set_requires_grad(true)),
-            ("frozen.weight".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+            (
+                "a.lora_A.weight".to_string(),
+                Tensor::zeros([2], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            ),
+            (
+                "a.bias".to_string(),
+                Tensor::zeros([2], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            ),
+            (
+                "frozen.weight".to_string(),
+                Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+            ),
         ];
         let groups = decay_groups(named, 0.1);
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].weight_decay, 0.1);
-        assert_eq!(groups[0].params.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a.lora_A.weight"]);
+        assert_eq!(
+            groups[0]
+                .params
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>(),
+            ["a.lora_A.weight"]
+        );
         assert_eq!(groups[1].weight_decay, 0.0);
-        assert_eq!(groups[1].params.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a.bias"]);
+        assert_eq!(
+            groups[1]
+                .params
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>(),
+            ["a.bias"]
+        );
     }
 
     #[test]
@@ -534,7 +616,11 @@ mod tests {
         let p = leaf(&[1.0, -2.0, 3.0], &[3]);
         set_grad(&p, &Tensor::from_slice(&[0.5f32, -0.25, 2.0]));
         let mut opt = AdamW::new(
-            vec![ParamGroup { name: "g".into(), params: vec![("p".into(), p.shallow_clone())], weight_decay: 0.0 }],
+            vec![ParamGroup {
+                name: "g".into(),
+                params: vec![("p".into(), p.shallow_clone())],
+                weight_decay: 0.0,
+            }],
             (0.9, 0.999),
             1e-8,
         );
@@ -552,10 +638,15 @@ mod tests {
         let a = leaf(&[1.0], &[1]);
         let groups = vec![ParamGroup {
             name: "g".into(),
-            params: vec![("x".into(), a.shallow_clone()), ("x".into(), a.shallow_clone())],
+            params: vec![
+                ("x".into(), a.shallow_clone()),
+                ("x".into(), a.shallow_clone()),
+            ],
             weight_decay: 0.0,
         }];
-        assert!(matches!(AdamW::try_new(groups, (0.9, 0.999), 1e-8), Err(OptimError::DuplicateParam(n)) if n == "x"));
+        assert!(
+            matches!(AdamW::try_new(groups, (0.9, 0.999), 1e-8), Err(OptimError::DuplicateParam(n)) if n == "x")
+        );
     }
 
     #[test]
@@ -563,7 +654,11 @@ mod tests {
         let p = leaf(&[0.1, 0.2, 0.3, 0.4], &[2, 2]);
         let g = Tensor::from_slice(&[0.3f32, -0.1, 0.7, 0.05]).reshape([2, 2]);
         let mut opt = AdamW::new(
-            vec![ParamGroup { name: "g".into(), params: vec![("p".into(), p.shallow_clone())], weight_decay: 0.01 }],
+            vec![ParamGroup {
+                name: "g".into(),
+                params: vec![("p".into(), p.shallow_clone())],
+                weight_decay: 0.01,
+            }],
             (0.9, 0.999),
             1e-8,
         );

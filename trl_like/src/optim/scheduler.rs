@@ -48,14 +48,30 @@ enum WsdShape {
 #[derive(Debug, Clone, PartialEq)]
 enum Schedule {
     Linear,
-    Cosine { num_cycles: f64 },
-    CosineWithRestarts { num_cycles: f64 },
-    Polynomial { lr_end: f64, power: f64 },
+    Cosine {
+        num_cycles: f64,
+    },
+    CosineWithRestarts {
+        num_cycles: f64,
+    },
+    Polynomial {
+        lr_end: f64,
+        power: f64,
+    },
     Constant,
     ConstantWithWarmup,
-    InverseSqrt { timescale: i64 },
-    CosineWithMinLr { num_cycles: f64, min_lr_rate: f64 },
-    CosineWarmupWithMinLr { num_cycles: f64, min_lr_rate: f64, warmup_lr_rate: Option<f64> },
+    InverseSqrt {
+        timescale: i64,
+    },
+    CosineWithMinLr {
+        num_cycles: f64,
+        min_lr_rate: f64,
+    },
+    CosineWarmupWithMinLr {
+        num_cycles: f64,
+        min_lr_rate: f64,
+        warmup_lr_rate: Option<f64>,
+    },
     WarmupStableDecay {
         num_stable_steps: i64,
         num_decay_steps: i64,
@@ -115,7 +131,10 @@ struct Kwargs<'a> {
 
 impl<'a> Kwargs<'a> {
     fn err(&self, message: String) -> OptimError {
-        OptimError::SchedulerKwargs { scheduler: self.scheduler.to_string(), message }
+        OptimError::SchedulerKwargs {
+            scheduler: self.scheduler.to_string(),
+            message,
+        }
     }
 
     /// Every key must be a parameter of the schedule function; `last_epoch`
@@ -135,7 +154,11 @@ impl<'a> Kwargs<'a> {
                 }
             }
             if !allowed.contains(&key.as_str()) {
-                let accepted = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
+                let accepted = if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                };
                 return Err(self.err(format!(
                     "unexpected keyword argument `{key}` (accepted: {accepted})"
                 )));
@@ -191,11 +214,14 @@ impl<'a> Kwargs<'a> {
     /// schedules: exactly one of them, `min_lr` taken relative to the base lr.
     fn min_lr_rate(&self, base_lr: f64) -> Result<f64, OptimError> {
         match (self.float("min_lr")?, self.float("min_lr_rate")?) {
-            (Some(_), Some(_)) => Err(self.err("Only one of min_lr or min_lr_rate should be set".into())),
+            (Some(_), Some(_)) => {
+                Err(self.err("Only one of min_lr or min_lr_rate should be set".into()))
+            }
             (Some(min_lr), None) => Ok(min_lr / base_lr),
             (None, Some(rate)) => Ok(rate),
             (None, None) => Err(self.err(
-                "One of min_lr or min_lr_rate should be set through the `lr_scheduler_kwargs`".into(),
+                "One of min_lr or min_lr_rate should be set through the `lr_scheduler_kwargs`"
+                    .into(),
             )),
         }
     }
@@ -239,7 +265,10 @@ impl LrScheduler {
         num_training_steps: usize,
         kwargs: &Map<String, Value>,
     ) -> Result<Self, OptimError> {
-        let kw = Kwargs { scheduler: name, map: kwargs };
+        let kw = Kwargs {
+            scheduler: name,
+            map: kwargs,
+        };
         let warmup = num_warmup_steps as i64;
         let total = num_training_steps as i64;
         let schedule = match name {
@@ -249,11 +278,15 @@ impl LrScheduler {
             }
             "cosine" => {
                 kw.only(&["num_cycles"])?;
-                Schedule::Cosine { num_cycles: kw.float_or("num_cycles", 0.5)? }
+                Schedule::Cosine {
+                    num_cycles: kw.float_or("num_cycles", 0.5)?,
+                }
             }
             "cosine_with_restarts" => {
                 kw.only(&["num_cycles"])?;
-                Schedule::CosineWithRestarts { num_cycles: kw.float_or("num_cycles", 1.0)? }
+                Schedule::CosineWithRestarts {
+                    num_cycles: kw.float_or("num_cycles", 1.0)?,
+                }
             }
             "polynomial" => {
                 kw.only(&["lr_end", "power"])?;
@@ -328,7 +361,11 @@ impl LrScheduler {
                     num_cycles: kw.float_or("num_cycles", 0.5)?,
                 }
             }
-            _ => return Err(OptimError::UnknownScheduler { name: name.to_string() }),
+            _ => {
+                return Err(OptimError::UnknownScheduler {
+                    name: name.to_string(),
+                })
+            }
         };
         Ok(LrScheduler {
             name: name.to_string(),
@@ -404,7 +441,10 @@ impl LrScheduler {
                 if progress >= 1.0 {
                     return 0.0;
                 }
-                py_max(0.0, 0.5 * (1.0 + (PI * py_mod(num_cycles * progress, 1.0)).cos()))
+                py_max(
+                    0.0,
+                    0.5 * (1.0 + (PI * py_mod(num_cycles * progress, 1.0)).cos()),
+                )
             }
             Schedule::Polynomial { lr_end, power } => {
                 let lr_init = self.base_lr;
@@ -434,7 +474,10 @@ impl LrScheduler {
                 let shift = timescale - warmup;
                 1.0 / ((s + shift) as f64 / timescale as f64).sqrt()
             }
-            Schedule::CosineWithMinLr { num_cycles, min_lr_rate } => {
+            Schedule::CosineWithMinLr {
+                num_cycles,
+                min_lr_rate,
+            } => {
                 if s < warmup {
                     return warmup_ratio(s, warmup);
                 }
@@ -443,7 +486,11 @@ impl LrScheduler {
                 let factor = factor * (1.0 - min_lr_rate) + min_lr_rate;
                 py_max(0.0, factor)
             }
-            Schedule::CosineWarmupWithMinLr { num_cycles, min_lr_rate, warmup_lr_rate } => {
+            Schedule::CosineWarmupWithMinLr {
+                num_cycles,
+                min_lr_rate,
+                warmup_lr_rate,
+            } => {
                 // This lambda converts everything to float up front.
                 let (cs, nw, nt) = (s as f64, warmup as f64, total as f64);
                 if cs < nw {
@@ -536,7 +583,10 @@ mod tests {
     fn min_lr_and_wsd() {
         let s = sched("cosine_with_min_lr", json!({"min_lr": 0.1}));
         assert!((s.lr_at(100) - 0.1).abs() < 1e-15);
-        let w = sched("warmup_stable_decay", json!({"num_decay_steps": 20, "decay_type": "linear"}));
+        let w = sched(
+            "warmup_stable_decay",
+            json!({"num_decay_steps": 20, "decay_type": "linear"}),
+        );
         assert_eq!(w.lr_at(50), 1.0);
         assert_eq!(w.lr_at(90), 0.5);
         assert_eq!(w.lr_at(100), 0.0);
@@ -560,7 +610,8 @@ mod tests {
         assert!(matches!(e, OptimError::UnknownScheduler { .. }));
         let e = LrScheduler::new("cosine", 1.0, 0, 10, &kwargs(json!({"power": 2}))).unwrap_err();
         assert!(e.to_string().contains("power"), "{e}");
-        let e = LrScheduler::new("cosine", 1.0, 0, 10, &kwargs(json!({"num_cycles": "x"}))).unwrap_err();
+        let e = LrScheduler::new("cosine", 1.0, 0, 10, &kwargs(json!({"num_cycles": "x"})))
+            .unwrap_err();
         assert!(e.to_string().contains("num_cycles"), "{e}");
         let e = LrScheduler::new("cosine_with_min_lr", 1.0, 0, 10, &Map::new()).unwrap_err();
         assert!(e.to_string().contains("min_lr"), "{e}");

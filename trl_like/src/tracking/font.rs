@@ -147,12 +147,12 @@ fn parse() -> [[u8; ROWS]; 95] {
     let mut lines = SOURCE.lines().filter(|l| !l.is_empty());
     while let Some(header) = lines.next() {
         let chars: Vec<char> = header.strip_prefix('>').expect("font table: group header").chars().collect();
-        for row in 0..ROWS {
-            let line = lines.next().expect("font table: 8 rows per group").as_bytes();
-            for (i, &c) in chars.iter().enumerate() {
+        let rows: Vec<&[u8]> =
+            (0..ROWS).map(|_| lines.next().expect("font table: 8 rows per group").as_bytes()).collect();
+        for (i, &c) in chars.iter().enumerate() {
+            for (bits, line) in table[c as usize - 32].iter_mut().zip(&rows) {
                 let cell = &line[i * ADVANCE..i * ADVANCE + 5];
-                let bits = cell.iter().fold(0u8, |acc, &b| (acc << 1) | u8::from(b == b'#'));
-                table[c as usize - 32][row] = bits;
+                *bits = cell.iter().fold(0u8, |acc, &b| (acc << 1) | u8::from(b == b'#'));
             }
         }
     }

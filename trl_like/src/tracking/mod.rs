@@ -54,8 +54,8 @@ pub enum TrackingError {
     #[error(
         "report_to names \"{name}\", which this trainer cannot log to: it writes \"tensorboard\" \
          (event files in the logging dir) and \"jsonl\" (logging_dir/metrics.jsonl); \"all\" means both \
-         and \"none\" neither. SwanLab, W&B, MLflow and similar tools have no Rust client here, but they \
-         import TensorBoard event files: train with report_to tensorboard, then for SwanLab run \
+         and \"none\" neither. Other trackers have no Rust client here, but SwanLab (like W&B) \
+         imports TensorBoard event files: train with report_to tensorboard, then for SwanLab run \
          `swanlab login` once and `swanlab convert -t tensorboard --tb-log-dir {dir} --tb-types scalar,text` \
          (swanlab releases before the flag was renamed spell it --tb_logdir; see `swanlab convert --help`)",
         dir = .logging_dir.display()

@@ -91,7 +91,7 @@ impl Canvas {
         lo.min(n)..hi.min(n)
     }
 
-    fn text(&mut self, x: f64, y: f64, text: &str, role: TextRole, c: Rgb, anchor: Anchor, vertical: bool) {
+    fn text(&mut self, (x, y): (f64, f64), text: &str, role: TextRole, c: Rgb, anchor: Anchor, vertical: bool) {
         let scale = font_scale(role);
         let width = RasterMetrics.width(text, role);
         let shift = match anchor {
@@ -177,7 +177,7 @@ fn rasterize(scene: &Scene) -> (usize, usize, Vec<u8>) {
                 canvas.disc(*x, *y, *r, *color);
             }
             Shape::Text { x, y, text, role, color, anchor, vertical } => {
-                canvas.text(*x, *y, text, *role, *color, *anchor, *vertical)
+                canvas.text((*x, *y), text, *role, *color, *anchor, *vertical)
             }
         }
     }

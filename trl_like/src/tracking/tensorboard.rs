@@ -259,6 +259,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::manual_rotate)] // spelled as TensorFlow's crc32c.h writes it
     fn mask_matches_tensorflow_formula() {
         let crc = crc32c(b"abc");
         assert_eq!(masked_crc32c(b"abc"), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8));
