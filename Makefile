@@ -26,7 +26,9 @@ $(TORCH_STAMP):
 build: setup
 	$(CARGO) build --release --workspace --all-targets
 
-test: build
+# The tests also run the Python reference (transformers, PEFT, TensorBoard) to
+# check that Python opens what glm4 writes; it installs in a few seconds once.
+test: build $(REF_STAMP)
 	$(CARGO) test --release --workspace
 
 env: build

@@ -233,7 +233,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     }
     let device = runtime::parse_device(&args.device)?;
     let config = GlmConfig::from_pretrained(dir)?;
-    let kind = runtime::parse_dtype(&args.torch_dtype, config.torch_dtype.as_deref(), device)?;
+    let kind = runtime::parse_dtype(&args.torch_dtype, config.checkpoint_dtype(), device)?;
     let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), device)?;
     let mut tokenizer = glm4::load_tokenizer(dir)?;
     if let Some(adapter) = &args.adapter_path {
@@ -384,7 +384,7 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     let dir = &a.model_name_or_path;
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = match a.torch_dtype.as_str() {
-        "auto" => config.torch_dtype.as_deref().and_then(glm4::glm::dtype_from_name).unwrap_or(tch::Kind::Float),
+        "auto" => config.checkpoint_dtype().and_then(glm4::glm::dtype_from_name).unwrap_or(tch::Kind::Float),
         other => glm4::glm::dtype_from_name(other).with_context(|| format!("--torch_dtype {other:?} is not one of auto, bfloat16, float16, float32"))?,
     };
     let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), tch::Device::Cpu)?;

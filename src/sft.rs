@@ -322,7 +322,7 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
         );
     }
     let config = GlmConfig::from_pretrained(&dir)?;
-    let mut kind = runtime::parse_dtype(model_args.dtype.as_str(), config.torch_dtype.as_deref(), device)?;
+    let mut kind = runtime::parse_dtype(model_args.dtype.as_str(), config.checkpoint_dtype(), device)?;
     if device == Device::Cpu && kind != Kind::Float {
         eprintln!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
         kind = Kind::Float;

@@ -90,9 +90,12 @@ pub struct GlmConfig {
     pub bos_token_id: Option<i64>,
     #[serde(default = "d::yes")]
     pub attention_bias: bool,
-    /// `torch_dtype` (transformers 4) or `dtype` (transformers 5) the weights were saved in.
-    #[serde(default, skip_serializing_if = "Option::is_none", alias = "dtype")]
+    /// The dtype the weights were saved in, as transformers 4 spells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// The same, as transformers 5 spells it (either or both may be present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
     #[serde(flatten)]
@@ -214,6 +217,11 @@ impl GlmConfig {
     /// Number of leading head dims that are rotated: `int(head_dim * partial_rotary_factor)`.
     pub fn rotary_dim(&self) -> i64 {
         (self.head_dim as f64 * self.partial_rotary_factor()) as i64
+    }
+
+    /// The checkpoint's dtype name (`dtype`, else `torch_dtype`).
+    pub fn checkpoint_dtype(&self) -> Option<&str> {
+        self.dtype.as_deref().or(self.torch_dtype.as_deref())
     }
 
     pub fn eos_token_ids(&self) -> Vec<i64> {

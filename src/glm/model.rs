@@ -94,7 +94,7 @@ impl GlmForCausalLM {
         let config = GlmConfig::from_pretrained(dir)?;
         let kind = match kind {
             Some(k) => k,
-            None => dtype_from_name(config.torch_dtype.as_deref().unwrap_or("float32")).unwrap_or(Kind::Float),
+            None => dtype_from_name(config.checkpoint_dtype().unwrap_or("float32")).unwrap_or(Kind::Float),
         };
         let mut model = Self::new(config, device, kind);
         load_safetensors(&model.vs, dir)?;

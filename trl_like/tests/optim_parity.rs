@@ -117,6 +117,11 @@ fn values(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.detach().flatten(0, -1)).expect("f32 tensor")
 }
 
+/// Exact (f32 → f64 is lossless), for comparing with long decimal literals.
+fn as_f64(t: &Tensor) -> Vec<f64> {
+    values(t).into_iter().map(f64::from).collect()
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     values(t).iter().map(|x| x.to_bits()).collect()
 }
@@ -485,7 +490,16 @@ fn bf16_params_keep_state_in_their_dtype() {
 /// transformers 5.23 (`get_scheduler(name, AdamW(lr=3e-4), warmup, total,
 /// scheduler_specific_kwargs=kwargs)`, `get_last_lr()[0]` before the
 /// `step`-th `scheduler.step()`, printed with Python's `repr`).
-const EXTRA_SCHEDULES: &[(&str, &str, usize, usize, &[(usize, f64)])] = &[
+/// (name, kwargs as JSON, warmup, total, [(step, lr)]).
+type SpotValues = (
+    &'static str,
+    &'static str,
+    usize,
+    usize,
+    &'static [(usize, f64)],
+);
+
+const EXTRA_SCHEDULES: &[SpotValues] = &[
     (
         "inverse_sqrt",
         r#"{}"#,
@@ -779,7 +793,7 @@ const BF16_GRADS: [[f32; 24]; 4] = [
         0.72, -0.05, 0.61, -0.16, 0.5, -0.27, 0.39, -0.38, 0.28, -0.49,
     ],
 ];
-const BF16_P_FINAL: [f32; 24] = [
+const BF16_P_FINAL: [f64; 24] = [
     -1.296875,
     1.2890625,
     -0.1962890625,
@@ -805,7 +819,7 @@ const BF16_P_FINAL: [f32; 24] = [
     -1.296875,
     1.2890625,
 ];
-const BF16_EXP_AVG_SQ_FINAL: [f32; 24] = [
+const BF16_EXP_AVG_SQ_FINAL: [f64; 24] = [
     0.004547119140625,
     0.04150390625,
     0.037109375,
@@ -844,9 +858,9 @@ fn adamw_bf16_matches_torch_bit_for_bit() {
         opt.step(2e-3);
     }
     assert_eq!(p.kind(), Kind::BFloat16);
-    assert_eq!(values(&p.to_kind(Kind::Float)), BF16_P_FINAL);
+    assert_eq!(as_f64(&p.to_kind(Kind::Float)), BF16_P_FINAL);
     let sd = opt.state_dict();
     assert_eq!(sd[1].0, "p.exp_avg_sq");
     assert_eq!(sd[1].1.kind(), Kind::BFloat16);
-    assert_eq!(values(&sd[1].1.to_kind(Kind::Float)), BF16_EXP_AVG_SQ_FINAL);
+    assert_eq!(as_f64(&sd[1].1.to_kind(Kind::Float)), BF16_EXP_AVG_SQ_FINAL);
 }

@@ -97,7 +97,7 @@ impl AdamW {
         eps: f64,
     ) -> Result<Self, OptimError> {
         let invalid = OptimError::InvalidHyperparameter;
-        if !(eps >= 0.0) {
+        if eps.is_nan() || eps < 0.0 {
             return Err(invalid(format!("Invalid epsilon value: {eps}")));
         }
         if !(0.0..1.0).contains(&betas.0) {
@@ -114,7 +114,7 @@ impl AdamW {
         }
         let mut seen = HashSet::new();
         for group in &groups {
-            if !(group.weight_decay >= 0.0) {
+            if group.weight_decay.is_nan() || group.weight_decay < 0.0 {
                 return Err(invalid(format!(
                     "Invalid weight_decay value: {} (group `{}`)",
                     group.weight_decay, group.name

@@ -1,13 +1,13 @@
 //! Optimisation building blocks mirroring PyTorch and transformers.
 //!
-//! * [`AdamW`]: `torch.optim.AdamW` (single-tensor path, `amsgrad=False`,
+//! * [`AdamW`] mirrors `torch.optim.AdamW` (single-tensor path, `amsgrad=False`,
 //!   `maximize=False`) over plain tch tensors, with a readable and
-//!   checkpointable state (tch's own `nn::AdamW` state cannot be read).
-//! * [`clip_grad_norm`]: `torch.nn.utils.clip_grad_norm_`.
-//! * [`decay_groups`]: `Trainer.get_decay_parameter_names` + the two parameter
-//!   groups of `Trainer.create_optimizer`.
-//! * [`LrScheduler`]: the `LambdaLR` schedules of transformers'
-//!   `optimization.py` (`get_scheduler`), as a pure function of the step.
+//!   checkpointable state (tch's own `nn::AdamW` state cannot be read);
+//! * [`clip_grad_norm`] mirrors `torch.nn.utils.clip_grad_norm_`;
+//! * [`decay_groups`] mirrors `Trainer.get_decay_parameter_names` and the two
+//!   parameter groups of `Trainer.create_optimizer`;
+//! * [`LrScheduler`] gives the `LambdaLR` schedules of transformers'
+//!   `optimization.py` (`get_scheduler`) as a pure function of the step.
 
 mod adamw;
 mod scheduler;

@@ -292,7 +292,7 @@ impl LrScheduler {
                 kw.only(&["lr_end", "power"])?;
                 let lr_end = kw.float_or("lr_end", 1e-7)?;
                 let power = kw.float_or("power", 1.0)?;
-                if !(base_lr > lr_end) {
+                if base_lr.is_nan() || lr_end >= base_lr {
                     return Err(kw.err(format!(
                         "lr_end ({lr_end}) must be smaller than initial lr ({base_lr})"
                     )));

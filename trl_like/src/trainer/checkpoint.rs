@@ -97,6 +97,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             let extra = serde_json::to_string_pretty(&self.loop_state).expect("json");
             std::fs::write(tmp_dir.join(LOOP_FILE), extra).map_err(io_err(&tmp_dir))?;
         }
+        super::crash_point("TRL_LIKE_CRASH_DURING_SAVE", step);
         let args = serde_json::to_string_pretty(&self.args).expect("json");
         std::fs::write(tmp_dir.join(ARGS_FILE), args).map_err(io_err(&tmp_dir))?;
         // The state file goes last: its presence marks a complete checkpoint.

@@ -427,6 +427,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 self.training_step(window, epoch, window_idx, batches.len(), &scheduler)?;
                 self.fire(Event::StepEnd, Payload::None);
                 self.maybe_log_save_evaluate(&output_dir)?;
+                crash_point("TRL_LIKE_CRASH_AFTER_STEP", self.state.global_step);
                 if self.control.should_epoch_stop || self.control.should_training_stop {
                     break;
                 }
@@ -549,6 +550,16 @@ enum Payload<'a> {
     Logs(&'a Map<String, Value>),
     Metrics(&'a Map<String, Value>),
     Checkpoint(&'a Path),
+}
+
+/// Fault injection for the crash/resume tests: when the environment variable
+/// `var` equals `step`, the process dies on the spot (`abort`, no cleanup — as
+/// close to `kill -9` as a process can do to itself, and deterministic).
+pub(crate) fn crash_point(var: &str, step: usize) {
+    if std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
+        eprintln!("{var}={step}: aborting on purpose");
+        std::process::abort();
+    }
 }
 
 fn round(x: f64, digits: i32) -> f64 {

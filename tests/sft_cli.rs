@@ -1,0 +1,220 @@
+//! `glm4 sft`, `glm4 preview` and `glm4 merge` end to end on the tiny model:
+//! outputs in the formats Python opens, checkpoint rotation, exact resume after
+//! a crash, and the data pipeline against TRL's own tokenization.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::Tensor;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn glm4(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm4"));
+    cmd.args(args).current_dir(root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("glm4 runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "glm4 failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("glm4-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+/// The project's Python reference (transformers + PEFT in .venv), when installed.
+fn python() -> Option<PathBuf> {
+    let py = root().join(".venv/bin/python");
+    let ok = Command::new(&py).args(["-c", "import transformers, peft"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: .venv has no transformers/peft (run `make test`, which installs them)");
+    }
+    ok.then_some(py)
+}
+
+fn py_json(py: &Path, args: &[&str]) -> Value {
+    let out = Command::new(py).arg(root().join("scripts/check_interop.py")).args(args).current_dir(root()).output().unwrap();
+    assert!(out.status.success(), "check_interop.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+/// Common flags: the tiny model and the project's demo data, a short run.
+fn sft_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "sft", "--model_name_or_path", "weights/tiny-glm", "--data_files", "data/demo_alpaca.json",
+        "--output_dir", out, "--per_device_train_batch_size", "4", "--max_length", "64",
+        "--learning_rate", "5e-3", "--logging_steps", "1", "--eval_strategy", "no", "--disable_tqdm", "true",
+        "--predict_max_new_tokens", "6", "--bf16", "false",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn state(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+fn adapter(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn sft_writes_python_compatible_outputs_and_rotates_checkpoints() {
+    let out = tmp("sft");
+    let o = out.to_str().unwrap();
+    ok(&glm4(&sft_args(o, &["--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2", "--report_to", "all"]), &[]));
+    // Rotation keeps the two newest checkpoints.
+    let mut ckpts: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    ckpts.sort();
+    assert_eq!(ckpts, ["checkpoint-4", "checkpoint-6"]);
+    for f in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "trainer_state.json", "training_curves.svg"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let st = state(&out);
+    assert_eq!(st["global_step"], 6);
+    assert_eq!(st["max_steps"], 6);
+    let history = st["log_history"].as_array().unwrap();
+    assert_eq!(history.iter().filter(|e| e.get("loss").is_some()).count(), 6);
+    assert!(history.last().unwrap().get("train_runtime").is_some());
+    // Three saves, two questions each.
+    let predictions = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    assert_eq!(predictions.lines().count(), 6);
+    let runs = out.join("runs");
+    assert!(runs.join("metrics.jsonl").is_file());
+    assert!(std::fs::read_dir(&runs).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents")));
+
+    // Python opens the adapter (no missing/unexpected keys) and generates what we generate.
+    let ours = glm4(&["generate", "--model_name_or_path", "weights/tiny-glm", "--adapter_path", o, "--prompt", "你好", "--max_new_tokens", "8", "--json"], &[]);
+    let ours: Value = serde_json::from_str(ok(&ours).trim()).unwrap();
+    if let Some(py) = python() {
+        let theirs = py_json(&py, &["peft", "weights/tiny-glm", o, "你好", "8"]);
+        assert_eq!(theirs["missing"], serde_json::json!([]));
+        assert_eq!(theirs["unexpected"], serde_json::json!([]));
+        assert_eq!(theirs["ids"], ours["generated_ids"], "PEFT's greedy ids differ from glm4 generate --adapter_path");
+        let st = py_json(&py, &["state", out.join("trainer_state.json").to_str().unwrap()]);
+        assert_eq!(st["global_step"], 6);
+    }
+
+    // merge: a plain checkpoint that generates like base + adapter, here and in transformers.
+    let merged = tmp("merged");
+    let m = merged.to_str().unwrap();
+    ok(&glm4(&["merge", "--model_name_or_path", "weights/tiny-glm", "--adapter_path", o, "--output_dir", m], &[]));
+    let from_merged = glm4(&["generate", "--model_name_or_path", m, "--prompt", "你好", "--max_new_tokens", "8", "--json"], &[]);
+    let from_merged: Value = serde_json::from_str(ok(&from_merged).trim()).unwrap();
+    assert_eq!(from_merged["generated_ids"], ours["generated_ids"]);
+    if let Some(py) = python() {
+        let theirs = py_json(&py, &["hf", m, "你好", "8"]);
+        assert_eq!(theirs["ids"], ours["generated_ids"], "transformers' greedy ids on the merged model differ");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&merged);
+}
+
+/// Losses and weights of a run that crashed and resumed equal an uninterrupted run.
+fn resumed_equals_uninterrupted(name: &str, crash_var: &str, crash_step: &str) {
+    let extra = ["--max_steps", "8", "--save_steps", "2", "--lora_dropout", "0.1", "--no_predict"];
+    let straight = tmp(&format!("{name}-straight"));
+    ok(&glm4(&sft_args(straight.to_str().unwrap(), &extra), &[]));
+
+    let crashed = tmp(&format!("{name}-crashed"));
+    let c = crashed.to_str().unwrap();
+    let died = glm4(&sft_args(c, &extra), &[(crash_var, crash_step)]);
+    assert!(!died.status.success(), "the injected crash did not happen");
+    assert!(!crashed.join("trainer_state.json").exists(), "a crashed run must not look finished");
+    let resumed = glm4(&sft_args(c, &extra), &[]);
+    let log = String::from_utf8_lossy(&resumed.stderr).into_owned();
+    ok(&resumed);
+    assert!(log.contains("resuming from"), "{log}");
+
+    let numeric = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+    let (a, b) = (state(&straight), state(&crashed));
+    let (ha, hb) = (a["log_history"].as_array().unwrap(), b["log_history"].as_array().unwrap());
+    assert_eq!(ha.len(), hb.len());
+    for (ea, eb) in ha.iter().zip(hb) {
+        for k in ["loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "entropy", "mean_token_accuracy", "train_loss"] {
+            assert_eq!(numeric(ea, k), numeric(eb, k), "{name}: {k} differs at step {}", ea["step"]);
+        }
+    }
+    for ((na, ta), (nb, tb)) in adapter(&straight).iter().zip(adapter(&crashed).iter()) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{name}: adapter tensor {na} differs after resume");
+    }
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&crashed);
+}
+
+#[test]
+fn resume_after_crash_mid_run_is_exact() {
+    resumed_equals_uninterrupted("midrun", "TRL_LIKE_CRASH_AFTER_STEP", "5");
+}
+
+#[test]
+fn resume_after_crash_mid_save_is_exact() {
+    resumed_equals_uninterrupted("midsave", "TRL_LIKE_CRASH_DURING_SAVE", "6");
+}
+
+#[test]
+fn non_empty_output_dir_without_checkpoints_is_refused() {
+    let out = tmp("nonempty");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let res = glm4(&sft_args(out.to_str().unwrap(), &["--max_steps", "1"]), &[]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("not empty") && err.contains("--overwrite_output_dir"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `glm4 preview --json` tokenizes like TRL 1.16, except that TRL prefixes the
+/// already-templated text with `[gMASK]<sop>` a second time, which we don't.
+#[test]
+fn preview_matches_trl_tokenization() {
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/trainer/dataset.json")).unwrap()).unwrap();
+    for case in fx["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let file = case["data_file"].as_str().unwrap();
+        let max_length = case["max_length"].to_string();
+        let records = case["records"].as_array().unwrap();
+        let n = records.len().to_string();
+        let out = glm4(&["preview", "--model_name_or_path", "weights/tiny-glm", "--data_files", file,
+            "--max_length", &max_length, "--num_examples", &n, "--json"], &[]);
+        let text = ok(&out);
+        let ours: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(ours.len(), records.len(), "{name}");
+        for (i, (o, t)) in ours.iter().zip(records).enumerate() {
+            let trl: Vec<i64> = serde_json::from_value(t["input_ids"].clone()).unwrap();
+            let mine: Vec<i64> = serde_json::from_value(o["input_ids"].clone()).unwrap();
+            assert_eq!(&trl[..2], &trl[2..4], "{name}[{i}]: TRL's double prefix is expected");
+            let trl_once = &trl[2..];
+            let untruncated = t["untruncated_len"].as_u64().unwrap() as usize - 2;
+            let max = case["max_length"].as_u64().unwrap() as usize;
+            if untruncated <= max {
+                assert_eq!(mine, trl_once, "{name}[{i}]");
+            } else {
+                // Both keep the start; our sequence has room for two more tokens.
+                assert_eq!(mine.len(), max);
+                assert_eq!(&mine[..trl_once.len()], trl_once, "{name}[{i}]");
+            }
+            assert_eq!(o["labels"], o["input_ids"], "{name}[{i}]: loss on every token, as TRL");
+            let trl_text = t["text"].as_str().unwrap();
+            assert_eq!(o["text"].as_str().unwrap(), format!("{trl_text}<|endoftext|>"), "{name}[{i}]: text plus eos");
+        }
+    }
+}
