@@ -101,8 +101,16 @@ impl TrainerCallback for DefaultFlowCallback {
         }
         if step >= state.max_steps {
             control.should_training_stop = true;
-            // transformers saves at the very end whatever the interval, unless saving is off.
-            if args.save_strategy != SaveStrategy::No && args.save_strategy != SaveStrategy::Best {
+            // transformers 5 also evaluates at the very end when that step was not
+            // an evaluation step already, and saves at the end with a steps strategy.
+            if args.eval_strategy == IntervalStrategy::Steps
+                && state.eval_steps > 0
+                && step % state.eval_steps != 0
+                && args.eval_delay <= step as f64
+            {
+                control.should_evaluate = true;
+            }
+            if args.save_strategy == SaveStrategy::Steps {
                 control.should_save = true;
             }
         }
