@@ -206,8 +206,8 @@ impl AdamW {
 
                     if wd != 0.0 {
                         // `param.mul_(1 - lr * weight_decay)`: the factor is
-                        // formed in f64 (Python float) and rounded to the
-                        // parameter dtype by the kernel, as in torch.
+                        // formed in f64 (a Python float) and handed to the
+                        // kernel the way Python hands it (see mul_python_scalar_).
                         mul_python_scalar_(&mut p, 1.0 - lr * wd);
                     }
 

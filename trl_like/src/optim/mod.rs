@@ -12,7 +12,7 @@
 mod adamw;
 mod scheduler;
 
-pub use adamw::{clip_grad_norm, decay_groups, AdamW, ParamGroup};
+pub use adamw::{applies_weight_decay, clip_grad_norm, decay_groups, AdamW, ParamGroup};
 pub use scheduler::{LrScheduler, SCHEDULER_NAMES};
 
 /// Errors of the optimiser, its state files and the learning-rate schedulers.
