@@ -218,3 +218,47 @@ fn preview_matches_trl_tokenization() {
         }
     }
 }
+
+/// `--use_peft false` trains every weight and saves a transformers checkpoint.
+#[test]
+fn full_fine_tuning_saves_a_transformers_checkpoint() {
+    let out = tmp("fullft");
+    let o = out.to_str().unwrap();
+    ok(&glm4(&sft_args(o, &["--use_peft", "false", "--max_steps", "2", "--save_strategy", "no", "--learning_rate", "1e-3", "--no_predict"]), &[]));
+    assert!(out.join("model.safetensors").is_file() && out.join("config.json").is_file());
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let trained = Tensor::read_safetensors(out.join("model.safetensors")).unwrap();
+    let base: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(root().join("weights/tiny-glm/model.safetensors")).unwrap().into_iter().collect();
+    assert_eq!(trained.len(), base.len(), "every HF parameter is saved under its HF name");
+    let changed = trained.iter().filter(|(n, t)| !t.equal(&base[n])).count();
+    assert!(changed > trained.len() / 2, "full fine-tuning must update the base weights ({changed} changed)");
+    let ours = glm4(&["generate", "--model_name_or_path", o, "--prompt", "你好", "--max_new_tokens", "6", "--json"], &[]);
+    let ours: Value = serde_json::from_str(ok(&ours).trim()).unwrap();
+    if let Some(py) = python() {
+        let theirs = py_json(&py, &["hf", o, "你好", "6"]);
+        assert_eq!(theirs["ids"], ours["generated_ids"]);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `load_best_model_at_end` ends with the weights of the best evaluation, which
+/// rotation never deletes.
+#[test]
+fn load_best_model_at_end_keeps_and_restores_the_best_checkpoint() {
+    let out = tmp("best");
+    let o = out.to_str().unwrap();
+    ok(&glm4(&sft_args(o, &["--max_steps", "8", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+        "--load_best_model_at_end", "true", "--save_total_limit", "1", "--learning_rate", "5e-2", "--no_predict"]), &[]));
+    let st = state(&out);
+    let best = st["best_model_checkpoint"].as_str().expect("a best checkpoint is recorded");
+    let evals: Vec<f64> = st["log_history"].as_array().unwrap().iter().filter_map(|e| e["eval_loss"].as_f64()).collect();
+    let min = evals.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(st["best_metric"].as_f64(), Some(min));
+    assert!(Path::new(best).is_dir(), "rotation must keep the best checkpoint {best}");
+    for ((na, ta), (nb, tb)) in adapter(&out).iter().zip(adapter(Path::new(best)).iter()) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "the final adapter must be the best checkpoint's");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -156,23 +156,34 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         Ok(())
     }
 
-    /// Restores weights, optimizer, state and loop counters from `dir`.
-    pub(super) fn load_checkpoint(&mut self, dir: &Path, optimizer: &mut AdamW) -> Result<(), TrainerError> {
+    /// Copies the trained weights (adapter, or full model) of checkpoint `dir` into the parameters.
+    pub(super) fn load_weights(&mut self, dir: &Path) -> Result<(), TrainerError> {
         let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
-        let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE)).map_err(TrainerError::Checkpoint)?;
-        if !dir.join(OPTIMIZER_FILE).is_file() {
-            return Err(ckpt("holds only model weights (save_only_model), so training cannot resume from it".into()));
-        }
-        // Adapter or full weights into the existing variables.
-        let weights = match &self.peft {
-            Some(_) => dir.join("adapter_model.safetensors"),
-            None => dir.join(FULL_WEIGHTS_DIR).join("model.safetensors"),
+        let files: Vec<PathBuf> = match &self.peft {
+            Some(_) => vec![dir.join("adapter_model.safetensors")],
+            None => {
+                let index = dir.join(FULL_WEIGHTS_DIR).join("model.safetensors.index.json");
+                if index.is_file() {
+                    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+                        .map_err(io_err(dir))?
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                        .collect();
+                    shards.sort();
+                    shards
+                } else {
+                    vec![dir.join(FULL_WEIGHTS_DIR).join("model.safetensors")]
+                }
+            }
         };
-        let tensors = tch::Tensor::read_safetensors(&weights).map_err(|e| ckpt(format!("cannot read {}: {e}", weights.display())))?;
-        let by_name: std::collections::HashMap<String, tch::Tensor> = tensors.into_iter().collect();
+        let mut by_name = std::collections::HashMap::new();
+        for f in &files {
+            let tensors = tch::Tensor::read_safetensors(f).map_err(|e| ckpt(format!("cannot read {}: {e}", f.display())))?;
+            by_name.extend(tensors);
+        }
         tch::no_grad(|| -> Result<(), TrainerError> {
             for (name, param) in &self.params {
-                let src = by_name.get(name).ok_or_else(|| ckpt(format!("tensor {name} is missing from {}", weights.display())))?;
+                let src = by_name.get(name).ok_or_else(|| ckpt(format!("tensor {name} is missing")))?;
                 if src.size() != param.size() {
                     return Err(ckpt(format!("tensor {name} has shape {:?}, expected {:?}", src.size(), param.size())));
                 }
@@ -180,7 +191,17 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 p.copy_(src);
             }
             Ok(())
-        })?;
+        })
+    }
+
+    /// Restores weights, optimizer, state and loop counters from `dir`.
+    pub(super) fn load_checkpoint(&mut self, dir: &Path, optimizer: &mut AdamW) -> Result<(), TrainerError> {
+        let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
+        let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE)).map_err(TrainerError::Checkpoint)?;
+        if !dir.join(OPTIMIZER_FILE).is_file() {
+            return Err(ckpt("holds only model weights (save_only_model), so training cannot resume from it".into()));
+        }
+        self.load_weights(dir)?;
         optimizer.load(&dir.join(OPTIMIZER_FILE))?;
         if let Ok(text) = std::fs::read_to_string(dir.join(LOOP_FILE)) {
             self.loop_state = serde_json::from_str::<LoopState>(&text).map_err(|e| ckpt(format!("{LOOP_FILE}: {e}")))?;

@@ -439,6 +439,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             }
         }
 
+        if self.args.load_best_model_at_end {
+            if let Some(best) = self.state.best_model_checkpoint.clone() {
+                eprintln!("loading the best checkpoint {best} (metric {:?})", self.state.best_metric);
+                self.load_weights(Path::new(&best))?;
+            }
+        }
         let runtime = start.elapsed().as_secs_f64();
         let steps = (self.state.global_step - start_step) as f64;
         let samples = steps * (self.args.per_device_train_batch_size * ga) as f64;
@@ -457,8 +463,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
             .map_err(io_err(&output_dir))?;
         let history: Vec<Value> = self.state.log_history.iter().cloned().map(Value::Object).collect();
-        let plot = output_dir.join("training_curves.svg");
-        plot_training_curves(&history, &plot).map_err(io_err(&plot))?;
+        for name in ["training_curves.svg", "training_curves.png"] {
+            let plot = output_dir.join(name);
+            plot_training_curves(&history, &plot).map_err(io_err(&plot))?;
+        }
         for t in &mut self.trackers {
             let _ = t.flush();
         }
