@@ -14,7 +14,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release/glm4
 
-.PHONY: setup build test fixtures env clean-venv
+.PHONY: setup build test fixtures env clean-venv train demo chat toolcall
+
+# make train CONFIG=configs/lora_alpaca_b4.yaml ARGS="--learning_rate 1e-4 --max_steps 600"
+CONFIG ?= configs/tutorial.yaml
+ARGS ?=
+MODEL ?= ./weights/glm-4-9b-hf
+ADAPTER ?= ./output/lora-glm4-9b-alpaca
+DATA ?=
 
 setup: $(TORCH_STAMP)
 
@@ -33,6 +40,24 @@ test: build $(REF_STAMP)
 
 env: build
 	$(BIN) env
+
+# The tutorial: LoRA on GLM-4-9B with the Chinese Alpaca-GPT4 data (downloads what is missing; needs CUDA).
+train: build
+	$(BIN) sft --config $(CONFIG) $(ARGS)
+
+# The same pipeline offline on CPU: the embedded tiny GLM-4 learns the project's demo data.
+demo: build
+	$(BIN) sft --config configs/demo.yaml --overwrite_output_dir true --predict_max_new_tokens 32 $(ARGS)
+
+# Chat with the base model plus the trained adapter (the tutorial's chat_cli.py).
+chat: build
+	$(BIN) chat --model_name_or_path $(MODEL) --adapter_path $(ADAPTER) $(ARGS)
+
+# The tool-call variant (toolcall_train.py): glaive conversations with tools, 10 epochs, 128 tokens.
+toolcall: build
+	$(BIN) sft --config configs/toolcall.yaml --predict_max_new_tokens 128 \
+		--predict_prompt "你叫什么名字？" --predict_prompt "告诉我北京的天气怎么样？" \
+		--predict_tools configs/toolcall_predict_tools.json $(if $(DATA),--data_files $(DATA)) $(ARGS)
 
 # Regenerates the tiny models and the transformers fixtures (needs PyPI).
 $(REF_STAMP): scripts/requirements-ref.txt $(TORCH_STAMP)

@@ -330,11 +330,100 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
     Ok(GlmForCausalLM::from_pretrained(&dir, Some(kind), device)?)
 }
 
+/// Where the tutorial's files come from when they are missing.
+const TUTORIAL_MODEL: (&str, &str) = ("./weights/glm-4-9b-hf", "THUDM/glm-4-9b-hf");
+const TUTORIAL_DATA: (&str, &str) = ("./data/alpaca_gpt4_data_zh.json", "llamafactory/alpaca_gpt4_zh");
+const TOOLCALL_DATA: (&str, &str) = ("./data/glaive_toolcall_zh_1k.json", "llamafactory/glaive_toolcall_zh");
+
+/// Models above this size are not trained on a CPU.
+const CPU_PARAMETER_LIMIT: i64 = 1_000_000_000;
+
+/// Refuses to start a multi-billion-parameter run without CUDA, before anything
+/// is downloaded or loaded.
+fn check_device_fits(model_dir: &Path, device: Device) -> Result<()> {
+    if device != Device::Cpu {
+        return Ok(());
+    }
+    let params = match GlmConfig::from_pretrained(model_dir) {
+        Ok(cfg) => cfg.num_parameters(),
+        // Not downloaded yet: the tutorial's default is GLM-4-9B.
+        Err(_) if same_path(model_dir, TUTORIAL_MODEL.0) => GlmConfig::glm4_9b().num_parameters(),
+        Err(_) => return Ok(()),
+    };
+    if params > CPU_PARAMETER_LIMIT {
+        bail!(
+            "{} has {:.1}B parameters and there is no CUDA device here (see `glm4 env`): fine-tuning GLM-4-9B \
+             needs an NVIDIA GPU with about 24 GB of memory (LoRA, bf16). To see the whole pipeline run on this \
+             machine, try `make demo` (the embedded tiny GLM-4 on CPU, a few minutes).",
+            model_dir.display(),
+            params as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+fn same_path(a: &Path, b: &str) -> bool {
+    let norm = |p: &Path| p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect::<PathBuf>();
+    norm(a) == norm(Path::new(b))
+}
+
+/// Downloads the tutorial's model or data when the default path is missing,
+/// as the tutorial's README tells its readers to.
+fn fetch_tutorial_files(setup: &SftSetup) -> Result<()> {
+    let model_dir = PathBuf::from(setup.model_args.model_name_or_path.clone().unwrap_or_default());
+    if !model_dir.exists() && same_path(&model_dir, TUTORIAL_MODEL.0) {
+        eprintln!("{} is missing; downloading {}", model_dir.display(), TUTORIAL_MODEL.1);
+        trl_like::hub::snapshot_download(&trl_like::hub::SnapshotRequest {
+            repo_id: TUTORIAL_MODEL.1.into(),
+            repo_type: "model".into(),
+            revision: None,
+            local_dir: model_dir,
+            allow_suffixes: vec![],
+            token: None,
+        })?;
+    }
+    for file in &setup.data_args.data_files {
+        for (default, repo) in [TUTORIAL_DATA, TOOLCALL_DATA] {
+            let path = PathBuf::from(file);
+            if !path.exists() && same_path(&path, default) {
+                download_data_file(repo, &path)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fetches a dataset repository and writes its records as one JSON array at `target`.
+fn download_data_file(repo: &str, target: &Path) -> Result<()> {
+    eprintln!("{} is missing; downloading the dataset {repo}", target.display());
+    let cache = PathBuf::from("data").join(format!(".{}", repo.replace('/', "__")));
+    trl_like::hub::snapshot_download(&trl_like::hub::SnapshotRequest {
+        repo_id: repo.into(),
+        repo_type: "dataset".into(),
+        revision: None,
+        local_dir: cache.clone(),
+        allow_suffixes: vec![".json".into(), ".jsonl".into()],
+        token: None,
+    })?;
+    let mut files = walk_json(&cache);
+    files.sort();
+    let ds = Dataset::from_json_files(&files)?;
+    let records: Vec<&Value> = ds.records.iter().map(|r| &r.value).collect();
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(target, serde_json::to_string_pretty(&records)?)?;
+    eprintln!("wrote {} records to {}", records.len(), target.display());
+    Ok(())
+}
+
 /// `glm4 sft`: the tutorial's `main(model_args, data_args, training_args)`.
 pub fn run_sft(raw: &[String]) -> Result<()> {
     let Some(setup) = parse(raw)? else { return Ok(()) };
     let device = pick_device(&setup)?;
     let model_dir = PathBuf::from(setup.model_args.model_name_or_path.clone().unwrap_or_default());
+    check_device_fits(&model_dir, device)?;
+    fetch_tutorial_files(&setup)?;
     let tokenizer = crate::load_tokenizer(&model_dir)?;
     let raw_data = load_data(&setup.data_args)?;
     let seed = setup.args.seed;

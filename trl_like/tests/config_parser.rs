@@ -1034,9 +1034,20 @@ fn every_yaml_in_configs_parses() {
         );
         let (m, d, s) = parse(&["--config", p.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e}"));
         let name = p.file_stem().unwrap().to_str().unwrap();
+        assert_eq!(m.lora_r, 8, "{name}");
+        if name == "toolcall" {
+            // toolcall_train.py: its own data, 10 epochs, 128 tokens, eval/save every 20 %.
+            assert_eq!(d.data_files, ["./data/glaive_toolcall_zh_1k.json"]);
+            assert_eq!(d.dataset_format.as_str(), "sharegpt");
+            assert_eq!(d.test_size, 0.1);
+            assert_eq!(s.num_train_epochs, 10.0);
+            assert_eq!(s.max_length, Some(128));
+            assert_eq!((s.eval_steps, s.save_steps), (Some(0.2), 0.2));
+            assert_eq!(s.output_dir, "./output/lora-glm4-9b-toolcall");
+            continue;
+        }
         // Settings no file changes stay at the tutorial's values.
         assert_eq!(d.data_files, ["./data/alpaca_gpt4_data_zh.json"], "{name}");
-        assert_eq!(m.lora_r, 8, "{name}");
         assert_eq!(s.max_length, Some(512), "{name}");
         match name {
             "lora_alpaca_b1" | "lora_alpaca_b2" | "lora_alpaca_b4" | "lora_alpaca_b8" => {
