@@ -260,6 +260,35 @@ fn walk_json(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Converts every record once up front: a bad record stops the run with its file,
+/// index and field — or, with `--skip_bad_records`, is left out and counted.
+pub fn check_records(data: Dataset, setup: &SftSetup) -> Result<Dataset> {
+    let Some(first) = data.records.first() else { return Ok(data) };
+    let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str()).map_err(anyhow::Error::msg)?.resolve(first)?;
+    let total = data.len();
+    let mut kept = Vec::with_capacity(total);
+    let mut skipped = 0usize;
+    for record in data.records {
+        match trl_like::data::formats::to_example(&record, format, &setup.args.dataset_text_field) {
+            Ok(_) => kept.push(record),
+            Err(e) if setup.data_args.skip_bad_records => {
+                if skipped < 5 {
+                    eprintln!("warning: skipping {e}");
+                }
+                skipped += 1;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("bad record (pass --skip_bad_records true to skip such records)")),
+        }
+    }
+    if skipped > 0 {
+        eprintln!("skipped {skipped} of {total} records that do not fit the {} format", format.name());
+    }
+    if kept.is_empty() {
+        bail!("no usable records: all {total} were skipped");
+    }
+    Ok(Dataset { records: kept })
+}
+
 /// The LoRA config TRL's `get_peft_config(model_args)` builds.
 pub fn peft_config(model: &ModelConfig) -> Result<Option<LoraConfig>> {
     if !model.use_peft {
@@ -426,6 +455,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     fetch_tutorial_files(&setup)?;
     let tokenizer = crate::load_tokenizer(&model_dir)?;
     let raw_data = load_data(&setup.data_args)?;
+    let raw_data = check_records(raw_data, &setup)?;
     let seed = setup.args.seed;
     let (train, test) = raw_data.train_test_split(setup.data_args.test_size, seed)?;
     let eval = (setup.args.eval_strategy != IntervalStrategy::No && !test.is_empty()).then_some(&test);

@@ -262,3 +262,40 @@ fn load_best_model_at_end_keeps_and_restores_the_best_checkpoint() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A bad record stops training with its file, index and field; `--skip_bad_records` leaves it out and counts it.
+#[test]
+fn bad_records_fail_clearly_or_are_skipped_and_counted() {
+    let dir = tmp("baddata");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data.json");
+    let mut records: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(root().join("data/demo_alpaca.json")).unwrap()).unwrap();
+    records[3].as_object_mut().unwrap().remove("output");
+    std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
+    let out = dir.join("out");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = sft_args(o, &["--max_steps", "1", "--no_predict", "--save_strategy", "no"]);
+    let pos = args.iter().position(|a| *a == "data/demo_alpaca.json").unwrap();
+    args[pos] = d;
+    let res = glm4(&args, &[]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("data.json record 3") && err.contains("\"output\""), "{err}");
+    args.extend_from_slice(&["--skip_bad_records", "true"]);
+    let res = glm4(&args, &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("skipped 1 of 80 records"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Human-readable preview: text, token counts, and a length summary.
+#[test]
+fn preview_shows_text_tokens_and_statistics() {
+    let out = ok(&glm4(&["preview", "--model_name_or_path", "weights/tiny-glm", "--data_files", "data/demo_alpaca.json", "--num_examples", "2"], &[]));
+    assert!(out.contains("dataset format: alpaca"), "{out}");
+    assert!(out.contains("record 0:") && out.contains("record 1:") && !out.contains("record 2:"), "{out}");
+    assert!(out.contains("<|user|>\n你好，告诉我你的名字。<|assistant|>"), "{out}");
+    assert!(out.contains("80 records; tokens min"), "{out}");
+}
