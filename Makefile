@@ -67,6 +67,10 @@ $(REF_STAMP): scripts/requirements-ref.txt $(TORCH_STAMP)
 fixtures: $(REF_STAMP)
 	$(PYTHON) scripts/make_tiny_models.py
 	$(PYTHON) scripts/make_fixtures.py
+	$(PYTHON) scripts/make_generation_fixtures.py
+	$(PYTHON) scripts/make_demo_data.py
+	$(PYTHON) scripts/make_trainer_fixtures.py
+	$(PYTHON) scripts/make_callback_fixture.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -78,3 +78,34 @@ fn custom_callback_example_stops_training() {
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(stdout.contains("stopping") && stdout.contains("eval_loss"), "{stdout}");
 }
+
+/// `make toolcall` on the tiny model: the glaive conversations with tools train,
+/// and the callback asks the tool question with the tools on a system message.
+#[test]
+fn toolcall_variant_runs_with_its_prompts() {
+    let data = root().join("../shared/data/glaive_toolcall_zh_demo.json");
+    if !data.exists() {
+        eprintln!("SKIP: {} not present", data.display());
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("glm4-toolcall-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let res = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(["sft", "--config", "configs/toolcall.yaml", "--model_name_or_path", "weights/tiny-glm",
+            "--data_files", data.to_str().unwrap(), "--output_dir", out.to_str().unwrap(), "--max_steps", "2",
+            "--bf16", "false", "--disable_tqdm", "true", "--predict_max_new_tokens", "4",
+            "--predict_prompt", "你叫什么名字？", "--predict_prompt", "告诉我北京的天气怎么样？",
+            "--predict_tools", "configs/toolcall_predict_tools.json"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let predictions = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    let lines: Vec<Value> = predictions.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // save_steps 0.2 of 2 steps = every ceil(0.4) = 1 step: two saves, two questions each.
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["prompt"], "你叫什么名字？");
+    let tool_prompt = lines[3]["text"].as_str().unwrap();
+    assert!(tool_prompt.contains("## get_today_weather") && tool_prompt.contains("告诉我北京的天气怎么样？"), "{tool_prompt}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -141,3 +141,46 @@ fn sdpa_matches_manual_attention() {
     let diff = (sdpa.masked_select(&real) - manual.masked_select(&real)).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "SDPA differs from manual attention by {diff}");
 }
+
+fn generation_fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/generation_processors.json")).unwrap()).unwrap()
+}
+
+/// Greedy decoding with a repetition penalty (above and below 1) gives transformers' tokens.
+#[test]
+fn repetition_penalty_matches_transformers() {
+    let model = load_model("glm");
+    let base = GenerationConfig::from_pretrained(root().join("weights/tiny-glm")).unwrap().unwrap();
+    for case in generation_fixture()["greedy_with_penalty"].as_array().unwrap() {
+        let prompt: Vec<i64> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+        let mut cfg = base.clone();
+        cfg.repetition_penalty = case["repetition_penalty"].as_f64().unwrap();
+        cfg.max_new_tokens = Some(case["max_new_tokens"].as_u64().unwrap() as usize);
+        let out = generate(&model, &Tensor::from_slice(&prompt).unsqueeze(0), None, &cfg, None);
+        let got: Vec<i64> = Vec::try_from(out.sequences.get(0)).unwrap();
+        let want: Vec<i64> = serde_json::from_value(case["output_ids"].clone()).unwrap();
+        assert_eq!(got, want, "repetition_penalty {}", cfg.repetition_penalty);
+    }
+}
+
+/// Temperature, top-k and top-p warp scores exactly as transformers' warpers.
+#[test]
+fn sampling_warpers_match_transformers() {
+    use trl_like::generation::process_logits;
+    let fx = generation_fixture();
+    let rows: Vec<Vec<f32>> = serde_json::from_value(fx["scores"].clone()).unwrap();
+    let scores = Tensor::from_slice(&rows.concat()).view([2, 50]);
+    let dummy = Tensor::zeros([2, 1], (Kind::Int64, Device::Cpu));
+    let settings = [("temperature_0.6", 0.6, 0, 1.0), ("top_k_5", 1.0, 5, 1.0), ("top_p_0.8", 1.0, 0, 0.8), ("chat_chain", 0.6, 50, 0.8)];
+    for (name, temperature, top_k, top_p) in settings {
+        let cfg = GenerationConfig { do_sample: true, temperature, top_k, top_p, ..GenerationConfig::default() };
+        let got: Vec<Vec<f32>> = Vec::try_from(process_logits(&scores, &dummy, &cfg)).unwrap();
+        let want: Vec<Vec<Option<f32>>> = serde_json::from_value(fx["warped"][name].clone()).unwrap();
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            match w {
+                None => assert_eq!(*g, f32::NEG_INFINITY, "{name}: a filtered score must be -inf"),
+                Some(w) => assert!((g - w).abs() < 1e-6, "{name}: {g} vs {w}"),
+            }
+        }
+    }
+}

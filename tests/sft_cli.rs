@@ -111,6 +111,19 @@ fn sft_writes_python_compatible_outputs_and_rotates_checkpoints() {
         assert_eq!(st["global_step"], 6);
     }
 
+    // `make chat`: the adapter in a piped chat.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(["chat", "--model_name_or_path", "weights/tiny-glm", "--adapter_path", o, "--max_length", "8"])
+        .current_dir(root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all("你好\nquit\n".as_bytes()).unwrap();
+    ok(&child.wait_with_output().unwrap());
+
     // merge: a plain checkpoint that generates like base + adapter, here and in transformers.
     let merged = tmp("merged");
     let m = merged.to_str().unwrap();

@@ -102,7 +102,8 @@ pub fn process_logits(scores: &Tensor, sequences: &Tensor, cfg: &GenerationConfi
     let mut scores = scores.shallow_clone();
     if cfg.repetition_penalty != 1.0 {
         let seen = scores.gather(1, sequences, false);
-        let penalised = seen.lt(0.0).where_self(&(&seen * cfg.repetition_penalty), &(&seen / cfg.repetition_penalty));
+        // torch.where(score < 0, score * penalty, score / penalty)
+        let penalised = (&seen * cfg.repetition_penalty).where_self(&seen.lt(0.0), &(&seen / cfg.repetition_penalty));
         scores = scores.scatter(1, sequences, &penalised);
     }
     if !cfg.do_sample {
