@@ -180,7 +180,8 @@ impl SavePredictCallback {
                 .copied()
                 .take_while(|t| !self.generation.eos_token_id.contains(t))
                 .collect();
-            let answer = tok.decode(&answer_ids, true)?;
+            // GLM-4 answers start with the newline after <|assistant|>.
+            let answer = tok.decode(&answer_ids, true)?.trim().to_string();
             let question = conv.last().and_then(|m| m["content"].as_str()).unwrap_or_default();
             eprintln!("[step {}] {question} -> {answer}", state.global_step);
             writeln!(file, "{}", json!({"step": state.global_step, "prompt": question, "response": answer, "text": full}))?;

@@ -150,3 +150,23 @@ fn binary_links_libtorch_cuda_and_has_rpath() {
     assert!(text.contains("[libtorch_cuda.so]"), "libtorch_cuda.so is not NEEDED:\n{text}");
     assert!(text.contains("RUNPATH") || text.contains("RPATH"), "no rpath:\n{text}");
 }
+
+/// `glm4 sft --help` lists every TRL field with the tutorial's defaults, plus the glm4 options.
+#[test]
+fn sft_help_lists_fields_and_tutorial_defaults() {
+    let out = glm4(&["sft", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for needle in ["--learning_rate", "--lora_target_modules", "--data_files", "--max_length", "--predict_prompt", "[default: 0.0005]"] {
+        assert!(text.contains(needle), "help lacks {needle}");
+    }
+}
+
+/// A typo in a flag is an error with a suggestion, not a panic.
+#[test]
+fn sft_flag_typo_suggests_the_field() {
+    let out = glm4(&["sft", "--learning_rat", "1e-4"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("--learning_rate") && !err.contains("panicked"), "{err}");
+}
