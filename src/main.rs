@@ -382,6 +382,11 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
     let dir = &a.model_name_or_path;
+    for (flag, path) in [("--model_name_or_path", dir), ("--adapter_path", &a.adapter_path)] {
+        if !path.is_dir() {
+            bail!("{flag} {}: the directory does not exist", path.display());
+        }
+    }
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = match a.torch_dtype.as_str() {
         "auto" => config.checkpoint_dtype().and_then(glm4::glm::dtype_from_name).unwrap_or(tch::Kind::Float),

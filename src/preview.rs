@@ -74,8 +74,9 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
     let pct = |p: f64| lengths[((lengths.len() - 1) as f64 * p).round() as usize];
     let over = setup.args.max_length.map(|m| lengths.iter().filter(|&&l| l > m).count()).unwrap_or(0);
     let summary = format!(
-        "{} records; tokens min {} / p50 {} / p90 {} / p99 {} / max {}; {} longer than max_length {:?}",
-        lengths.len(), lengths[0], pct(0.5), pct(0.9), pct(0.99), lengths[lengths.len() - 1], over, setup.args.max_length
+        "{} records; tokens min {} / p50 {} / p90 {} / p99 {} / max {}; {} longer than max_length {}",
+        lengths.len(), lengths[0], pct(0.5), pct(0.9), pct(0.99), lengths[lengths.len() - 1], over,
+        setup.args.max_length.map_or("none".to_string(), |m| m.to_string())
     );
     if as_json {
         eprintln!("{summary}");

@@ -501,3 +501,20 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     );
     Ok(())
 }
+
+/// `docs/FLAGS.md`: every `glm4 sft` flag with the tutorial's defaults, generated
+/// from the config structs (a test keeps the committed file in sync).
+pub fn flags_markdown() -> String {
+    let (m, d, s) = tutorial_defaults();
+    let mut out = String::from(
+        "# `glm4 sft` flags and YAML keys\n\n\
+         Generated from the code by `UPDATE_DOCS=1 cargo test --release --test docs` — do not edit by hand.\n\
+         Each setting is a YAML key (in the file given with `--config`) and a flag; flags override the file,\n\
+         the file overrides these defaults (the tutorial's, on top of TRL 1.16's).\n",
+    );
+    out.push_str(&TrlParser::new(m, d, s).help_markdown());
+    out.push_str("\n## glm4 options\n\n```text\n");
+    out.push_str(APP_HELP);
+    out.push_str("```\n");
+    out
+}

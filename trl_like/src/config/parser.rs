@@ -288,6 +288,34 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
         }
     }
 
+    /// Every field as Markdown tables (flag, type, default, help), one per
+    /// group — the source of the flags reference in the docs.
+    pub fn help_markdown(&self) -> String {
+        let m = match self.start() {
+            Ok(m) => m,
+            Err(e) => return e.to_string(),
+        };
+        let mut out = String::new();
+        for g in &m.groups {
+            out.push_str(&format!("\n## {}\n\n| flag / YAML key | type | default | meaning |\n|---|---|---|---|\n", g.title));
+            for spec in g.fields {
+                let mut flag = format!("`--{}`", spec.name);
+                for a in spec.aliases {
+                    flag.push_str(&format!(" (`--{a}`)"));
+                }
+                let default = g.values.get(spec.name).map(display_value).unwrap_or_else(|| "none".into());
+                let cell = |s: String| s.replace('|', "\\|");
+                out.push_str(&format!(
+                    "| {flag} | {} | {} | {} |\n",
+                    cell(type_label(spec)),
+                    cell(format!("`{default}`")),
+                    cell(spec.help_text())
+                ));
+            }
+        }
+        out
+    }
+
     fn start(&self) -> Result<Merge, ParseError> {
         let groups = vec![
             group_of(&self.model_defaults)?,

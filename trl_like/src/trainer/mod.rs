@@ -186,15 +186,16 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         callbacks: Vec<Box<dyn TrainerCallback>>,
     ) -> Result<Self, TrainerError> {
         args.validate()?;
+        check_supported(&args)?;
         let device = model.device();
         let (train, stats) =
             prepare_dataset(train_dataset, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?;
         if stats.truncated > 0 {
             eprintln!(
-                "note: {} of {} training examples were longer than max_length {:?} and were truncated",
+                "note: {} of {} training examples were longer than max_length {} and were truncated",
                 stats.truncated,
                 train.len(),
-                args.max_length
+                args.max_length.map_or("none".to_string(), |m| m.to_string())
             );
         }
         let eval = match eval_dataset {
@@ -231,6 +232,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         callbacks: Vec<Box<dyn TrainerCallback>>,
     ) -> Result<Self, TrainerError> {
         args.validate()?;
+        check_supported(&args)?;
         let (train, _) =
             prepare_dataset(train_dataset, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?;
         let eval = match eval_dataset {
@@ -558,6 +560,24 @@ enum Payload<'a> {
     Logs(&'a Map<String, Value>),
     Metrics(&'a Map<String, Value>),
     Checkpoint(&'a Path),
+}
+
+/// Refuses settings this trainer would otherwise silently ignore.
+fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
+    let unsupported = [
+        ("packing", args.packing),
+        ("padding_free", args.padding_free),
+        ("neftune_noise_alpha", args.neftune_noise_alpha.is_some()),
+        ("loss_type (only nll)", args.loss_type != crate::config::LossType::Nll),
+        ("fp16 (use bf16 or float32)", args.fp16),
+    ];
+    if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
+        return Err(TrainerError::Invalid(format!("{name} is not supported yet; remove it from the config or flags")));
+    }
+    if args.gradient_checkpointing {
+        eprintln!("note: gradient_checkpointing is not implemented yet: activations are kept for the backward pass");
+    }
+    Ok(())
 }
 
 /// Fault injection for the crash/resume tests: when the environment variable
