@@ -43,7 +43,7 @@ fn records_from_batches(batches: &Value) -> Dataset {
     Dataset { records }
 }
 
-fn args(batch: usize, accumulation: usize, output_dir: &Path) -> SFTConfig {
+fn args(batch: usize, accumulation: usize, output_dir: &Path, recompute: bool) -> SFTConfig {
     SFTConfig {
         output_dir: output_dir.display().to_string(),
         per_device_train_batch_size: batch,
@@ -55,7 +55,7 @@ fn args(batch: usize, accumulation: usize, output_dir: &Path) -> SFTConfig {
         max_length: Some(64),
         seed: 42,
         bf16: Some(false),
-        gradient_checkpointing: false,
+        gradient_checkpointing: recompute,
         report_to: vec!["none".into()],
         save_strategy: SaveStrategy::No,
         eval_strategy: IntervalStrategy::No,
@@ -72,7 +72,7 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
 }
 
-fn check_setting(setting: &str, batch: usize, accumulation: usize) {
+fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bool) {
     let tiny = root().join("weights/tiny-glm");
     let mut model = GlmForCausalLM::from_pretrained(&tiny, Some(Kind::Float), Device::Cpu).unwrap();
     let init = root().join("tests/fixtures/trainer").join(setting).join("adapter_init");
@@ -80,12 +80,12 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize) {
     let tokenizer = glm4::load_tokenizer(&tiny).unwrap();
     let dataset = records_from_batches(&fixture(setting, "batches.json"));
     let n_records = dataset.len();
-    let out = std::env::temp_dir().join(format!("glm4-trainer-parity-{setting}-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("glm4-trainer-parity-{setting}-{recompute}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let mut trainer = SFTTrainer::from_peft_model(
         model,
         adapter,
-        args(batch, accumulation, &out),
+        args(batch, accumulation, &out, recompute),
         &dataset,
         None,
         tokenizer,
@@ -93,6 +93,10 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize) {
         vec![],
     )
     .unwrap();
+    if recompute {
+        // Several loss chunks per sequence, too.
+        trainer.set_loss_chunk_tokens(16 * batch as i64);
+    }
     trainer.train().unwrap();
 
     let expected = fixture(setting, "log_history.json");
@@ -131,15 +135,23 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize) {
 
 #[test]
 fn batch_1_matches_trl() {
-    check_setting("b1", 1, 1);
+    check_setting("b1", 1, 1, false);
 }
 
 #[test]
 fn padded_batch_4_matches_trl() {
-    check_setting("b4", 4, 1);
+    check_setting("b4", 4, 1, false);
 }
 
 #[test]
 fn batch_2_accumulation_2_matches_trl() {
-    check_setting("b2_ga2", 2, 2);
+    check_setting("b2_ga2", 2, 2, false);
+}
+
+/// Activation recompute (gradient_checkpointing) and a loss split into many
+/// chunks change memory, not results.
+#[test]
+fn recompute_matches_trl_too() {
+    check_setting("b4", 4, 1, true);
+    check_setting("b2_ga2", 2, 2, true);
 }

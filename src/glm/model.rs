@@ -10,7 +10,8 @@ use super::rotary::Rotary;
 use super::GlmConfig;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
-use trl_like::modeling::{CausalLM, CausalLMInput, KvCache, PreTrainedModel};
+use super::attention::AttentionMask;
+use trl_like::modeling::{CausalLM, CausalLMInput, Checkpointable, KvCache, PreTrainedModel};
 use trl_like::nn::Linear;
 use trl_like::peft::LoraModel;
 
@@ -185,6 +186,46 @@ impl PreTrainedModel for GlmForCausalLM {
 
     fn name_or_path(&self) -> String {
         self.name_or_path.clone()
+    }
+}
+
+/// Rotary tables and the attention mask, shared by every layer of one forward pass.
+pub struct GlmLayerContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: AttentionMask,
+}
+
+impl Checkpointable for GlmForCausalLM {
+    type LayerContext = GlmLayerContext;
+
+    fn embed(&self, input_ids: &Tensor) -> Tensor {
+        let w = &self.model.embed_tokens;
+        Tensor::embedding(w, &input_ids.to_device(w.device()), -1, false, false)
+    }
+
+    fn layer_context(&self, input: &CausalLMInput) -> GlmLayerContext {
+        let device = self.vs.device();
+        let (batch, seq) = input.input_ids.size2().expect("input_ids must be [batch, seq]");
+        let position_ids = match input.position_ids {
+            Some(p) => p.to_device(device),
+            None => Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false),
+        };
+        let (cos, sin) = self.model.rotary.cos_sin(&position_ids);
+        let padding = input.attention_mask.map(|m| m.to_device(device));
+        GlmLayerContext { cos, sin, mask: build_mask(padding.as_ref(), 0, seq, device) }
+    }
+
+    fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    fn layer_forward(&self, index: usize, hidden: &Tensor, ctx: &GlmLayerContext, train: bool) -> Tensor {
+        self.model.layers[index].forward(hidden, &self.model.rotary, &ctx.cos, &ctx.sin, &ctx.mask, None, train)
+    }
+
+    fn final_norm(&self, hidden: &Tensor) -> Tensor {
+        self.model.norm.forward(hidden)
     }
 }
 

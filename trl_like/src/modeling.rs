@@ -97,7 +97,7 @@ pub trait CausalLM {
 /// A causal LM the trainer can fine-tune: forward passes, adapters on its
 /// linear layers, its base weights by HF name, and saving in HF format
 /// (transformers' `PreTrainedModel`).
-pub trait PreTrainedModel: CausalLM + crate::peft::LoraModel {
+pub trait PreTrainedModel: CausalLM + crate::peft::LoraModel + Checkpointable {
     /// Base weights by HF parameter name (`model.layers.0.self_attn.q_proj.weight`, …).
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
 
@@ -107,4 +107,21 @@ pub trait PreTrainedModel: CausalLM + crate::peft::LoraModel {
 
     /// Where the model came from (recorded as `base_model_name_or_path` in adapters).
     fn name_or_path(&self) -> String;
+}
+
+/// Layer-by-layer access to a model, for activation recompute (gradient
+/// checkpointing): the trainer runs the stack without keeping activations,
+/// then recomputes one layer at a time during the backward pass.
+pub trait Checkpointable {
+    /// What every layer needs besides the hidden states (rotary tables, mask).
+    type LayerContext;
+    /// Token embeddings. # Shapes `[batch, seq]` → `[batch, seq, hidden]`.
+    fn embed(&self, input_ids: &Tensor) -> Tensor;
+    /// The per-forward context for `input` (no KV cache).
+    fn layer_context(&self, input: &CausalLMInput) -> Self::LayerContext;
+    fn num_layers(&self) -> usize;
+    /// Decoder layer `index`. # Shapes `[batch, seq, hidden]` → same.
+    fn layer_forward(&self, index: usize, hidden: &Tensor, ctx: &Self::LayerContext, train: bool) -> Tensor;
+    /// The norm after the last layer.
+    fn final_norm(&self, hidden: &Tensor) -> Tensor;
 }

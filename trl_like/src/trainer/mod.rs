@@ -105,6 +105,8 @@ pub struct SFTTrainer<M: PreTrainedModel> {
     device: Device,
     /// Learning rate of the last optimizer step (what transformers logs).
     current_lr: f64,
+    /// Tokens per chunk of the loss computation (see [`LOSS_CHUNK_TOKENS`]).
+    loss_chunk_tokens: i64,
 }
 
 /// Statistics of dataset preparation, for messages and `glm4 preview`.
@@ -275,6 +277,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             loop_state: LoopState::default(),
             device,
             current_lr: 0.0,
+            loss_chunk_tokens: LOSS_CHUNK_TOKENS,
         };
         trainer.callbacks.push(Box::new(DefaultFlowCallback));
         if trainer.args.disable_tqdm {
@@ -285,6 +288,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         trainer.callbacks.extend(callbacks);
         trainer.fire(Event::InitEnd, Payload::None);
         trainer
+    }
+
+    /// Tokens per loss chunk (default [`LOSS_CHUNK_TOKENS`]): smaller bounds the
+    /// logits memory further at some speed cost.
+    pub fn set_loss_chunk_tokens(&mut self, tokens: i64) {
+        self.loss_chunk_tokens = tokens.max(1);
     }
 
     /// Adds a callback (transformers' `add_callback`).
@@ -493,9 +502,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let num_items: i64 = batches.iter().map(|b| b.num_loss_tokens).sum();
         let mut step_loss = 0.0;
         for (i, batch) in batches.iter().enumerate() {
-            let out = self.compute_loss(batch, Some(num_items.max(1)), true);
-            out.loss.backward();
-            step_loss += out.loss.double_value(&[]);
+            let out = self.forward_backward(batch, Some(num_items.max(1)), true, true);
+            step_loss += out.loss;
             self.loop_state.window.entropy.push(out.entropy);
             self.loop_state.window.accuracy.push(out.accuracy);
             self.state.num_input_tokens_seen += out.num_tokens;
@@ -524,17 +532,21 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     }
 }
 
-/// Result of one forward pass with loss.
+/// Result of one forward (and backward) pass.
 struct LossOutput {
-    /// Scalar to backpropagate: summed token losses / `num_items` (or the batch mean).
-    loss: Tensor,
-    /// Mean entropy of the predicted distributions over real (non-padding) tokens.
+    /// The scalar loss: summed token losses / `num_items`, or the batch's token mean.
+    loss: f64,
+    /// Mean entropy of the predicted distributions at the positions that take loss.
     entropy: f64,
     /// Share of loss tokens whose argmax prediction is the label.
     accuracy: f64,
     /// Real tokens in the batch (attention-mask ones).
     num_tokens: i64,
 }
+
+/// Tokens per loss chunk: the fp32 logits of one chunk are `chunk × vocab`
+/// (1024 × 151,552 × 4 B = 620 MB for GLM-4) instead of the whole batch's.
+pub const LOSS_CHUNK_TOKENS: i64 = 1024;
 
 /// Training events, mapped onto [`TrainerCallback`] methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,9 +586,6 @@ fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
     if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
         return Err(TrainerError::Invalid(format!("{name} is not supported yet; remove it from the config or flags")));
     }
-    if args.gradient_checkpointing {
-        eprintln!("note: gradient_checkpointing is not implemented yet: activations are kept for the backward pass");
-    }
     Ok(())
 }
 
@@ -602,47 +611,118 @@ fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 }
 
 impl<M: PreTrainedModel> SFTTrainer<M> {
-    /// transformers' `ForCausalLMLoss` plus TRL's entropy and token accuracy.
+    /// One forward pass with transformers' `ForCausalLMLoss` (plus TRL's entropy
+    /// and token accuracy) and, when `backward`, the backward pass.
     ///
     /// With `num_items` the summed token loss is divided by it (gradient
     /// accumulation); without, it is the mean over the batch's loss tokens.
-    fn compute_loss(&self, batch: &Batch, num_items: Option<i64>, train: bool) -> LossOutput {
+    ///
+    /// Memory: the loss is computed in sequence chunks of about
+    /// [`LOSS_CHUNK_TOKENS`] tokens, each chunk's logits freed after its backward,
+    /// so the full `[batch, seq, vocab]` fp32 logits never exist. With
+    /// `gradient_checkpointing` the decoder layers also run without keeping
+    /// activations and are recomputed one at a time during the backward pass.
+    fn forward_backward(&self, batch: &Batch, num_items: Option<i64>, train: bool, backward: bool) -> LossOutput {
         let input = CausalLMInput {
             input_ids: &batch.input_ids,
             attention_mask: if batch.has_padding { Some(&batch.attention_mask) } else { None },
             position_ids: None,
         };
-        // Logits in fp32 whatever the model dtype, as transformers upcasts them for the loss.
-        let logits = self.model.forward(&input, None, train).to_kind(Kind::Float);
-        let (b, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
-        let shift_logits = logits.narrow(1, 0, t - 1);
-        let shift_labels = batch.labels.narrow(1, 1, t - 1);
-        let summed = shift_logits.reshape([b * (t - 1), v]).cross_entropy_loss::<Tensor>(
-            &shift_labels.reshape([b * (t - 1)]),
-            None,
-            Reduction::Sum,
-            IGNORE_INDEX,
-            0.0,
-        );
-        let denom = num_items.unwrap_or(batch.num_loss_tokens).max(1) as f64;
-        let loss = summed / denom;
-        let (entropy, accuracy) = tch::no_grad(|| {
-            let mask = batch.attention_mask.to_kind(Kind::Float);
-            let logp = logits.log_softmax(-1, Kind::Float);
-            let _ = mask;
-            // TRL: entropy of the predicted distributions at the positions that take loss.
-            let valid = shift_labels.ne(IGNORE_INDEX);
-            let shift_logp = logp.narrow(1, 0, t - 1);
-            let per_token = -(shift_logp.exp() * &shift_logp).sum_dim_intlist(-1, false, Kind::Float);
-            let valid_f = valid.to_kind(Kind::Float);
-            let entropy = (per_token * &valid_f).sum(Kind::Float) / valid_f.sum(Kind::Float).clamp_min(1.0);
-            let correct = shift_logits.argmax(-1, false).eq_tensor(&shift_labels).logical_and(&valid);
-            let total = valid.sum(Kind::Float).double_value(&[]);
-            let acc = if total > 0.0 { correct.sum(Kind::Float).double_value(&[]) / total } else { 0.0 };
-            (entropy.double_value(&[]), acc)
-        });
         let num_tokens = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
+        let denom = num_items.unwrap_or(batch.num_loss_tokens).max(1) as f64;
+        let recompute = backward && self.args.gradient_checkpointing;
+        if !recompute {
+            let hidden = if backward {
+                self.model.forward_hidden(&input, None, train)
+            } else {
+                tch::no_grad(|| self.model.forward_hidden(&input, None, train))
+            };
+            let (loss, entropy, accuracy) = self.chunked_loss(&hidden, &batch.labels, denom, backward);
+            return LossOutput { loss, entropy, accuracy, num_tokens };
+        }
+
+        // Activation recompute: keep only each layer's input.
+        let step_seed = tch::Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        let ctx = self.model.layer_context(&input);
+        let mut inputs = Vec::with_capacity(self.model.num_layers());
+        let last = tch::no_grad(|| {
+            let mut h = self.model.embed(&batch.input_ids);
+            for i in 0..self.model.num_layers() {
+                inputs.push(h.shallow_clone());
+                // The same dropout masks in this pass and in the recompute.
+                tch::manual_seed(step_seed.wrapping_add(i as i64));
+                h = self.model.layer_forward(i, &h, &ctx, train);
+            }
+            h
+        });
+        let last = last.detach().set_requires_grad(true);
+        let normed = self.model.final_norm(&last);
+        let (loss, entropy, accuracy) = self.chunked_loss(&normed, &batch.labels, denom, true);
+        let mut grad = last.grad();
+        for i in (0..self.model.num_layers()).rev() {
+            let x = inputs[i].detach().set_requires_grad(true);
+            tch::manual_seed(step_seed.wrapping_add(i as i64));
+            let y = self.model.layer_forward(i, &x, &ctx, train);
+            (y * &grad).sum(Kind::Float).backward();
+            grad = x.grad();
+            inputs[i] = Tensor::new();
+        }
+        // Full fine-tuning also trains the embedding matrix.
+        let embedded = self.model.embed(&batch.input_ids);
+        if embedded.requires_grad() {
+            (embedded * &grad).sum(Kind::Float).backward();
+        }
         LossOutput { loss, entropy, accuracy, num_tokens }
+    }
+
+    /// `lm_head` + cross-entropy over sequence chunks. Returns (loss, entropy,
+    /// accuracy); with `backward`, gradients flow into `hidden`'s graph.
+    ///
+    /// # Shapes
+    /// `hidden`: `[batch, seq, hidden]` (after the final norm); `labels`: `[batch, seq]`.
+    fn chunked_loss(&self, hidden: &Tensor, labels: &Tensor, denom: f64, backward: bool) -> (f64, f64, f64) {
+        let (b, t, _) = hidden.size3().expect("hidden states are [batch, seq, hidden]");
+        // Positions 0..t-1 predict labels 1..t.
+        let positions = t - 1;
+        let chunk = (self.loss_chunk_tokens / b.max(1)).max(1);
+        // Chunks backpropagate into a detached copy; its gradient then flows back once.
+        let leaf = hidden.detach().set_requires_grad(backward);
+        let (mut loss, mut ent_sum, mut correct, mut valid_total) = (0.0, 0.0, 0.0, 0.0);
+        let mut start = 0;
+        while start < positions {
+            let len = chunk.min(positions - start);
+            let h = leaf.narrow(1, start, len);
+            let y = labels.narrow(1, start + 1, len).reshape([-1]);
+            let run = || {
+                // Logits in fp32 whatever the model dtype, as transformers upcasts them.
+                let logits = self.model.lm_head(&h).to_kind(Kind::Float);
+                let v = logits.size()[2];
+                let flat = logits.reshape([-1, v]);
+                let summed = flat.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, IGNORE_INDEX, 0.0) / denom;
+                (flat, summed)
+            };
+            let (flat, chunk_loss) = if backward { run() } else { tch::no_grad(run) };
+            tch::no_grad(|| {
+                let valid = y.ne(IGNORE_INDEX);
+                let valid_f = valid.to_kind(Kind::Float);
+                let logp = flat.log_softmax(-1, Kind::Float);
+                let per_token = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float);
+                ent_sum += (per_token * &valid_f).sum(Kind::Float).double_value(&[]);
+                correct += flat.argmax(-1, false).eq_tensor(&y).logical_and(&valid).sum(Kind::Float).double_value(&[]);
+                valid_total += valid_f.sum(Kind::Float).double_value(&[]);
+            });
+            loss += chunk_loss.double_value(&[]);
+            if backward {
+                chunk_loss.backward();
+            }
+            start += len;
+        }
+        if backward && hidden.requires_grad() {
+            (hidden * leaf.grad()).sum(Kind::Float).backward();
+        }
+        let entropy = ent_sum / valid_total.max(1.0);
+        let accuracy = if valid_total > 0.0 { correct / valid_total } else { 0.0 };
+        (loss, entropy, accuracy)
     }
 
     /// Runs the evaluation set and logs `eval_loss` & co. (transformers' `evaluate`).
@@ -661,9 +741,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             let examples: Vec<&TokenizedExample> =
                 idx.iter().map(|&i| &self.eval_dataset.as_ref().expect("checked")[i]).collect();
             let batch = collate(&examples, pad, self.args.pad_to_multiple_of, self.device);
-            let out = tch::no_grad(|| self.compute_loss(&batch, None, false));
+            let out = self.forward_backward(&batch, None, false, false);
             // transformers repeats each batch's mean loss batch-size times, then averages.
-            loss_sum += out.loss.double_value(&[]) * idx.len() as f64;
+            loss_sum += out.loss * idx.len() as f64;
             entropy.push(out.entropy);
             accuracy.push(out.accuracy);
             batches += 1;
