@@ -202,6 +202,24 @@ impl TrainerCallback for SavePredictCallback {
     }
 }
 
+/// Ctrl-C / SIGTERM: the first asks the trainer to finish its step, save a
+/// checkpoint and stop; a second one exits at once.
+fn install_interrupt_handler(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let count = AtomicUsize::new(0);
+    let result = ctrlc::set_handler(move || {
+        if count.fetch_add(1, Ordering::SeqCst) > 0 {
+            eprintln!("\nsecond interrupt: exiting now (the last complete checkpoint is kept)");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (interrupt again to quit at once)");
+        flag.store(true, Ordering::SeqCst);
+    });
+    if let Err(e) = result {
+        eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop training without a checkpoint");
+    }
+}
+
 /// Loads the data files (JSON/JSONL paths, or a Hub dataset id downloaded first).
 pub fn load_data(data: &DataArguments) -> Result<Dataset> {
     if data.data_files.is_empty() {
@@ -489,7 +507,16 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         None,
         callbacks,
     )?;
+    install_interrupt_handler(trainer.interrupt_handle());
     trainer.train()?;
+    if let Some(step) = trainer.interrupted_at {
+        let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
+        eprintln!(
+            "\ninterrupted: stopped after step {step}{}. Run the same command again to resume.",
+            last.map(|(_, p)| format!("; the checkpoint is {}", p.display())).unwrap_or_default()
+        );
+        return Ok(());
+    }
     trainer.save_model(None)?;
     eprintln!("\nadapter / model: {}", output_dir.display());
     eprintln!("predictions:     {}", output_dir.join("predictions.jsonl").display());

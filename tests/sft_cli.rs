@@ -312,3 +312,59 @@ fn preview_shows_text_tokens_and_statistics() {
     assert!(out.contains("<|user|>\n你好，告诉我你的名字。<|assistant|>"), "{out}");
     assert!(out.contains("80 records; tokens min"), "{out}");
 }
+
+/// Ctrl-C (SIGINT) or SIGTERM: the step finishes, a checkpoint is written, the
+/// process exits 0 saying how to resume, and resuming works.
+#[test]
+fn interrupt_saves_a_checkpoint_and_exits_cleanly() {
+    for signal in ["-INT", "-TERM"] {
+        let out = tmp(&format!("interrupt{signal}"));
+        let o = out.to_str().unwrap();
+        let args = sft_args(o, &["--max_steps", "100000", "--save_steps", "1000000", "--no_predict", "--logging_steps", "50"]);
+        let child = Command::new(env!("CARGO_BIN_EXE_glm4"))
+            .args(&args)
+            .current_dir(root())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Let it train a little, then interrupt.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        let res = child.wait_with_output().unwrap();
+        assert!(std::time::Instant::now() < deadline);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(res.status.success(), "{signal}: {err}");
+        assert!(err.contains("interrupted: stopped after step") && err.contains("resume"), "{err}");
+        let ckpts = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).count();
+        assert_eq!(ckpts, 1, "{signal}: one checkpoint at the interrupted step");
+        assert!(!out.join("trainer_state.json").exists(), "an interrupted run must not look finished");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+/// A NaN loss skips that update (the weights stay finite); NaNs in a row stop the run with a clear error.
+#[test]
+fn nonfinite_steps_are_skipped_then_stop_the_run() {
+    let out = tmp("nan");
+    let o = out.to_str().unwrap();
+    let res = glm4(&sft_args(o, &["--max_steps", "4", "--no_predict", "--save_strategy", "no"]), &[("TRL_LIKE_NAN_AT_STEP", "2")]);
+    let err = String::from_utf8_lossy(&res.stderr).into_owned();
+    ok(&res);
+    assert!(err.contains("step 2: loss NaN") && err.contains("update is skipped"), "{err}");
+    for (name, t) in adapter(&out) {
+        assert!(t.isfinite().all().int64_value(&[]) == 1, "{name} is not finite");
+    }
+    let logged: Vec<f64> = state(&out)["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect();
+    assert_eq!(logged.len(), 4);
+    assert!(logged.iter().all(|l| l.is_finite()), "NaN losses stay out of the logs: {logged:?}");
+
+    let out2 = tmp("nan-stop");
+    let res = glm4(&sft_args(out2.to_str().unwrap(), &["--max_steps", "10", "--no_predict", "--save_strategy", "no"]), &[("TRL_LIKE_NAN_AT_STEP", "2,3,4,5,6")]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("5 optimizer steps in a row had a NaN/inf loss"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&out2);
+}

@@ -27,6 +27,8 @@ use crate::tokenizer::PreTrainedTokenizer;
 use crate::tracking::{make_trackers, plot_training_curves, Tracker};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -105,8 +107,16 @@ pub struct SFTTrainer<M: PreTrainedModel> {
     device: Device,
     /// Learning rate of the last optimizer step (what transformers logs).
     current_lr: f64,
+    /// The step at which an interrupt stopped training, if one did.
+    pub interrupted_at: Option<usize>,
     /// Tokens per chunk of the loss computation (see [`LOSS_CHUNK_TOKENS`]).
     loss_chunk_tokens: i64,
+    /// Set from outside (e.g. a Ctrl-C handler) to stop after the current step with a checkpoint.
+    interrupt: Arc<AtomicBool>,
+    /// Optimizer steps skipped in a row because the loss or gradient was not finite.
+    nonfinite_in_a_row: usize,
+    /// Give up after this many non-finite steps in a row.
+    max_nonfinite_steps: usize,
 }
 
 /// Statistics of dataset preparation, for messages and `glm4 preview`.
@@ -277,7 +287,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             loop_state: LoopState::default(),
             device,
             current_lr: 0.0,
+            interrupted_at: None,
             loss_chunk_tokens: LOSS_CHUNK_TOKENS,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            nonfinite_in_a_row: 0,
+            max_nonfinite_steps: 5,
         };
         trainer.callbacks.push(Box::new(DefaultFlowCallback));
         if trainer.args.disable_tqdm {
@@ -294,6 +308,19 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     /// logits memory further at some speed cost.
     pub fn set_loss_chunk_tokens(&mut self, tokens: i64) {
         self.loss_chunk_tokens = tokens.max(1);
+    }
+
+    /// A flag that, once set (from a signal handler, another thread…), makes
+    /// training stop after the current optimizer step, write a checkpoint and
+    /// return normally.
+    pub fn interrupt_handle(&self) -> Arc<AtomicBool> {
+        self.interrupt.clone()
+    }
+
+    /// Stop with an error after this many optimizer steps in a row whose loss or
+    /// gradient norm is NaN/inf (each such step is skipped, not applied). Default 5.
+    pub fn set_max_nonfinite_steps(&mut self, n: usize) {
+        self.max_nonfinite_steps = n.max(1);
     }
 
     /// Adds a callback (transformers' `add_callback`).
@@ -396,6 +423,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             &self.args.lr_scheduler_kwargs,
         )?;
         self.loop_state = LoopState::default();
+        self.interrupted_at = None;
+        self.interrupt.store(false, Ordering::SeqCst);
         if let Some(dir) = &resume {
             self.load_checkpoint(dir, &mut optimizer)?;
             eprintln!("resuming from {} at step {}", dir.display(), self.state.global_step);
@@ -437,6 +466,13 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 }
                 self.training_step(window, epoch, window_idx, batches.len(), &scheduler)?;
                 self.fire(Event::StepEnd, Payload::None);
+                if self.interrupt.load(Ordering::SeqCst) && !self.control.should_training_stop {
+                    // Finish like a planned end: log, checkpoint, stop.
+                    self.control.should_training_stop = true;
+                    self.control.should_save = self.args.save_strategy != crate::config::SaveStrategy::No;
+                    self.control.should_log = true;
+                    self.interrupted_at = Some(self.state.global_step);
+                }
                 self.maybe_log_save_evaluate(&output_dir)?;
                 crash_point("TRL_LIKE_CRASH_AFTER_STEP", self.state.global_step);
                 if self.control.should_epoch_stop || self.control.should_training_stop {
@@ -470,9 +506,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         metrics.insert("train_loss".into(), json!(train_loss));
         self.log(metrics.clone());
         self.fire(Event::TrainEnd, Payload::None);
-        self.state
-            .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
-            .map_err(io_err(&output_dir))?;
+        // An interrupted run is not finished: only its checkpoint says where it is.
+        if self.interrupted_at.is_none() {
+            self.state
+                .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
+                .map_err(io_err(&output_dir))?;
+        }
         let history: Vec<Value> = self.state.log_history.iter().cloned().map(Value::Object).collect();
         for name in ["training_curves.svg", "training_curves.png"] {
             let plot = output_dir.join(name);
@@ -511,20 +550,52 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 self.fire(Event::SubstepEnd, Payload::None);
             }
         }
+        if let Ok(v) = std::env::var("TRL_LIKE_NAN_AT_STEP") {
+            // Fault injection for the tests: poison this step's loss.
+            if v.split(',').any(|s| s.trim().parse::<usize>().ok() == Some(self.state.global_step + 1)) {
+                step_loss = f64::NAN;
+            }
+        }
         let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let grad_norm = clip_grad_norm(&tensors, self.args.max_grad_norm);
         self.fire(Event::PreOptimizerStep, Payload::None);
         let lr = scheduler.lr_at(self.state.global_step);
-        let optimizer = self.optimizer.as_mut().expect("optimizer is set in train()");
-        optimizer.step(lr);
+        let finite = step_loss.is_finite() && grad_norm.is_finite();
+        if finite {
+            self.nonfinite_in_a_row = 0;
+            let optimizer = self.optimizer.as_mut().expect("optimizer is set in train()");
+            optimizer.step(lr);
+        } else {
+            // A NaN/inf update would poison the weights (and every later step): skip it.
+            self.nonfinite_in_a_row += 1;
+            eprintln!(
+                "warning: step {}: loss {step_loss} / grad_norm {grad_norm} is not finite; the update is skipped ({} in a row)",
+                self.state.global_step + 1,
+                self.nonfinite_in_a_row
+            );
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps {
+                return Err(TrainerError::Invalid(format!(
+                    "{} optimizer steps in a row had a NaN/inf loss or gradient (last at step {}); stopping. \
+                     Lower the learning rate, check the data, or resume from the last checkpoint",
+                    self.nonfinite_in_a_row,
+                    self.state.global_step + 1
+                )));
+            }
+        }
         self.fire(Event::OptimizerStep, Payload::None);
         self.optimizer.as_ref().expect("optimizer").zero_grad();
         self.state.global_step += 1;
         // transformers: epoch + micro-batches done in this epoch / micro-batches per epoch.
         let done = (window_idx * self.args.gradient_accumulation_steps.max(1) + window.len()).min(batches_in_epoch);
         self.state.epoch = Some(epoch as f64 + done as f64 / batches_in_epoch as f64);
-        self.loop_state.window.loss_sum += step_loss;
-        self.loop_state.total_loss += step_loss;
+        // Non-finite losses stay out of the logged averages (transformers' logging_nan_inf_filter).
+        let logged = if finite || !self.args.logging_nan_inf_filter {
+            step_loss
+        } else {
+            self.loop_state.total_loss / self.state.global_step.max(1) as f64
+        };
+        self.loop_state.window.loss_sum += logged;
+        self.loop_state.total_loss += logged;
         self.loop_state.last_grad_norm = Some(grad_norm);
         // transformers logs the rate this step used.
         self.current_lr = lr;
