@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release/glm4
 
-.PHONY: setup build test fixtures env clean-venv train demo chat toolcall
+.PHONY: setup build test fixtures env clean-venv train demo chat toolcall soak fuzz bench
 
 # make train CONFIG=configs/lora_alpaca_b4.yaml ARGS="--learning_rate 1e-4 --max_steps 600"
 CONFIG ?= configs/tutorial.yaml
@@ -40,6 +40,13 @@ test: build $(REF_STAMP)
 
 env: build
 	$(BIN) env
+
+# Long reliability runs (short versions are part of `make test`).
+soak: build
+	SOAK_STEPS=2000 $(CARGO) test --release -p glm4 --test soak -- --nocapture
+
+fuzz: build
+	PROPTEST_CASES=50000 $(CARGO) test --release -p trl_like --test fuzz
 
 # The tutorial: LoRA on GLM-4-9B with the Chinese Alpaca-GPT4 data (downloads what is missing; needs CUDA).
 train: build
@@ -74,3 +81,12 @@ fixtures: $(REF_STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Issue 6's CPU comparison: glm4 bench vs TRL SFTTrainer + PEFT on the same work
+# (small GLM-4, LoRA q/k/v, 64 alpaca_zh records, batch 4, fp32), each side in its
+# own process; prints tokens/s, s/step, peak RSS and the Rust/TRL ratios.
+# Rows with gradient_checkpointing off and on; about 5.5 minutes on 2 quiet cores
+# (BENCH_ARGS="--gc off" halves it; see scripts/bench.py --help).
+BENCH_ARGS ?=
+bench: build $(REF_STAMP)
+	$(PYTHON) scripts/bench.py $(BENCH_ARGS)

@@ -10,6 +10,7 @@ pub const GLM4_CHAT_TEMPLATE: &str = include_str!("glm4_chat_template.jinja");
 pub mod runtime;
 pub mod preview;
 pub mod sft;
+pub mod bench;
 
 use std::path::Path;
 use trl_like::tokenizer::PreTrainedTokenizer;

@@ -46,6 +46,13 @@ enum Command {
     },
     /// Fold a LoRA adapter into the base weights and save a plain transformers checkpoint (PEFT's merge_and_unload).
     Merge(MergeArgs),
+    /// Training throughput and peak memory on any GLM-4 shape without weights: `glm4 bench --model_config glm-4-9b --random_init ...`.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Benchmark options (see `glm4 bench --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -168,6 +175,7 @@ fn main() {
         Command::Sft { args } => glm4::sft::run_sft(&args),
         Command::Preview { args } => glm4::preview::run_preview(&args),
         Command::Merge(a) => cmd_merge(a),
+        Command::Bench { args } => glm4::bench::run_bench(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

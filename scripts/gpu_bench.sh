@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Issue 6's GPU benchmark, one prepared command for a lent GPU machine (see
+# "The device" in ../shared/GUIDE.md): LoRA r 8 on q/k/v of the GLM-4-9B shape
+# with random weights, bf16, batch 2 x 512 synthetic tokens, 20 steps after 3
+# warm-up, done by `glm4 bench` and by the Python stack on the device's own
+# PyTorch; prints tokens/s, MFU (4·N FLOPs per token, 989 TFLOP/s bf16 peak)
+# and peak memory for both. Needs no network and no weights.
+#
+# Run from the repository root with the release binary built elsewhere and
+# carried along (`target/release/glm4`). Python wheels in target/gpu_wheels/
+# (TRL 1.16, transformers 5.23, PEFT 0.21 and TRL's datasets / dill /
+# multiprocess, fetched with `pip download`, see docs/PERFORMANCE.md) are
+# installed to /tmp first when present, so the Python side runs the same stack
+# as `make bench`; without them it uses whatever the machine has: TRL if it
+# imports, else transformers' Trainer + PEFT, else the Python half is skipped.
+#
+# Environment: PYTHON (default python3), GLM4_BIN, OUT (reports go there; default
+# output/gpu_bench), GPU_BENCH_GC=0 to skip the gradient_checkpointing rows,
+# GPU_BENCH_BUDGET_S (default 420): later runs are skipped once it is spent;
+# GPU_BENCH_ARGS replaces the benchmark arguments (dry runs on a CPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+BIN=${GLM4_BIN:-target/release/glm4}
+OUTDIR=${OUT:-output/gpu_bench}
+BUDGET=${GPU_BENCH_BUDGET_S:-420}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+
+TORCH_LIB=$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
+    echo "error: $PY has no torch"; exit 1; }
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+WHEELS=${GPU_WHEELS:-target/gpu_wheels}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/bench-site "$WHEELS"/*.whl >"$OUTDIR/pip.log" 2>&1; then
+        export PYTHONPATH=/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}
+        echo "installed $(ls "$WHEELS"/*.whl | wc -l) carried wheels into /tmp/bench-site"
+    else
+        echo "warning: installing the carried wheels failed (see $OUTDIR/pip.log); using the machine's packages"
+    fi
+fi
+
+echo "== $(date -u +%Y-%m-%dT%H:%MZ)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+"$BIN" env || { echo "error: $BIN does not run here"; exit 1; }
+
+ARGS=(--model_config glm-4-9b --random_init --dtype bfloat16 --device cuda
+      --batch_size 2 --seq_len 512 --steps 20 --warmup 3 --json)
+# For a dry run of this script without a GPU, e.g.
+# GPU_BENCH_ARGS="--model_config tiny --random_init --device cpu --batch_size 2 --seq_len 32 --steps 2 --warmup 1 --json"
+if [[ -n ${GPU_BENCH_ARGS:-} ]]; then read -r -a ARGS <<<"$GPU_BENCH_ARGS"; fi
+
+# Which Python trainer works here (each check takes seconds; a broken stack is skipped, not fatal).
+PY_TRAINER=""
+if "$PY" -c "import transformers, peft" >/dev/null 2>&1; then
+    if "$PY" -c "import trl, datasets; datasets.Dataset.from_list([{'input_ids': [1, 2]}])" >"$OUTDIR/trl-check.log" 2>&1; then
+        PY_TRAINER=trl
+    else
+        PY_TRAINER=transformers
+        echo "note: TRL/datasets do not import here (see $OUTDIR/trl-check.log): Python side = transformers Trainer + PEFT"
+    fi
+    "$PY" -c "import torch, transformers, peft; print('python:', 'torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+else
+    echo "note: transformers/peft are not installed for $PY: skipping the Python half"
+fi
+
+run() {  # run NAME TIMEOUT CMD...: JSON report to $OUTDIR/NAME.json, stderr to NAME.log
+    local name=$1 limit=$2; shift 2
+    if (( SECONDS > BUDGET )); then echo "skipped $name: ${SECONDS}s spent of the ${BUDGET}s budget"; return; fi
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUTDIR/$name.json" 2>"$OUTDIR/$name.log"
+    local rc=$?
+    echo "$name: exit $rc after $((SECONDS - t0)) s"
+    if (( rc != 0 )); then tail -n 15 "$OUTDIR/$name.log"; rm -f "$OUTDIR/$name.json"; fi
+}
+
+GC_ROWS=(false)
+[[ "${GPU_BENCH_GC:-1}" != 0 ]] && GC_ROWS+=(true)
+for gc in "${GC_ROWS[@]}"; do
+    tag=$([[ $gc == true ]] && echo gc || echo nogc)
+    run "rust-$tag" 180 "$BIN" bench "${ARGS[@]}" --gradient_checkpointing "$gc"
+    if [[ -n $PY_TRAINER ]]; then
+        run "python-$tag" 240 "$PY" scripts/bench_trl.py "${ARGS[@]}" --gradient_checkpointing "$gc" --trainer "$PY_TRAINER"
+    fi
+done
+
+"$PY" - "$OUTDIR" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+rows = []
+for tag in ("nogc", "gc"):
+    for side in ("rust", "python"):
+        p = os.path.join(out, f"{side}-{tag}.json")
+        if os.path.exists(p) and os.path.getsize(p):
+            lines = [l for l in open(p) if l.strip().startswith("{")]
+            if lines:
+                rows.append((tag, side, json.loads(lines[-1])))
+if not rows:
+    sys.exit("no results")
+r0 = rows[0][2]
+print(f"\n{r0['model_config']} shape ({r0['num_parameters'] / 1e9:.2f} B params), LoRA r {r0['lora_r']} on "
+      f"{' '.join(r0['lora_target_modules'])}, {r0['dtype']}, batch {r0['batch_size']} x {r0['seq_len']}, "
+      f"{r0['measured_steps']} steps after {r0['warmup_steps']} warm-up, on {r0.get('gpu_name') or r0.get('device')}")
+head = f"{'side':<40} {'GC':<4} {'tokens/s':>9} {'s/step':>7} {'MFU':>6} {'GPU used max MiB':>17} {'alloc/reserved MiB':>19} {'peak RSS MB':>11}"
+print(head); print("-" * len(head))
+for tag, side, r in rows:
+    impl = "glm4 (Rust, tch)" if side == "rust" else r.get("implementation", "python")
+    ar = "" if side == "rust" else f"{r.get('cuda_max_memory_allocated_mb')}/{r.get('cuda_max_memory_reserved_mb')}"
+    mfu = r.get("mfu")
+    print(f"{impl[:40]:<40} {'on' if tag == 'gc' else 'off':<4} {r['tokens_per_second']:>9.1f} {r['seconds_per_step']:>7.3f} "
+          f"{(100 * mfu if mfu else float('nan')):>5.1f}% {str(r.get('gpu_memory_used_max_mb')):>17} {ar:>19} {r['peak_rss_mb']:>11.0f}")
+by = {(t, s): r for t, s, r in rows}
+for tag in ("nogc", "gc"):
+    if (tag, "rust") in by and (tag, "python") in by:
+        a, b = by[(tag, "rust")], by[(tag, "python")]
+        speed = a["tokens_per_second"] / b["tokens_per_second"]
+        ma, mb = a.get("gpu_memory_used_max_mb"), b.get("gpu_memory_used_max_mb")
+        mem = f"{ma / mb:.2f}x" if ma and mb else "n/a"
+        print(f"GC {'on ' if tag == 'gc' else 'off'}: Rust/Python tokens/s {speed:.2f}x (target >= 1.2x), GPU memory used {mem} (target <= 1.00x)")
+print("GPU memory used = nvidia-smi memory.used of the whole GPU, max of 100 ms samples: the caching allocator's "
+      "peak reserved memory + the CUDA context (same measure on both sides).")
+PYEOF

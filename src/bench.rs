@@ -1,0 +1,795 @@
+//! `glm4 bench`: training-step throughput and peak memory of LoRA fine-tuning
+//! on any GLM-4 shape, without downloading weights.
+//!
+//! The recipe is the tutorial's (SFTTrainer + LoRA + AdamW) driven through the
+//! trainer's public API only: build the model (`GlmForCausalLM::new` +
+//! `init_random`), make a dataset (synthetic ids of exactly `seq_len`, or real
+//! records tokenized with the tiny tokenizer), train `warmup + steps`
+//! optimizer steps with sequential sampling and nothing else switched on (no
+//! evaluation, checkpoints, predictions or trackers), and time the steps after
+//! the warm-up with a [`TrainerCallback`].
+//!
+//! What is reported, and how it is measured:
+//! - **tokens/s**: real (attention-mask) tokens of the measured steps divided by
+//!   the wall time from the end of the last warm-up step to the end of the last
+//!   step, so everything in the loop counts (collation, forward, backward,
+//!   clipping, the optimizer). `scripts/bench_trl.py` measures TRL the same way.
+//! - **peak RSS**: the process's high-water resident set (`VmHWM` of
+//!   `/proc/self/status`, which is what `getrusage(RUSAGE_SELF).ru_maxrss` reports).
+//! - **GPU memory** (CUDA only): tch exposes no allocator statistics, so this is
+//!   the device's `memory.used` as `nvidia-smi` reports it, sampled every 100 ms
+//!   by a child `nvidia-smi -lms 100`, maximum over the run. PyTorch's caching
+//!   allocator keeps the blocks it has reserved, so this is close to the
+//!   allocator's peak *reserved* memory plus the CUDA context (about 0.5 GB) —
+//!   not `max_memory_allocated`, which is lower.
+//! - **MFU** (CUDA only): `tokens/s × 4·N / peak`, with N the base model's
+//!   parameters (forward 2N + backward through the activations 2N; the frozen base
+//!   computes no weight gradients) and the peak 989 TFLOP/s (H100/H200 dense bf16)
+//!   unless `--peak_tflops` says otherwise.
+
+use crate::glm::{GlmConfig, GlmForCausalLM};
+use crate::runtime;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind};
+use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
+use trl_like::data::{Dataset, Origin, Record};
+use trl_like::peft::{LoraConfig, TargetModules};
+use trl_like::trainer::{CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState};
+
+/// Dense bf16 peak of an H100 SXM (and H200, the same chip), in TFLOP/s.
+pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
+
+/// The tokenizer every benchmark uses (committed with the repository).
+const TINY_DIR: &str = "weights/tiny-glm";
+
+pub const BENCH_HELP: &str = "\
+glm4 bench: LoRA training-step throughput and peak memory on any GLM-4 shape (no weights needed)
+
+  --model_config NAME|PATH        glm-4-9b, small, tiny, or a config.json / model directory (required)
+  --random_init                   random weights (needed for glm-4-9b and small, which have none here)
+  --steps N                       measured optimizer steps (default 20)
+  --warmup N                      steps run before measuring (default 3)
+  --batch_size N                  sequences per step (default 4)
+  --seq_len N                     synthetic sequence length, and max_length for real data (default 512)
+  --lora_r N                      LoRA rank (default 8)
+  --lora_alpha X                  LoRA alpha (default 32, the tutorial's)
+  --lora_dropout X                LoRA dropout (default 0.1, the tutorial's)
+  --lora_target_modules M [M ..]  modules with adapters, or all-linear (default q_proj k_proj v_proj)
+  --dtype float32|bfloat16        base weights' dtype (default float32 on CPU, bfloat16 on CUDA)
+  --device cpu|cuda|cuda:N|auto   (default auto)
+  --data synthetic|PATH.json      random ids of exactly seq_len, or records of a JSON/JSONL file
+                                  (alpaca, sharegpt, messages, text or {\"input_ids\": [...]}) (default synthetic)
+  --num_records N                 use the first N records of --data PATH (default all)
+  --gradient_checkpointing B      true|false (default false)
+  --learning_rate X               (default 5e-4, the tutorial's)
+  --seed N                        model init, LoRA init, synthetic data (default 42)
+  --num_threads N                 CPU threads for libtorch (default: libtorch's own choice)
+  --peak_tflops X                 peak for MFU (default 989 on CUDA: H100/H200 dense bf16)
+  --dump_dataset PATH             write the tokenized training records as JSON ({\"input_ids\", \"labels\"} each),
+                                  so another implementation can train on exactly the same ids
+  --json                          print one JSON object on stdout instead of the report
+";
+
+/// `glm4 bench` options.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub model_config: String,
+    pub random_init: bool,
+    pub steps: usize,
+    pub warmup: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lora_r: i64,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Vec<String>,
+    pub dtype: Option<String>,
+    pub device: String,
+    pub data: String,
+    pub num_records: Option<usize>,
+    pub gradient_checkpointing: bool,
+    pub learning_rate: f64,
+    pub seed: u64,
+    pub num_threads: Option<i32>,
+    pub peak_tflops: Option<f64>,
+    pub dump_dataset: Option<PathBuf>,
+    pub json: bool,
+}
+
+impl Default for BenchArgs {
+    fn default() -> Self {
+        Self {
+            model_config: String::new(),
+            random_init: false,
+            steps: 20,
+            warmup: 3,
+            batch_size: 4,
+            seq_len: 512,
+            lora_r: 8,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            lora_target_modules: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
+            dtype: None,
+            device: "auto".into(),
+            data: "synthetic".into(),
+            num_records: None,
+            gradient_checkpointing: false,
+            learning_rate: 5e-4,
+            seed: 42,
+            num_threads: None,
+            peak_tflops: None,
+            dump_dataset: None,
+            json: false,
+        }
+    }
+}
+
+fn parse_bool(flag: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => bail!("--{flag} {v:?} is not true or false"),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T> {
+    v.parse().map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not a valid number"))
+}
+
+/// Parses `glm4 bench` arguments (`--name value`, `--name=value`, snake or kebab case).
+/// `Ok(None)` means `--help` was asked for.
+pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
+    let mut a = BenchArgs::default();
+    let mut have_config = false;
+    let mut i = 0;
+    while i < raw.len() {
+        let arg = &raw[i];
+        let Some(body) = arg.strip_prefix("--") else {
+            bail!("unexpected argument {arg:?} (options start with --; see `glm4 bench --help`)");
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n.replace('-', "_"), Some(v.to_string())),
+            None => (body.replace('-', "_"), None),
+        };
+        // A value: the inline one, else the next argument (which must not be an option).
+        let take = |i: &mut usize| -> Result<String> {
+            if let Some(v) = &inline {
+                return Ok(v.clone());
+            }
+            match raw.get(*i + 1) {
+                Some(v) if !v.starts_with("--") => {
+                    *i += 1;
+                    Ok(v.clone())
+                }
+                _ => bail!("--{name} expects a value"),
+            }
+        };
+        match name.as_str() {
+            "help" | "h" => return Ok(None),
+            "model_config" | "model" | "config" => {
+                a.model_config = take(&mut i)?;
+                have_config = true;
+            }
+            "random_init" => {
+                // A bare flag, or an explicit true/false.
+                a.random_init = match (&inline, raw.get(i + 1)) {
+                    (Some(v), _) => parse_bool(&name, v)?,
+                    (None, Some(v)) if parse_bool(&name, v).is_ok() => {
+                        i += 1;
+                        parse_bool(&name, v)?
+                    }
+                    _ => true,
+                }
+            }
+            "steps" | "max_steps" => a.steps = parse_num(&name, &take(&mut i)?)?,
+            "warmup" | "warmup_steps" => a.warmup = parse_num(&name, &take(&mut i)?)?,
+            "batch_size" | "per_device_train_batch_size" => a.batch_size = parse_num(&name, &take(&mut i)?)?,
+            "seq_len" | "max_length" | "max_seq_length" => a.seq_len = parse_num(&name, &take(&mut i)?)?,
+            "lora_r" => a.lora_r = parse_num(&name, &take(&mut i)?)?,
+            "lora_alpha" => a.lora_alpha = parse_num(&name, &take(&mut i)?)?,
+            "lora_dropout" => a.lora_dropout = parse_num(&name, &take(&mut i)?)?,
+            "lora_target_modules" => {
+                let mut modules = Vec::new();
+                if let Some(v) = &inline {
+                    modules.extend(v.split(',').map(str::to_string));
+                }
+                while let Some(v) = raw.get(i + 1).filter(|v| !v.starts_with("--")) {
+                    modules.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+                    i += 1;
+                }
+                if modules.is_empty() {
+                    bail!("--lora_target_modules expects module names or all-linear");
+                }
+                a.lora_target_modules = modules;
+            }
+            "dtype" | "torch_dtype" => a.dtype = Some(take(&mut i)?),
+            "device" => a.device = take(&mut i)?,
+            "data" | "data_files" => a.data = take(&mut i)?,
+            "num_records" | "max_samples" => a.num_records = Some(parse_num(&name, &take(&mut i)?)?),
+            "gradient_checkpointing" => a.gradient_checkpointing = parse_bool(&name, &take(&mut i)?)?,
+            "learning_rate" => a.learning_rate = parse_num(&name, &take(&mut i)?)?,
+            "seed" => a.seed = parse_num(&name, &take(&mut i)?)?,
+            "num_threads" => a.num_threads = Some(parse_num(&name, &take(&mut i)?)?),
+            "peak_tflops" => a.peak_tflops = Some(parse_num(&name, &take(&mut i)?)?),
+            "dump_dataset" => a.dump_dataset = Some(PathBuf::from(take(&mut i)?)),
+            "json" => {
+                a.json = match &inline {
+                    Some(v) => parse_bool(&name, v)?,
+                    None => true,
+                }
+            }
+            other => bail!("unknown option --{other} (see `glm4 bench --help`)"),
+        }
+        i += 1;
+    }
+    if !have_config {
+        bail!("--model_config is required: glm-4-9b, small, tiny, or a path to a config.json (see `glm4 bench --help`)");
+    }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if a.batch_size == 0 || a.seq_len < 2 {
+        bail!("--batch_size must be at least 1 and --seq_len at least 2");
+    }
+    if a.num_threads.is_some_and(|n| n < 1) {
+        bail!("--num_threads must be at least 1");
+    }
+    Ok(Some(a))
+}
+
+/// A path in the repository: relative to the working directory, else to the
+/// source tree the binary was built from (so tests and `make` work from anywhere).
+fn repo_path(rel: &str) -> PathBuf {
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if built.exists() {
+        built
+    } else {
+        here
+    }
+}
+
+/// The `small` preset: the tiny model's config (tokenizer ids, rotary settings)
+/// widened to hidden 512, 8 layers, 8 heads (2 key/value heads), head_dim 64,
+/// intermediate 1536, vocabulary 2048 — about 26 M parameters, a CPU-sized GLM-4.
+pub fn small_config() -> Result<GlmConfig> {
+    let mut cfg = GlmConfig::from_pretrained(repo_path(TINY_DIR))?;
+    cfg.hidden_size = 512;
+    cfg.num_hidden_layers = 8;
+    cfg.num_attention_heads = 8;
+    cfg.num_key_value_heads = 2;
+    cfg.head_dim = 64;
+    cfg.intermediate_size = 1536;
+    cfg.vocab_size = 2048;
+    Ok(cfg)
+}
+
+/// Resolves `--model_config`: a preset name, a config.json, or a model directory.
+/// Returns the config and the directory to load weights from (when there is one).
+pub fn resolve_config(name: &str) -> Result<(GlmConfig, Option<PathBuf>)> {
+    match name {
+        "glm-4-9b" | "glm4-9b" | "glm-4-9b-hf" => Ok((GlmConfig::glm4_9b(), None)),
+        "small" => Ok((small_config()?, None)),
+        "tiny" => {
+            let dir = repo_path(TINY_DIR);
+            Ok((GlmConfig::from_pretrained(&dir)?, Some(dir)))
+        }
+        path => {
+            let p = PathBuf::from(path);
+            if !p.exists() {
+                bail!(
+                    "--model_config {path:?} is neither a preset (glm-4-9b, small, tiny) nor an existing config.json or model directory"
+                );
+            }
+            let cfg = GlmConfig::from_pretrained(&p)?;
+            let dir = if p.is_dir() { Some(p) } else { None };
+            Ok((cfg, dir))
+        }
+    }
+}
+
+/// SplitMix64: the same stream in `scripts/bench_trl.py`, so both sides can
+/// train on identical synthetic ids.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// `count` records of exactly `seq_len` ids drawn uniformly from `0..vocab`.
+pub fn synthetic_records(count: usize, seq_len: usize, vocab: i64, seed: u64) -> Dataset {
+    let mut rng = SplitMix64::new(seed);
+    let records = (0..count)
+        .map(|index| {
+            let ids: Vec<i64> = (0..seq_len).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
+            Record {
+                value: json!({ "input_ids": ids }),
+                origin: Origin { file: PathBuf::from("<synthetic>"), index, line: None },
+            }
+        })
+        .collect();
+    Dataset { records }
+}
+
+/// Step timestamps and token counts, shared between the callback and `run_bench`.
+#[derive(Debug, Default)]
+struct Timings {
+    /// `(global_step, time, tokens seen)` at the end of every step.
+    ends: Vec<(usize, Instant, i64)>,
+    /// Step begins, for per-step durations (excludes the loop's bookkeeping between steps).
+    begins: Vec<(usize, Instant)>,
+    /// After clipping, before the optimizer update (`on_pre_optimizer_step`).
+    pre_optimizer: Vec<(usize, Instant)>,
+    /// After the optimizer update (`on_optimizer_step`).
+    optimizer: Vec<(usize, Instant)>,
+}
+
+impl Timings {
+    /// Mean seconds of three phases over the measured steps (those starting at
+    /// `from`): forward + backward (with collation and clipping), the optimizer
+    /// update, and the rest of the step (zero_grad, bookkeeping).
+    fn phases(&self, from: usize) -> Option<(f64, f64, f64)> {
+        let at = |v: &[(usize, Instant)], s: usize| v.iter().find(|(k, _)| *k == s).map(|(_, t)| *t);
+        let mut sums = (0.0, 0.0, 0.0);
+        let mut n = 0;
+        for &(s, begin) in self.begins.iter().filter(|(s, _)| *s >= from) {
+            let (Some(pre), Some(opt), Some(end)) = (
+                at(&self.pre_optimizer, s),
+                at(&self.optimizer, s),
+                self.ends.iter().find(|(k, _, _)| *k == s + 1).map(|(_, t, _)| *t),
+            ) else {
+                continue;
+            };
+            sums.0 += (pre - begin).as_secs_f64();
+            sums.1 += (opt - pre).as_secs_f64();
+            sums.2 += (end - opt).as_secs_f64();
+            n += 1;
+        }
+        (n > 0).then(|| (sums.0 / n as f64, sums.1 / n as f64, sums.2 / n as f64))
+    }
+}
+
+/// Records when each optimizer step begins and ends. On CUDA it synchronises
+/// first, so a timestamp is taken after the GPU finished the step's work.
+struct TimingCallback {
+    timings: Rc<RefCell<Timings>>,
+    cuda: Option<i64>,
+}
+
+impl TimingCallback {
+    fn sync(&self) {
+        if let Some(i) = self.cuda {
+            tch::Cuda::synchronize(i);
+        }
+    }
+}
+
+impl TrainerCallback for TimingCallback {
+    fn on_step_begin(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+        self.sync();
+        self.timings.borrow_mut().begins.push((state.global_step, Instant::now()));
+    }
+
+    fn on_pre_optimizer_step(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+        self.sync();
+        self.timings.borrow_mut().pre_optimizer.push((state.global_step, Instant::now()));
+    }
+
+    fn on_optimizer_step(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+        self.sync();
+        self.timings.borrow_mut().optimizer.push((state.global_step, Instant::now()));
+    }
+
+    fn on_step_end(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+        self.sync();
+        self.timings.borrow_mut().ends.push((state.global_step, Instant::now(), state.num_input_tokens_seen));
+    }
+}
+
+/// `(VmHWM, VmRSS)` of this process in MiB, from `/proc/self/status`.
+pub fn rss_mb() -> (Option<f64>, Option<f64>) {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return (None, None) };
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Samples the GPU's `memory.used` every 100 ms through a child `nvidia-smi -lms 100`
+/// and keeps the maximum (MiB). See the module docs for what this number means.
+struct GpuMemoryMonitor {
+    child: Child,
+    max_mib: Arc<AtomicU64>,
+    first_mib: Arc<AtomicU64>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GpuMemoryMonitor {
+    fn start(index: usize) -> Option<Self> {
+        let mut child = Command::new("nvidia-smi")
+            .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100", "-i", &index.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdout = child.stdout.take()?;
+        let max_mib = Arc::new(AtomicU64::new(0));
+        let first_mib = Arc::new(AtomicU64::new(u64::MAX));
+        let (max2, first2) = (max_mib.clone(), first_mib.clone());
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = line.trim().parse::<u64>() {
+                    let _ = first2.compare_exchange(u64::MAX, v, Ordering::SeqCst, Ordering::SeqCst);
+                    max2.fetch_max(v, Ordering::SeqCst);
+                }
+            }
+        });
+        Some(Self { child, max_mib, first_mib, reader: Some(reader) })
+    }
+
+    /// Waits for at least one sample (nvidia-smi takes a moment to start).
+    fn wait_first(&self) {
+        let t0 = Instant::now();
+        while self.first_mib.load(Ordering::SeqCst) == u64::MAX && t0.elapsed().as_secs_f64() < 5.0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// `(first sample, maximum)` in MiB; stops the sampler.
+    fn finish(mut self) -> (Option<u64>, Option<u64>) {
+        // One more sampling period so the last step's memory is seen.
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let first = self.first_mib.load(Ordering::SeqCst);
+        let max = self.max_mib.load(Ordering::SeqCst);
+        ((first != u64::MAX).then_some(first), (max > 0).then_some(max))
+    }
+}
+
+/// Results of one benchmark run (what `--json` prints).
+fn report(
+    a: &BenchArgs,
+    cfg: &GlmConfig,
+    device: Device,
+    kind: Kind,
+    trainable: i64,
+    tokens_per_record: (usize, usize, f64),
+    timings: &Timings,
+    setup_s: f64,
+    train_s: f64,
+    rss_after_model: Option<f64>,
+    gpu: Option<(Option<u64>, Option<u64>)>,
+    train_loss: Option<f64>,
+) -> Result<Value> {
+    let ends = &timings.ends;
+    // The end of the last warm-up step (or the first begin when there is no warm-up).
+    let start = if a.warmup == 0 {
+        timings.begins.first().map(|(_, t)| (*t, 0i64))
+    } else {
+        ends.iter().find(|(s, _, _)| *s == a.warmup).map(|(_, t, n)| (*t, *n))
+    };
+    let (Some((t0, n0)), Some(&(last_step, t1, n1))) = (start, ends.last()) else {
+        bail!("training ended before any measured step");
+    };
+    let measured_steps = last_step.saturating_sub(a.warmup);
+    if measured_steps == 0 {
+        bail!("training stopped after {last_step} steps, before the measured ones");
+    }
+    let seconds = (t1 - t0).as_secs_f64();
+    let tokens = n1 - n0;
+    let tps = tokens as f64 / seconds;
+    let step_seconds: Vec<f64> = timings
+        .begins
+        .iter()
+        .filter(|(s, _)| *s >= a.warmup)
+        .filter_map(|(s, b)| ends.iter().find(|(e, _, _)| *e == s + 1).map(|(_, t, _)| (*t - *b).as_secs_f64()))
+        .collect();
+    let mut sorted = step_seconds.clone();
+    sorted.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+    let median = sorted.get(sorted.len() / 2).copied();
+    let n_params = cfg.num_parameters();
+    let flops_per_token = 4.0 * n_params as f64;
+    let peak = a.peak_tflops.or_else(|| matches!(device, Device::Cuda(_)).then_some(H100_BF16_PEAK_TFLOPS));
+    let mfu = peak.map(|p| tps * flops_per_token / (p * 1e12));
+    let (peak_rss, _) = rss_mb();
+    let (gpu_first, gpu_max) = gpu.unwrap_or((None, None));
+    let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
+    let fields: Vec<(&str, Value)> = vec![
+        ("side", json!("rust")),
+        ("implementation", json!("glm4 (tch-rs, libtorch)")),
+        ("model_config", json!(a.model_config)),
+        ("num_parameters", json!(n_params)),
+        ("trainable_parameters", json!(trainable)),
+        ("hidden_size", json!(cfg.hidden_size)),
+        ("num_hidden_layers", json!(cfg.num_hidden_layers)),
+        ("vocab_size", json!(cfg.vocab_size)),
+        ("dtype", json!(match kind { Kind::BFloat16 => "bfloat16", Kind::Half => "float16", _ => "float32" })),
+        ("device", json!(format!("{device:?}"))),
+        ("gpu_name", json!(runtime::gpu_names().into_iter().next())),
+        ("num_threads", json!(tch::get_num_threads())),
+        ("batch_size", json!(a.batch_size)),
+        ("seq_len", json!(a.seq_len)),
+        ("data", json!(a.data)),
+        ("num_records", json!(tokens_per_record.0)),
+        ("dataset_tokens", json!(tokens_per_record.1)),
+        ("mean_record_tokens", json!(round(tokens_per_record.2, 1))),
+        ("lora_r", json!(a.lora_r)),
+        ("lora_alpha", json!(a.lora_alpha)),
+        ("lora_dropout", json!(a.lora_dropout)),
+        ("lora_target_modules", json!(a.lora_target_modules)),
+        ("gradient_checkpointing", json!(a.gradient_checkpointing)),
+        ("warmup_steps", json!(a.warmup)),
+        ("measured_steps", json!(measured_steps)),
+        ("measured_tokens", json!(tokens)),
+        ("measured_seconds", json!(round(seconds, 4))),
+        ("tokens_per_second", json!(round(tps, 2))),
+        ("seconds_per_step", json!(round(seconds / measured_steps as f64, 4))),
+        ("median_step_seconds", json!(median.map(|m| round(m, 4)))),
+        ("step_seconds", json!(step_seconds.iter().map(|s| round(*s, 4)).collect::<Vec<_>>())),
+        ("phase_seconds", json!(timings.phases(a.warmup).map(|(fb, opt, rest)| json!({
+            "forward_backward": round(fb, 4), "optimizer": round(opt, 4), "rest": round(rest, 4)
+        })))),
+        ("train_loss", json!(train_loss)),
+        ("setup_seconds", json!(round(setup_s, 2))),
+        ("train_seconds", json!(round(train_s, 2))),
+        ("peak_rss_mb", json!(peak_rss.map(|m| round(m, 1)))),
+        ("rss_after_model_mb", json!(rss_after_model.map(|m| round(m, 1)))),
+        ("gpu_memory_used_max_mb", json!(gpu_max)),
+        ("gpu_memory_used_before_mb", json!(gpu_first)),
+        ("gpu_memory_note", json!(gpu.map(|_| "nvidia-smi memory.used of the whole GPU, max of 100 ms samples (≈ caching allocator's peak reserved + CUDA context)"))),
+        ("flops_per_token", json!(flops_per_token)),
+        ("peak_tflops", json!(peak)),
+        ("mfu", json!(mfu.map(|m| round(m, 4)))),
+    ];
+    Ok(Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+}
+
+fn print_report(r: &Value) {
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!("glm4 bench — {} ({:.1} M parameters, {} trainable), {} on {}", r["model_config"].as_str().unwrap_or("?"),
+        f("num_parameters") / 1e6, r["trainable_parameters"], r["dtype"].as_str().unwrap_or("?"), r["device"].as_str().unwrap_or("?"));
+    println!(
+        "  batch {} x seq_len {}, data {}, LoRA r {} on {}, gradient_checkpointing {}, {} threads",
+        r["batch_size"],
+        r["seq_len"],
+        r["data"].as_str().unwrap_or("?"),
+        r["lora_r"],
+        r["lora_target_modules"].as_array().map(|v| v.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+        r["gradient_checkpointing"], r["num_threads"]
+    );
+    println!("  measured steps     {} (after {} warm-up)", r["measured_steps"], r["warmup_steps"]);
+    println!("  tokens/s           {:.1}", f("tokens_per_second"));
+    println!("  s/step             {:.4} (median {:.4})", f("seconds_per_step"), f("median_step_seconds"));
+    println!("  peak RSS           {:.1} MB (after model creation {:.1} MB)", f("peak_rss_mb"), f("rss_after_model_mb"));
+    if let Some(g) = r["gpu_memory_used_max_mb"].as_f64() {
+        println!(
+            "  GPU memory used    {g:.0} MiB max (before the model {} MiB; nvidia-smi samples, ≈ peak reserved + context)",
+            r["gpu_memory_used_before_mb"]
+        );
+    }
+    if let Some(m) = r["mfu"].as_f64() {
+        println!("  MFU                {:.1} % (4·N FLOPs/token, peak {} TFLOP/s)", m * 100.0, r["peak_tflops"]);
+    }
+    if let Some(p) = r["phase_seconds"].as_object() {
+        let g = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        println!(
+            "  per step           forward+backward {:.4} s, optimizer {:.4} s, rest {:.4} s",
+            g("forward_backward"), g("optimizer"), g("rest")
+        );
+    }
+    if let Some(l) = r["train_loss"].as_f64() {
+        println!("  train loss         {l:.4}");
+    }
+}
+
+/// `glm4 bench ...`.
+pub fn run_bench(raw: &[String]) -> Result<()> {
+    let Some(a) = parse_args(raw)? else {
+        print!("{BENCH_HELP}");
+        return Ok(());
+    };
+    let t_setup = Instant::now();
+    if let Some(n) = a.num_threads {
+        tch::set_num_threads(n);
+    }
+    let (cfg, weights_dir) = resolve_config(&a.model_config)?;
+    let device = runtime::parse_device(&a.device)?;
+    let kind = match a.dtype.as_deref() {
+        None | Some("auto") => if device == Device::Cpu { Kind::Float } else { Kind::BFloat16 },
+        Some(name) => crate::glm::dtype_from_name(name)
+            .with_context(|| format!("--dtype {name:?} is not one of float32, bfloat16, float16"))?,
+    };
+    if device == Device::Cpu && kind != Kind::Float {
+        eprintln!("note: {kind:?} matmuls on CPUs without AMX/AVX512-BF16 are far slower than float32");
+    }
+    let has_weights = weights_dir.as_ref().is_some_and(|d| d.join("model.safetensors").exists() || d.join("model.safetensors.index.json").exists());
+    if !a.random_init && !has_weights {
+        bail!("--model_config {}: no weights to load here; pass --random_init to benchmark this shape with random weights", a.model_config);
+    }
+
+    let gpu_monitor = match device {
+        Device::Cuda(i) => GpuMemoryMonitor::start(i),
+        _ => None,
+    };
+    if let Some(m) = &gpu_monitor {
+        m.wait_first();
+    }
+
+    let tokenizer = crate::load_tokenizer(&repo_path(TINY_DIR))?;
+    let dataset = if a.data == "synthetic" {
+        // Enough distinct sequences that no measured step repeats a batch.
+        let count = a.batch_size * (a.warmup + a.steps);
+        synthetic_records(count, a.seq_len, cfg.vocab_size, a.seed)
+    } else {
+        let path = PathBuf::from(&a.data);
+        if !path.exists() {
+            bail!("--data {}: no such file (or use --data synthetic)", a.data);
+        }
+        let mut ds = Dataset::from_json_files(&[path])?;
+        if let Some(n) = a.num_records {
+            ds.records.truncate(n);
+        }
+        ds
+    };
+
+    let mut model = if a.random_init {
+        let m = GlmForCausalLM::new(cfg.clone(), device, kind);
+        m.init_random(a.seed as i64);
+        m
+    } else {
+        let dir = weights_dir.clone().expect("checked above");
+        GlmForCausalLM::from_pretrained(&dir, Some(kind), device)?
+    };
+    // LoRA trains the adapters only. `new` + `init_random` leaves the base weights
+    // trainable (only `from_pretrained` freezes them), and the trainer does not
+    // freeze them either, so without this every step would also compute (and
+    // keep) a gradient for all N base weights.
+    model.vs.freeze();
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let (_, rss_after_model) = rss_mb();
+
+    let targets = if a.lora_target_modules.iter().any(|m| m == "all-linear") {
+        TargetModules::AllLinear
+    } else {
+        TargetModules::Names(a.lora_target_modules.clone())
+    };
+    let lora = LoraConfig::new(a.lora_r, a.lora_alpha, a.lora_dropout, targets);
+    let output_dir = std::env::temp_dir().join(format!("glm4-bench-{}", std::process::id()));
+    let args = SFTConfig {
+        output_dir: output_dir.display().to_string(),
+        max_steps: (a.warmup + a.steps) as i64,
+        per_device_train_batch_size: a.batch_size,
+        gradient_accumulation_steps: 1,
+        learning_rate: a.learning_rate,
+        bf16: Some(kind == Kind::BFloat16),
+        max_length: Some(a.seq_len),
+        gradient_checkpointing: a.gradient_checkpointing,
+        logging_strategy: IntervalStrategy::No,
+        eval_strategy: IntervalStrategy::No,
+        save_strategy: SaveStrategy::No,
+        report_to: vec!["none".into()],
+        disable_tqdm: true,
+        train_sampling_strategy: SamplingStrategy::Sequential,
+        seed: a.seed,
+        use_cpu: device == Device::Cpu,
+        ..SFTConfig::default()
+    };
+    let timings = Rc::new(RefCell::new(Timings::default()));
+    let callback = TimingCallback {
+        timings: timings.clone(),
+        cuda: match device {
+            Device::Cuda(i) => Some(i as i64),
+            _ => None,
+        },
+    };
+    let mut trainer = SFTTrainer::new(model, args, &dataset, None, tokenizer, Some(lora), None, vec![Box::new(callback)])?;
+    let (trainable, _) = trainer.trainable_parameters();
+    let lens: Vec<usize> = trainer.train_dataset.iter().map(|e| e.input_ids.len()).collect();
+    let total_tokens: usize = lens.iter().sum();
+    let record_stats = (lens.len(), total_tokens, total_tokens as f64 / lens.len().max(1) as f64);
+    if let Some(path) = &a.dump_dataset {
+        let records: Vec<Value> =
+            trainer.train_dataset.iter().map(|e| json!({"input_ids": e.input_ids, "labels": e.labels})).collect();
+        std::fs::write(path, serde_json::to_string(&records)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let setup_s = t_setup.elapsed().as_secs_f64();
+
+    let t_train = Instant::now();
+    let out = trainer.train();
+    let train_s = t_train.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&output_dir);
+    let out = out?;
+    let gpu = gpu_monitor.map(GpuMemoryMonitor::finish);
+    let r = report(
+        &a,
+        &cfg,
+        device,
+        kind,
+        trainable,
+        record_stats,
+        &timings.borrow(),
+        setup_s,
+        train_s,
+        rss_after_model,
+        gpu,
+        Some(out.training_loss),
+    )?;
+    if a.json {
+        println!("{r}");
+    } else {
+        print_report(&r);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn parses_flags_lists_and_bare_switches() {
+        let a = parse_args(&args(
+            "--model_config small --random_init --steps 5 --lora-target-modules q_proj v_proj --json --seq_len=64 --gradient_checkpointing true",
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(a.random_init && a.json && a.gradient_checkpointing);
+        assert_eq!((a.steps, a.seq_len), (5, 64));
+        assert_eq!(a.lora_target_modules, ["q_proj", "v_proj"]);
+        assert!(parse_args(&args("--model_config tiny --bogus 1")).unwrap_err().to_string().contains("--bogus"));
+        assert!(parse_args(&args("--steps 3")).unwrap_err().to_string().contains("--model_config"));
+        assert!(parse_args(&args("--help")).unwrap().is_none());
+    }
+
+    #[test]
+    fn splitmix_matches_the_reference_stream() {
+        // First outputs of SplitMix64 seeded with 0 (Vigna's reference implementation).
+        let mut r = SplitMix64::new(0);
+        assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+    }
+
+    #[test]
+    fn small_preset_has_the_documented_shape() {
+        let c = small_config().unwrap();
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads), (512, 8, 8, 2));
+        assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size), (64, 1536, 2048));
+    }
+}
