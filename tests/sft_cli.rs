@@ -368,3 +368,36 @@ fn nonfinite_steps_are_skipped_then_stop_the_run() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&out2);
 }
+
+/// A write error while saving a checkpoint (here the temporary checkpoint path is
+/// taken by a file) stops the run with an error naming the path, and the earlier
+/// checkpoint stays intact and resumable.
+#[test]
+fn write_error_during_save_keeps_earlier_checkpoints() {
+    let out = tmp("writeerr");
+    let o = out.to_str().unwrap();
+    let extra = ["--save_steps", "1", "--no_predict"];
+    let mut first: Vec<&str> = sft_args(o, &extra);
+    first.extend_from_slice(&["--max_steps", "1"]);
+    ok(&glm4(&first, &[]));
+    let before = adapter(&out.join("checkpoint-1"));
+    std::fs::write(out.join(".checkpoint-2.partial"), "in the way").unwrap();
+    let mut second: Vec<&str> = sft_args(o, &extra);
+    second.extend_from_slice(&["--max_steps", "3"]);
+    let res = glm4(&second, &[]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains(".checkpoint-2.partial") && !err.contains("panicked"), "{err}");
+    assert!(out.join("checkpoint-1/trainer_state.json").is_file(), "the earlier checkpoint must survive");
+    for ((na, ta), (nb, tb)) in before.iter().zip(adapter(&out.join("checkpoint-1")).iter()) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "checkpoint-1 changed");
+    }
+    // Once the obstacle is gone, the same command resumes from checkpoint-1 and finishes.
+    std::fs::remove_file(out.join(".checkpoint-2.partial")).unwrap();
+    let res = glm4(&second, &[]);
+    let log = String::from_utf8_lossy(&res.stderr).into_owned();
+    ok(&res);
+    assert!(log.contains("resuming from") && log.contains("checkpoint-1"), "{log}");
+    let _ = std::fs::remove_dir_all(&out);
+}
