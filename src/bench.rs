@@ -141,6 +141,18 @@ fn parse_bool(flag: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// A switch: bare (`--json`), or with an explicit `true`/`false` (inline or next).
+fn switch(name: &str, inline: &Option<String>, raw: &[String], i: &mut usize) -> Result<bool> {
+    match (inline, raw.get(*i + 1)) {
+        (Some(v), _) => parse_bool(name, v),
+        (None, Some(v)) if parse_bool(name, v).is_ok() => {
+            *i += 1;
+            parse_bool(name, v)
+        }
+        _ => Ok(true),
+    }
+}
+
 fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T> {
     v.parse().map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not a valid number"))
 }
@@ -179,17 +191,7 @@ pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
                 a.model_config = take(&mut i)?;
                 have_config = true;
             }
-            "random_init" => {
-                // A bare flag, or an explicit true/false.
-                a.random_init = match (&inline, raw.get(i + 1)) {
-                    (Some(v), _) => parse_bool(&name, v)?,
-                    (None, Some(v)) if parse_bool(&name, v).is_ok() => {
-                        i += 1;
-                        parse_bool(&name, v)?
-                    }
-                    _ => true,
-                }
-            }
+            "random_init" => a.random_init = switch(&name, &inline, raw, &mut i)?,
             "steps" | "max_steps" => a.steps = parse_num(&name, &take(&mut i)?)?,
             "warmup" | "warmup_steps" => a.warmup = parse_num(&name, &take(&mut i)?)?,
             "batch_size" | "per_device_train_batch_size" => a.batch_size = parse_num(&name, &take(&mut i)?)?,
@@ -221,12 +223,7 @@ pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
             "num_threads" => a.num_threads = Some(parse_num(&name, &take(&mut i)?)?),
             "peak_tflops" => a.peak_tflops = Some(parse_num(&name, &take(&mut i)?)?),
             "dump_dataset" => a.dump_dataset = Some(PathBuf::from(take(&mut i)?)),
-            "json" => {
-                a.json = match &inline {
-                    Some(v) => parse_bool(&name, v)?,
-                    None => true,
-                }
-            }
+            "json" => a.json = switch(&name, &inline, raw, &mut i)?,
             other => bail!("unknown option --{other} (see `glm4 bench --help`)"),
         }
         i += 1;
@@ -478,6 +475,7 @@ impl GpuMemoryMonitor {
 }
 
 /// Results of one benchmark run (what `--json` prints).
+#[allow(clippy::too_many_arguments)]
 fn report(
     a: &BenchArgs,
     cfg: &GlmConfig,
@@ -776,6 +774,8 @@ mod tests {
         assert!(parse_args(&args("--model_config tiny --bogus 1")).unwrap_err().to_string().contains("--bogus"));
         assert!(parse_args(&args("--steps 3")).unwrap_err().to_string().contains("--model_config"));
         assert!(parse_args(&args("--help")).unwrap().is_none());
+        let b = parse_args(&args("--model_config tiny --json false --random_init=false")).unwrap().unwrap();
+        assert!(!b.json && !b.random_init);
     }
 
     #[test]

@@ -267,7 +267,13 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ) -> Self {
         let device = model.device();
         let params: Vec<(String, Tensor)> = match &peft {
-            Some(adapter) => adapter.named_parameters(),
+            Some(adapter) => {
+                // Like PEFT: the base is frozen, so backward never computes its weight gradients.
+                for (_, t) in model.named_parameters() {
+                    let _ = t.set_requires_grad(false);
+                }
+                adapter.named_parameters()
+            }
             // Full fine-tuning: every base weight is trained.
             None => model.named_parameters().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect(),
         };
@@ -616,8 +622,9 @@ struct LossOutput {
 }
 
 /// Tokens per loss chunk: the fp32 logits of one chunk are `chunk × vocab`
-/// (1024 × 151,552 × 4 B = 620 MB for GLM-4) instead of the whole batch's.
-pub const LOSS_CHUNK_TOKENS: i64 = 1024;
+/// (256 × 151,552 × 4 B = 155 MB for GLM-4) instead of the whole batch's
+/// (2 × 512 tokens: 620 MB, plus their gradient).
+pub const LOSS_CHUNK_TOKENS: i64 = 256;
 
 /// Training events, mapped onto [`TrainerCallback`] methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
