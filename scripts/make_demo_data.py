@@ -353,7 +353,14 @@ def main() -> None:
     assert len({(r["instruction"], r["input"]) for r in a}) == len(a), "duplicate prompt"
     write(DATA / "demo_alpaca.json", a)
     write(DATA / "demo_toolcall.json", t)
-    print(f"wrote {len(a)} alpaca records, {len(t)} tool-call records into {DATA}")
+    # `make demo` also trains on extra copies of the two questions its prediction
+    # callback asks: the tiny random model then learns those answers reliably,
+    # whatever small numeric differences (thread counts, loss chunking) do to
+    # the rest of the run.
+    focus = [r for r in a if r["instruction"] in ("你好，告诉我你的名字。", "告诉我1+2等于多少？") and not r["input"]] * 3
+    assert len(focus) == 6, len(focus)
+    write(DATA / "demo_callback_focus.json", focus)
+    print(f"wrote {len(a)} alpaca records, {len(t)} tool-call records, {len(focus)} focus records into {DATA}")
 
 
 if __name__ == "__main__":
