@@ -43,7 +43,9 @@ use tch::{Device, Kind};
 use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
-use trl_like::trainer::{CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState};
+use trl_like::trainer::{
+    CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
+};
 
 /// Dense bf16 peak of an H100 SXM (and H200, the same chip), in TFLOP/s.
 pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
@@ -154,7 +156,8 @@ fn switch(name: &str, inline: &Option<String>, raw: &[String], i: &mut usize) ->
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T> {
-    v.parse().map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not a valid number"))
+    v.parse()
+        .map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not a valid number"))
 }
 
 /// Parses `glm4 bench` arguments (`--name value`, `--name=value`, snake or kebab case).
@@ -194,8 +197,12 @@ pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
             "random_init" => a.random_init = switch(&name, &inline, raw, &mut i)?,
             "steps" | "max_steps" => a.steps = parse_num(&name, &take(&mut i)?)?,
             "warmup" | "warmup_steps" => a.warmup = parse_num(&name, &take(&mut i)?)?,
-            "batch_size" | "per_device_train_batch_size" => a.batch_size = parse_num(&name, &take(&mut i)?)?,
-            "seq_len" | "max_length" | "max_seq_length" => a.seq_len = parse_num(&name, &take(&mut i)?)?,
+            "batch_size" | "per_device_train_batch_size" => {
+                a.batch_size = parse_num(&name, &take(&mut i)?)?
+            }
+            "seq_len" | "max_length" | "max_seq_length" => {
+                a.seq_len = parse_num(&name, &take(&mut i)?)?
+            }
             "lora_r" => a.lora_r = parse_num(&name, &take(&mut i)?)?,
             "lora_alpha" => a.lora_alpha = parse_num(&name, &take(&mut i)?)?,
             "lora_dropout" => a.lora_dropout = parse_num(&name, &take(&mut i)?)?,
@@ -216,8 +223,12 @@ pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
             "dtype" | "torch_dtype" => a.dtype = Some(take(&mut i)?),
             "device" => a.device = take(&mut i)?,
             "data" | "data_files" => a.data = take(&mut i)?,
-            "num_records" | "max_samples" => a.num_records = Some(parse_num(&name, &take(&mut i)?)?),
-            "gradient_checkpointing" => a.gradient_checkpointing = parse_bool(&name, &take(&mut i)?)?,
+            "num_records" | "max_samples" => {
+                a.num_records = Some(parse_num(&name, &take(&mut i)?)?)
+            }
+            "gradient_checkpointing" => {
+                a.gradient_checkpointing = parse_bool(&name, &take(&mut i)?)?
+            }
             "learning_rate" => a.learning_rate = parse_num(&name, &take(&mut i)?)?,
             "seed" => a.seed = parse_num(&name, &take(&mut i)?)?,
             "num_threads" => a.num_threads = Some(parse_num(&name, &take(&mut i)?)?),
@@ -320,10 +331,16 @@ pub fn synthetic_records(count: usize, seq_len: usize, vocab: i64, seed: u64) ->
     let mut rng = SplitMix64::new(seed);
     let records = (0..count)
         .map(|index| {
-            let ids: Vec<i64> = (0..seq_len).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
+            let ids: Vec<i64> = (0..seq_len)
+                .map(|_| (rng.next_u64() % vocab as u64) as i64)
+                .collect();
             Record {
                 value: json!({ "input_ids": ids }),
-                origin: Origin { file: PathBuf::from("<synthetic>"), index, line: None },
+                origin: Origin {
+                    file: PathBuf::from("<synthetic>"),
+                    index,
+                    line: None,
+                },
             }
         })
         .collect();
@@ -348,14 +365,18 @@ impl Timings {
     /// `from`): forward + backward (with collation and clipping), the optimizer
     /// update, and the rest of the step (zero_grad, bookkeeping).
     fn phases(&self, from: usize) -> Option<(f64, f64, f64)> {
-        let at = |v: &[(usize, Instant)], s: usize| v.iter().find(|(k, _)| *k == s).map(|(_, t)| *t);
+        let at =
+            |v: &[(usize, Instant)], s: usize| v.iter().find(|(k, _)| *k == s).map(|(_, t)| *t);
         let mut sums = (0.0, 0.0, 0.0);
         let mut n = 0;
         for &(s, begin) in self.begins.iter().filter(|(s, _)| *s >= from) {
             let (Some(pre), Some(opt), Some(end)) = (
                 at(&self.pre_optimizer, s),
                 at(&self.optimizer, s),
-                self.ends.iter().find(|(k, _, _)| *k == s + 1).map(|(_, t, _)| *t),
+                self.ends
+                    .iter()
+                    .find(|(k, _, _)| *k == s + 1)
+                    .map(|(_, t, _)| *t),
             ) else {
                 continue;
             };
@@ -384,30 +405,69 @@ impl TimingCallback {
 }
 
 impl TrainerCallback for TimingCallback {
-    fn on_step_begin(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_step_begin(
+        &mut self,
+        _a: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         self.sync();
-        self.timings.borrow_mut().begins.push((state.global_step, Instant::now()));
+        self.timings
+            .borrow_mut()
+            .begins
+            .push((state.global_step, Instant::now()));
     }
 
-    fn on_pre_optimizer_step(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_pre_optimizer_step(
+        &mut self,
+        _a: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         self.sync();
-        self.timings.borrow_mut().pre_optimizer.push((state.global_step, Instant::now()));
+        self.timings
+            .borrow_mut()
+            .pre_optimizer
+            .push((state.global_step, Instant::now()));
     }
 
-    fn on_optimizer_step(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_optimizer_step(
+        &mut self,
+        _a: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         self.sync();
-        self.timings.borrow_mut().optimizer.push((state.global_step, Instant::now()));
+        self.timings
+            .borrow_mut()
+            .optimizer
+            .push((state.global_step, Instant::now()));
     }
 
-    fn on_step_end(&mut self, _a: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_step_end(
+        &mut self,
+        _a: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         self.sync();
-        self.timings.borrow_mut().ends.push((state.global_step, Instant::now(), state.num_input_tokens_seen));
+        self.timings.borrow_mut().ends.push((
+            state.global_step,
+            Instant::now(),
+            state.num_input_tokens_seen,
+        ));
     }
 }
 
 /// `(VmHWM, VmRSS)` of this process in MiB, from `/proc/self/status`.
 pub fn rss_mb() -> (Option<f64>, Option<f64>) {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return (None, None) };
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return (None, None);
+    };
     let field = |key: &str| {
         status
             .lines()
@@ -431,7 +491,14 @@ struct GpuMemoryMonitor {
 impl GpuMemoryMonitor {
     fn start(index: usize) -> Option<Self> {
         let mut child = Command::new("nvidia-smi")
-            .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100", "-i", &index.to_string()])
+            .args([
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "100",
+                "-i",
+                &index.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -443,18 +510,25 @@ impl GpuMemoryMonitor {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(v) = line.trim().parse::<u64>() {
-                    let _ = first2.compare_exchange(u64::MAX, v, Ordering::SeqCst, Ordering::SeqCst);
+                    let _ =
+                        first2.compare_exchange(u64::MAX, v, Ordering::SeqCst, Ordering::SeqCst);
                     max2.fetch_max(v, Ordering::SeqCst);
                 }
             }
         });
-        Some(Self { child, max_mib, first_mib, reader: Some(reader) })
+        Some(Self {
+            child,
+            max_mib,
+            first_mib,
+            reader: Some(reader),
+        })
     }
 
     /// Waits for at least one sample (nvidia-smi takes a moment to start).
     fn wait_first(&self) {
         let t0 = Instant::now();
-        while self.first_mib.load(Ordering::SeqCst) == u64::MAX && t0.elapsed().as_secs_f64() < 5.0 {
+        while self.first_mib.load(Ordering::SeqCst) == u64::MAX && t0.elapsed().as_secs_f64() < 5.0
+        {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
@@ -470,7 +544,10 @@ impl GpuMemoryMonitor {
         }
         let first = self.first_mib.load(Ordering::SeqCst);
         let max = self.max_mib.load(Ordering::SeqCst);
-        ((first != u64::MAX).then_some(first), (max > 0).then_some(max))
+        (
+            (first != u64::MAX).then_some(first),
+            (max > 0).then_some(max),
+        )
     }
 }
 
@@ -495,7 +572,9 @@ fn report(
     let start = if a.warmup == 0 {
         timings.begins.first().map(|(_, t)| (*t, 0i64))
     } else {
-        ends.iter().find(|(s, _, _)| *s == a.warmup).map(|(_, t, n)| (*t, *n))
+        ends.iter()
+            .find(|(s, _, _)| *s == a.warmup)
+            .map(|(_, t, n)| (*t, *n))
     };
     let (Some((t0, n0)), Some(&(last_step, t1, n1))) = (start, ends.last()) else {
         bail!("training ended before any measured step");
@@ -511,14 +590,20 @@ fn report(
         .begins
         .iter()
         .filter(|(s, _)| *s >= a.warmup)
-        .filter_map(|(s, b)| ends.iter().find(|(e, _, _)| *e == s + 1).map(|(_, t, _)| (*t - *b).as_secs_f64()))
+        .filter_map(|(s, b)| {
+            ends.iter()
+                .find(|(e, _, _)| *e == s + 1)
+                .map(|(_, t, _)| (*t - *b).as_secs_f64())
+        })
         .collect();
     let mut sorted = step_seconds.clone();
     sorted.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
     let median = sorted.get(sorted.len() / 2).copied();
     let n_params = cfg.num_parameters();
     let flops_per_token = 4.0 * n_params as f64;
-    let peak = a.peak_tflops.or_else(|| matches!(device, Device::Cuda(_)).then_some(H100_BF16_PEAK_TFLOPS));
+    let peak = a
+        .peak_tflops
+        .or_else(|| matches!(device, Device::Cuda(_)).then_some(H100_BF16_PEAK_TFLOPS));
     let mfu = peak.map(|p| tps * flops_per_token / (p * 1e12));
     let (peak_rss, _) = rss_mb();
     let (gpu_first, gpu_max) = gpu.unwrap_or((None, None));
@@ -570,26 +655,56 @@ fn report(
         ("peak_tflops", json!(peak)),
         ("mfu", json!(mfu.map(|m| round(m, 4)))),
     ];
-    Ok(Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+    Ok(Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    ))
 }
 
 fn print_report(r: &Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("glm4 bench — {} ({:.1} M parameters, {} trainable), {} on {}", r["model_config"].as_str().unwrap_or("?"),
-        f("num_parameters") / 1e6, r["trainable_parameters"], r["dtype"].as_str().unwrap_or("?"), r["device"].as_str().unwrap_or("?"));
+    println!(
+        "glm4 bench — {} ({:.1} M parameters, {} trainable), {} on {}",
+        r["model_config"].as_str().unwrap_or("?"),
+        f("num_parameters") / 1e6,
+        r["trainable_parameters"],
+        r["dtype"].as_str().unwrap_or("?"),
+        r["device"].as_str().unwrap_or("?")
+    );
     println!(
         "  batch {} x seq_len {}, data {}, LoRA r {} on {}, gradient_checkpointing {}, {} threads",
         r["batch_size"],
         r["seq_len"],
         r["data"].as_str().unwrap_or("?"),
         r["lora_r"],
-        r["lora_target_modules"].as_array().map(|v| v.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
-        r["gradient_checkpointing"], r["num_threads"]
+        r["lora_target_modules"]
+            .as_array()
+            .map(|v| v
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default(),
+        r["gradient_checkpointing"],
+        r["num_threads"]
     );
-    println!("  measured steps     {} (after {} warm-up)", r["measured_steps"], r["warmup_steps"]);
+    println!(
+        "  measured steps     {} (after {} warm-up)",
+        r["measured_steps"], r["warmup_steps"]
+    );
     println!("  tokens/s           {:.1}", f("tokens_per_second"));
-    println!("  s/step             {:.4} (median {:.4})", f("seconds_per_step"), f("median_step_seconds"));
-    println!("  peak RSS           {:.1} MB (after model creation {:.1} MB)", f("peak_rss_mb"), f("rss_after_model_mb"));
+    println!(
+        "  s/step             {:.4} (median {:.4})",
+        f("seconds_per_step"),
+        f("median_step_seconds")
+    );
+    println!(
+        "  peak RSS           {:.1} MB (after model creation {:.1} MB)",
+        f("peak_rss_mb"),
+        f("rss_after_model_mb")
+    );
     if let Some(g) = r["gpu_memory_used_max_mb"].as_f64() {
         println!(
             "  GPU memory used    {g:.0} MiB max (before the model {} MiB; nvidia-smi samples, ≈ peak reserved + context)",
@@ -597,13 +712,19 @@ fn print_report(r: &Value) {
         );
     }
     if let Some(m) = r["mfu"].as_f64() {
-        println!("  MFU                {:.1} % (4·N FLOPs/token, peak {} TFLOP/s)", m * 100.0, r["peak_tflops"]);
+        println!(
+            "  MFU                {:.1} % (4·N FLOPs/token, peak {} TFLOP/s)",
+            m * 100.0,
+            r["peak_tflops"]
+        );
     }
     if let Some(p) = r["phase_seconds"].as_object() {
         let g = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         println!(
             "  per step           forward+backward {:.4} s, optimizer {:.4} s, rest {:.4} s",
-            g("forward_backward"), g("optimizer"), g("rest")
+            g("forward_backward"),
+            g("optimizer"),
+            g("rest")
         );
     }
     if let Some(l) = r["train_loss"].as_f64() {
@@ -624,14 +745,25 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
     let (cfg, weights_dir) = resolve_config(&a.model_config)?;
     let device = runtime::parse_device(&a.device)?;
     let kind = match a.dtype.as_deref() {
-        None | Some("auto") => if device == Device::Cpu { Kind::Float } else { Kind::BFloat16 },
-        Some(name) => crate::glm::dtype_from_name(name)
-            .with_context(|| format!("--dtype {name:?} is not one of float32, bfloat16, float16"))?,
+        None | Some("auto") => {
+            if device == Device::Cpu {
+                Kind::Float
+            } else {
+                Kind::BFloat16
+            }
+        }
+        Some(name) => crate::glm::dtype_from_name(name).with_context(|| {
+            format!("--dtype {name:?} is not one of float32, bfloat16, float16")
+        })?,
     };
     if device == Device::Cpu && kind != Kind::Float {
-        eprintln!("note: {kind:?} matmuls on CPUs without AMX/AVX512-BF16 are far slower than float32");
+        eprintln!(
+            "note: {kind:?} matmuls on CPUs without AMX/AVX512-BF16 are far slower than float32"
+        );
     }
-    let has_weights = weights_dir.as_ref().is_some_and(|d| d.join("model.safetensors").exists() || d.join("model.safetensors.index.json").exists());
+    let has_weights = weights_dir.as_ref().is_some_and(|d| {
+        d.join("model.safetensors").exists() || d.join("model.safetensors.index.json").exists()
+    });
     if !a.random_init && !has_weights {
         bail!("--model_config {}: no weights to load here; pass --random_init to benchmark this shape with random weights", a.model_config);
     }
@@ -713,15 +845,36 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
             _ => None,
         },
     };
-    let mut trainer = SFTTrainer::new(model, args, &dataset, None, tokenizer, Some(lora), None, vec![Box::new(callback)])?;
+    let mut trainer = SFTTrainer::new(
+        model,
+        args,
+        &dataset,
+        None,
+        tokenizer,
+        Some(lora),
+        None,
+        vec![Box::new(callback)],
+    )?;
     let (trainable, _) = trainer.trainable_parameters();
-    let lens: Vec<usize> = trainer.train_dataset.iter().map(|e| e.input_ids.len()).collect();
+    let lens: Vec<usize> = trainer
+        .train_dataset
+        .iter()
+        .map(|e| e.input_ids.len())
+        .collect();
     let total_tokens: usize = lens.iter().sum();
-    let record_stats = (lens.len(), total_tokens, total_tokens as f64 / lens.len().max(1) as f64);
+    let record_stats = (
+        lens.len(),
+        total_tokens,
+        total_tokens as f64 / lens.len().max(1) as f64,
+    );
     if let Some(path) = &a.dump_dataset {
-        let records: Vec<Value> =
-            trainer.train_dataset.iter().map(|e| json!({"input_ids": e.input_ids, "labels": e.labels})).collect();
-        std::fs::write(path, serde_json::to_string(&records)?).with_context(|| format!("writing {}", path.display()))?;
+        let records: Vec<Value> = trainer
+            .train_dataset
+            .iter()
+            .map(|e| json!({"input_ids": e.input_ids, "labels": e.labels}))
+            .collect();
+        std::fs::write(path, serde_json::to_string(&records)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let setup_s = t_setup.elapsed().as_secs_f64();
 
@@ -771,10 +924,20 @@ mod tests {
         assert!(a.random_init && a.json && a.gradient_checkpointing);
         assert_eq!((a.steps, a.seq_len), (5, 64));
         assert_eq!(a.lora_target_modules, ["q_proj", "v_proj"]);
-        assert!(parse_args(&args("--model_config tiny --bogus 1")).unwrap_err().to_string().contains("--bogus"));
-        assert!(parse_args(&args("--steps 3")).unwrap_err().to_string().contains("--model_config"));
+        assert!(parse_args(&args("--model_config tiny --bogus 1"))
+            .unwrap_err()
+            .to_string()
+            .contains("--bogus"));
+        assert!(parse_args(&args("--steps 3"))
+            .unwrap_err()
+            .to_string()
+            .contains("--model_config"));
         assert!(parse_args(&args("--help")).unwrap().is_none());
-        let b = parse_args(&args("--model_config tiny --json false --random_init=false")).unwrap().unwrap();
+        let b = parse_args(&args(
+            "--model_config tiny --json false --random_init=false",
+        ))
+        .unwrap()
+        .unwrap();
         assert!(!b.json && !b.random_init);
     }
 
@@ -789,7 +952,18 @@ mod tests {
     #[test]
     fn small_preset_has_the_documented_shape() {
         let c = small_config().unwrap();
-        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads), (512, 8, 8, 2));
-        assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size), (64, 1536, 2048));
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.num_key_value_heads
+            ),
+            (512, 8, 8, 2)
+        );
+        assert_eq!(
+            (c.head_dim, c.intermediate_size, c.vocab_size),
+            (64, 1536, 2048)
+        );
     }
 }

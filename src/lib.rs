@@ -7,10 +7,10 @@ pub mod glm;
 /// (tool-aware; starts with `[gMASK]<sop>`).
 pub const GLM4_CHAT_TEMPLATE: &str = include_str!("glm4_chat_template.jinja");
 
-pub mod runtime;
-pub mod preview;
-pub mod sft;
 pub mod bench;
+pub mod preview;
+pub mod runtime;
+pub mod sft;
 
 use std::path::Path;
 use trl_like::tokenizer::PreTrainedTokenizer;
@@ -26,7 +26,10 @@ pub fn load_tokenizer(dir: &Path) -> anyhow::Result<PreTrainedTokenizer> {
         }
     }
     if tokenizer.chat_template().is_none() {
-        eprintln!("note: {} has no chat template; using the GLM-4 template", dir.display());
+        eprintln!(
+            "note: {} has no chat template; using the GLM-4 template",
+            dir.display()
+        );
         tokenizer.set_chat_template(GLM4_CHAT_TEMPLATE.to_string());
     }
     Ok(tokenizer)

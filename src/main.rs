@@ -15,7 +15,11 @@ use trl_like::peft::{merge_and_unload, PeftAdapter};
 use trl_like::tokenizer::PreTrainedTokenizer;
 
 #[derive(Parser)]
-#[command(name = "glm4", version, about = "Fine-tune and chat with GLM-4 from Rust (tch / libtorch)")]
+#[command(
+    name = "glm4",
+    version,
+    about = "Fine-tune and chat with GLM-4 from Rust (tch / libtorch)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,12 @@ struct MergeArgs {
     #[arg(long = "output_dir", alias = "output-dir")]
     output_dir: PathBuf,
     /// Dtype of the merged weights (auto: the base checkpoint's).
-    #[arg(long = "torch_dtype", alias = "torch-dtype", visible_alias = "dtype", default_value = "auto")]
+    #[arg(
+        long = "torch_dtype",
+        alias = "torch-dtype",
+        visible_alias = "dtype",
+        default_value = "auto"
+    )]
     torch_dtype: String,
 }
 
@@ -92,13 +101,22 @@ struct DownloadArgs {
 #[derive(Args)]
 struct ModelArgs {
     /// Model directory (config.json, safetensors weights, tokenizer files).
-    #[arg(long = "model_name_or_path", alias = "model-name-or-path", default_value = "./weights/glm-4-9b-hf")]
+    #[arg(
+        long = "model_name_or_path",
+        alias = "model-name-or-path",
+        default_value = "./weights/glm-4-9b-hf"
+    )]
     model_name_or_path: PathBuf,
     /// LoRA adapter directory (PEFT format) to apply on top of the model.
     #[arg(long = "adapter_path", alias = "adapter-path")]
     adapter_path: Option<PathBuf>,
     /// auto, bfloat16, float16 or float32 (auto: the checkpoint's dtype on CUDA, float32 on CPU).
-    #[arg(long = "torch_dtype", alias = "torch-dtype", visible_alias = "dtype", default_value = "auto")]
+    #[arg(
+        long = "torch_dtype",
+        alias = "torch-dtype",
+        visible_alias = "dtype",
+        default_value = "auto"
+    )]
     torch_dtype: String,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -133,7 +151,11 @@ struct GenerateArgs {
     /// Send the prompt as one user message through the chat template.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     chat: bool,
-    #[arg(long = "max_new_tokens", alias = "max-new-tokens", default_value_t = 256)]
+    #[arg(
+        long = "max_new_tokens",
+        alias = "max-new-tokens",
+        default_value_t = 256
+    )]
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -157,7 +179,11 @@ struct ChatArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0.6)]
     temperature: f64,
-    #[arg(long = "repetition_penalty", alias = "repetition-penalty", default_value_t = 1.2)]
+    #[arg(
+        long = "repetition_penalty",
+        alias = "repetition-penalty",
+        default_value_t = 1.2
+    )]
     repetition_penalty: f64,
     #[arg(long = "do_sample", alias = "do-sample", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
     do_sample: bool,
@@ -252,7 +278,9 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             tokenizer = glm4::load_tokenizer(adapter)?;
         }
     }
-    let mut generation = GenerationConfig::from_pretrained(dir).map_err(anyhow::Error::msg)?.unwrap_or_default();
+    let mut generation = GenerationConfig::from_pretrained(dir)
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
     }
@@ -262,7 +290,11 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     if generation.pad_token_id.is_none() {
         generation.pad_token_id = tokenizer.pad_token_id().or(model.config.pad_token_id);
     }
-    Ok(Loaded { model, tokenizer, generation })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        generation,
+    })
 }
 
 fn apply_sampling(cfg: &mut GenerationConfig, s: &SamplingArgs) {
@@ -285,7 +317,11 @@ fn apply_sampling(cfg: &mut GenerationConfig, s: &SamplingArgs) {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let Loaded { model, tokenizer, mut generation } = load(&a.model)?;
+    let Loaded {
+        model,
+        tokenizer,
+        mut generation,
+    } = load(&a.model)?;
     apply_sampling(&mut generation, &a.sampling);
     // Greedy unless asked: `generate` is for reproducible answers.
     if a.sampling.do_sample.is_none() {
@@ -293,7 +329,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     generation.max_new_tokens = Some(a.max_new_tokens);
     let prompt_ids = if a.chat {
-        tokenizer.apply_chat_template_ids(&[json!({"role": "user", "content": a.prompt})], None, true)?
+        tokenizer.apply_chat_template_ids(
+            &[json!({"role": "user", "content": a.prompt})],
+            None,
+            true,
+        )?
     } else {
         // Like `tokenizer.encode(prompt)`: the tokenizer's own special tokens are added.
         tokenizer.encode(&a.prompt, true)?
@@ -303,11 +343,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let all: Vec<i64> = Vec::try_from(out.sequences.get(0)).context("reading generated ids")?;
     let generated = &all[prompt_ids.len()..];
     // Drop the pad filler after an early stop, keep the stop token itself.
-    let stop = generated.iter().position(|t| generation.eos_token_id.contains(t)).map_or(generated.len(), |i| i + 1);
+    let stop = generated
+        .iter()
+        .position(|t| generation.eos_token_id.contains(t))
+        .map_or(generated.len(), |i| i + 1);
     let generated = &generated[..stop];
     let text = tokenizer.decode(generated, true)?;
     if a.json {
-        println!("{}", json!({"prompt_ids": prompt_ids, "generated_ids": generated, "text": text}));
+        println!(
+            "{}",
+            json!({"prompt_ids": prompt_ids, "generated_ids": generated, "text": text})
+        );
     } else {
         println!("{text}");
     }
@@ -315,7 +361,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let Loaded { model, tokenizer, mut generation } = load(&a.model)?;
+    let Loaded {
+        model,
+        tokenizer,
+        mut generation,
+    } = load(&a.model)?;
     generation.do_sample = a.do_sample;
     generation.top_p = a.top_p;
     generation.temperature = a.temperature;
@@ -367,7 +417,10 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             answer_ids.push(id);
             // Print only complete characters: a multi-byte character may span tokens.
             if let Ok(text) = tokenizer.decode(&answer_ids, true) {
-                if !text.ends_with('\u{FFFD}') && text.len() > shown.len() && text.starts_with(&shown) {
+                if !text.ends_with('\u{FFFD}')
+                    && text.len() > shown.len()
+                    && text.starts_with(&shown)
+                {
                     let _ = write!(stdout, "{}", &text[shown.len()..]);
                     let _ = stdout.flush();
                     shown = text;
@@ -390,25 +443,46 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
     let dir = &a.model_name_or_path;
-    for (flag, path) in [("--model_name_or_path", dir), ("--adapter_path", &a.adapter_path)] {
+    for (flag, path) in [
+        ("--model_name_or_path", dir),
+        ("--adapter_path", &a.adapter_path),
+    ] {
         if !path.is_dir() {
             bail!("{flag} {}: the directory does not exist", path.display());
         }
     }
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = match a.torch_dtype.as_str() {
-        "auto" => config.checkpoint_dtype().and_then(glm4::glm::dtype_from_name).unwrap_or(tch::Kind::Float),
-        other => glm4::glm::dtype_from_name(other).with_context(|| format!("--torch_dtype {other:?} is not one of auto, bfloat16, float16, float32"))?,
+        "auto" => config
+            .checkpoint_dtype()
+            .and_then(glm4::glm::dtype_from_name)
+            .unwrap_or(tch::Kind::Float),
+        other => glm4::glm::dtype_from_name(other).with_context(|| {
+            format!("--torch_dtype {other:?} is not one of auto, bfloat16, float16, float32")
+        })?,
     };
     let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), tch::Device::Cpu)?;
     let adapter = PeftAdapter::load(&mut model, &a.adapter_path, tch::Device::Cpu, false)?;
-    eprintln!("merging {} adapters from {}", adapter.modules.len(), a.adapter_path.display());
+    eprintln!(
+        "merging {} adapters from {}",
+        adapter.modules.len(),
+        a.adapter_path.display()
+    );
     merge_and_unload(&mut model);
-    model.save_pretrained(&a.output_dir).with_context(|| format!("writing {}", a.output_dir.display()))?;
-    let tokenizer_dir = if a.adapter_path.join("tokenizer.json").exists() { &a.adapter_path } else { dir };
+    model
+        .save_pretrained(&a.output_dir)
+        .with_context(|| format!("writing {}", a.output_dir.display()))?;
+    let tokenizer_dir = if a.adapter_path.join("tokenizer.json").exists() {
+        &a.adapter_path
+    } else {
+        dir
+    };
     glm4::load_tokenizer(tokenizer_dir)?.save_pretrained(&a.output_dir)?;
     if dir.join("generation_config.json").exists() {
-        std::fs::copy(dir.join("generation_config.json"), a.output_dir.join("generation_config.json"))?;
+        std::fs::copy(
+            dir.join("generation_config.json"),
+            a.output_dir.join("generation_config.json"),
+        )?;
     }
     eprintln!("merged model written to {}", a.output_dir.display());
     Ok(())

@@ -20,7 +20,10 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 bail!("--device {name}: CUDA is not available on this machine (see `glm4 env`)");
             }
             if n >= tch::Cuda::device_count() as usize {
-                bail!("--device {name}: only {} CUDA device(s) present", tch::Cuda::device_count());
+                bail!(
+                    "--device {name}: only {} CUDA device(s) present",
+                    tch::Cuda::device_count()
+                );
             }
         }
         Ok(d)
@@ -34,7 +37,9 @@ pub fn parse_dtype(name: &str, checkpoint_dtype: Option<&str>, device: Device) -
         if device == Device::Cpu {
             return Ok(Kind::Float);
         }
-        return Ok(checkpoint_dtype.and_then(crate::glm::dtype_from_name).unwrap_or(Kind::BFloat16));
+        return Ok(checkpoint_dtype
+            .and_then(crate::glm::dtype_from_name)
+            .unwrap_or(Kind::BFloat16));
     }
     match crate::glm::dtype_from_name(name) {
         Some(k) => Ok(k),
@@ -62,7 +67,9 @@ pub fn libtorch_version(lib_dir: &std::path::Path) -> Option<String> {
             }
         }
     }
-    std::fs::read_to_string(torch_dir.join("build-version")).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(torch_dir.join("build-version"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// GPU names from nvidia-smi (tch has no device-name API); empty when unavailable.
@@ -72,6 +79,11 @@ pub fn gpu_names() -> Vec<String> {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -9,12 +9,16 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
-use trl_like::config::{DataArguments, IntervalStrategy, ModelConfig, ParseError, SFTConfig, TorchDtype, TrlParser};
+use trl_like::config::{
+    DataArguments, IntervalStrategy, ModelConfig, ParseError, SFTConfig, TorchDtype, TrlParser,
+};
 use trl_like::data::{Dataset, DatasetFormat};
 use trl_like::generation::{generate, GenerationConfig};
 use trl_like::peft::{LoraConfig, TargetModules};
 use trl_like::tokenizer::PaddingSide;
-use trl_like::trainer::{CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState};
+use trl_like::trainer::{
+    CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
+};
 
 /// The tutorial's defaults on top of TRL's.
 pub fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
@@ -28,7 +32,10 @@ pub fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
         lora_target_modules: Some(vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
         ..ModelConfig::default()
     };
-    let data = DataArguments { data_files: vec!["./data/alpaca_gpt4_data_zh.json".into()], ..DataArguments::default() };
+    let data = DataArguments {
+        data_files: vec!["./data/alpaca_gpt4_data_zh.json".into()],
+        ..DataArguments::default()
+    };
     let sft = SFTConfig {
         output_dir: "./output/lora-glm4-9b-alpaca".into(),
         num_train_epochs: 3.0,
@@ -84,7 +91,9 @@ pub fn split_app_options(args: &[String]) -> Result<(AppOptions, Vec<String>)> {
     while i < args.len() {
         let a = args[i].replace('-', "_");
         let value = |i: usize| -> Result<String> {
-            args.get(i + 1).cloned().with_context(|| format!("{} expects a value", args[i]))
+            args.get(i + 1)
+                .cloned()
+                .with_context(|| format!("{} expects a value", args[i]))
         };
         match a.trim_start_matches('_') {
             "predict_prompt" => {
@@ -93,13 +102,19 @@ pub fn split_app_options(args: &[String]) -> Result<(AppOptions, Vec<String>)> {
             }
             "predict_max_new_tokens" => {
                 let v = value(i)?;
-                app.predict_max_new_tokens = v.parse().with_context(|| format!("--predict_max_new_tokens {v:?} is not a whole number"))?;
+                app.predict_max_new_tokens = v.parse().with_context(|| {
+                    format!("--predict_max_new_tokens {v:?} is not a whole number")
+                })?;
                 i += 2;
             }
             "predict_tools" => {
                 let v = value(i)?;
-                let text = std::fs::read_to_string(&v).with_context(|| format!("--predict_tools {v}"))?;
-                app.predict_tools = Some(serde_json::from_str(&text).with_context(|| format!("--predict_tools {v}: not JSON"))?);
+                let text =
+                    std::fs::read_to_string(&v).with_context(|| format!("--predict_tools {v}"))?;
+                app.predict_tools = Some(
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("--predict_tools {v}: not JSON"))?,
+                );
                 i += 2;
             }
             "no_predict" => {
@@ -160,7 +175,11 @@ impl SavePredictCallback {
         let mut generation = generation;
         generation.max_new_tokens = Some(app.predict_max_new_tokens);
         generation.do_sample = false;
-        Self { conversations, generation, output_file: output_dir.join("predictions.jsonl") }
+        Self {
+            conversations,
+            generation,
+            output_file: output_dir.join("predictions.jsonl"),
+        }
     }
 
     fn predict(&self, state: &TrainerState, ctx: &mut CallbackContext) -> Result<()> {
@@ -169,7 +188,10 @@ impl SavePredictCallback {
         let (ids, mask) = batch.to_tensors(ctx.model.device())?;
         let out = generate(ctx.model, &ids, Some(&mask), &self.generation, None);
         let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&out.sequences)?;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.output_file)
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.output_file)
             .with_context(|| format!("opening {}", self.output_file.display()))?;
         let prompt_len = batch.input_ids.first().map_or(0, Vec::len);
         for (conv, row) in self.conversations.iter().zip(&rows) {
@@ -182,9 +204,16 @@ impl SavePredictCallback {
                 .collect();
             // GLM-4 answers start with the newline after <|assistant|>.
             let answer = tok.decode(&answer_ids, true)?.trim().to_string();
-            let question = conv.last().and_then(|m| m["content"].as_str()).unwrap_or_default();
+            let question = conv
+                .last()
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default();
             eprintln!("[step {}] {question} -> {answer}", state.global_step);
-            writeln!(file, "{}", json!({"step": state.global_step, "prompt": question, "response": answer, "text": full}))?;
+            writeln!(
+                file,
+                "{}",
+                json!({"step": state.global_step, "prompt": question, "response": answer, "text": full})
+            )?;
             ctx.text_logs.push(("Prediction".into(), full));
         }
         Ok(())
@@ -192,12 +221,21 @@ impl SavePredictCallback {
 }
 
 impl TrainerCallback for SavePredictCallback {
-    fn on_save(&mut self, _args: &SFTConfig, state: &TrainerState, _control: &mut TrainerControl, ctx: &mut CallbackContext) {
+    fn on_save(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        _control: &mut TrainerControl,
+        ctx: &mut CallbackContext,
+    ) {
         if !state.is_world_process_zero {
             return;
         }
         if let Err(e) = self.predict(state, ctx) {
-            eprintln!("warning: the prediction callback failed at step {}: {e:#}", state.global_step);
+            eprintln!(
+                "warning: the prediction callback failed at step {}: {e:#}",
+                state.global_step
+            );
         }
     }
 }
@@ -232,7 +270,10 @@ pub fn load_data(data: &DataArguments) -> Result<Dataset> {
             paths.push(p);
         } else if looks_like_hub_id(f) {
             let local = PathBuf::from("data").join(f.replace('/', "__"));
-            eprintln!("{f} is not a local file; downloading the dataset {f} to {}", local.display());
+            eprintln!(
+                "{f} is not a local file; downloading the dataset {f} to {}",
+                local.display()
+            );
             let req = trl_like::hub::SnapshotRequest {
                 repo_id: f.clone(),
                 repo_type: "dataset".into(),
@@ -261,7 +302,10 @@ pub fn load_data(data: &DataArguments) -> Result<Dataset> {
 
 fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.')) && !s.ends_with(".json") && !s.ends_with(".jsonl")
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+        && !s.ends_with(".json")
+        && !s.ends_with(".jsonl")
 }
 
 fn walk_json(dir: &Path) -> Vec<PathBuf> {
@@ -282,8 +326,12 @@ fn walk_json(dir: &Path) -> Vec<PathBuf> {
 /// Converts every record once up front: a bad record stops the run with its file,
 /// index and field — or, with `--skip_bad_records`, is left out and counted.
 pub fn check_records(data: Dataset, setup: &SftSetup) -> Result<Dataset> {
-    let Some(first) = data.records.first() else { return Ok(data) };
-    let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str()).map_err(anyhow::Error::msg)?.resolve(first)?;
+    let Some(first) = data.records.first() else {
+        return Ok(data);
+    };
+    let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
+        .map_err(anyhow::Error::msg)?
+        .resolve(first)?;
     let total = data.len();
     let mut kept = Vec::with_capacity(total);
     let mut skipped = 0usize;
@@ -296,11 +344,17 @@ pub fn check_records(data: Dataset, setup: &SftSetup) -> Result<Dataset> {
                 }
                 skipped += 1;
             }
-            Err(e) => return Err(anyhow::Error::new(e).context("bad record (pass --skip_bad_records true to skip such records)")),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("bad record (pass --skip_bad_records true to skip such records)"))
+            }
         }
     }
     if skipped > 0 {
-        eprintln!("skipped {skipped} of {total} records that do not fit the {} format", format.name());
+        eprintln!(
+            "skipped {skipped} of {total} records that do not fit the {} format",
+            format.name()
+        );
     }
     if kept.is_empty() {
         bail!("no usable records: all {total} were skipped");
@@ -313,7 +367,11 @@ pub fn peft_config(model: &ModelConfig) -> Result<Option<LoraConfig>> {
     if !model.use_peft {
         return Ok(None);
     }
-    if model.lora_modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+    if model
+        .lora_modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_empty())
+    {
         bail!("--lora_modules_to_save is not supported yet");
     }
     let targets = if model.targets_all_linear() {
@@ -321,10 +379,18 @@ pub fn peft_config(model: &ModelConfig) -> Result<Option<LoraConfig>> {
     } else {
         // PEFT's default for GLM is q/k/v like the tutorial's.
         TargetModules::Names(
-            model.lora_target_modules.clone().unwrap_or_else(|| vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
+            model
+                .lora_target_modules
+                .clone()
+                .unwrap_or_else(|| vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
         )
     };
-    let mut cfg = LoraConfig::new(model.lora_r as i64, model.lora_alpha as f64, model.lora_dropout, targets);
+    let mut cfg = LoraConfig::new(
+        model.lora_r as i64,
+        model.lora_alpha as f64,
+        model.lora_dropout,
+        targets,
+    );
     cfg.use_rslora = model.use_rslora;
     cfg.use_dora = model.use_dora;
     Ok(Some(cfg))
@@ -343,7 +409,12 @@ pub fn parse(raw: &[String]) -> Result<Option<SftSetup>> {
     let (app, rest) = split_app_options(raw)?;
     let (m, d, s) = tutorial_defaults();
     match TrlParser::new(m, d, s).parse_args_and_config(&rest) {
-        Ok((model_args, data_args, args)) => Ok(Some(SftSetup { model_args, data_args, args, app })),
+        Ok((model_args, data_args, args)) => Ok(Some(SftSetup {
+            model_args,
+            data_args,
+            args,
+            app,
+        })),
         Err(ParseError::Help(text)) => {
             println!("{text}\n{APP_HELP}");
             Ok(None)
@@ -361,7 +432,12 @@ fn pick_device(setup: &SftSetup) -> Result<Device> {
 
 /// Loads the base model in the dtype the config asks for (fp32 on CPU, where bf16 is very slow).
 pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCausalLM> {
-    let dir = PathBuf::from(model_args.model_name_or_path.as_deref().unwrap_or("./weights/glm-4-9b-hf"));
+    let dir = PathBuf::from(
+        model_args
+            .model_name_or_path
+            .as_deref()
+            .unwrap_or("./weights/glm-4-9b-hf"),
+    );
     if !dir.is_dir() {
         bail!(
             "model directory {} does not exist; download it with `glm4 download THUDM/glm-4-9b-hf --local_dir {}`",
@@ -370,7 +446,8 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
         );
     }
     let config = GlmConfig::from_pretrained(&dir)?;
-    let mut kind = runtime::parse_dtype(model_args.dtype.as_str(), config.checkpoint_dtype(), device)?;
+    let mut kind =
+        runtime::parse_dtype(model_args.dtype.as_str(), config.checkpoint_dtype(), device)?;
     if device == Device::Cpu && kind != Kind::Float {
         eprintln!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
         kind = Kind::Float;
@@ -380,8 +457,14 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
 
 /// Where the tutorial's files come from when they are missing.
 const TUTORIAL_MODEL: (&str, &str) = ("./weights/glm-4-9b-hf", "THUDM/glm-4-9b-hf");
-const TUTORIAL_DATA: (&str, &str) = ("./data/alpaca_gpt4_data_zh.json", "llamafactory/alpaca_gpt4_zh");
-const TOOLCALL_DATA: (&str, &str) = ("./data/glaive_toolcall_zh_1k.json", "llamafactory/glaive_toolcall_zh");
+const TUTORIAL_DATA: (&str, &str) = (
+    "./data/alpaca_gpt4_data_zh.json",
+    "llamafactory/alpaca_gpt4_zh",
+);
+const TOOLCALL_DATA: (&str, &str) = (
+    "./data/glaive_toolcall_zh_1k.json",
+    "llamafactory/glaive_toolcall_zh",
+);
 
 /// Models above this size are not trained on a CPU.
 const CPU_PARAMETER_LIMIT: i64 = 1_000_000_000;
@@ -411,16 +494,30 @@ fn check_device_fits(model_dir: &Path, device: Device) -> Result<()> {
 }
 
 fn same_path(a: &Path, b: &str) -> bool {
-    let norm = |p: &Path| p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect::<PathBuf>();
+    let norm = |p: &Path| {
+        p.components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect::<PathBuf>()
+    };
     norm(a) == norm(Path::new(b))
 }
 
 /// Downloads the tutorial's model or data when the default path is missing,
 /// as the tutorial's README tells its readers to.
 fn fetch_tutorial_files(setup: &SftSetup) -> Result<()> {
-    let model_dir = PathBuf::from(setup.model_args.model_name_or_path.clone().unwrap_or_default());
+    let model_dir = PathBuf::from(
+        setup
+            .model_args
+            .model_name_or_path
+            .clone()
+            .unwrap_or_default(),
+    );
     if !model_dir.exists() && same_path(&model_dir, TUTORIAL_MODEL.0) {
-        eprintln!("{} is missing; downloading {}", model_dir.display(), TUTORIAL_MODEL.1);
+        eprintln!(
+            "{} is missing; downloading {}",
+            model_dir.display(),
+            TUTORIAL_MODEL.1
+        );
         trl_like::hub::snapshot_download(&trl_like::hub::SnapshotRequest {
             repo_id: TUTORIAL_MODEL.1.into(),
             repo_type: "model".into(),
@@ -443,7 +540,10 @@ fn fetch_tutorial_files(setup: &SftSetup) -> Result<()> {
 
 /// Fetches a dataset repository and writes its records as one JSON array at `target`.
 fn download_data_file(repo: &str, target: &Path) -> Result<()> {
-    eprintln!("{} is missing; downloading the dataset {repo}", target.display());
+    eprintln!(
+        "{} is missing; downloading the dataset {repo}",
+        target.display()
+    );
     let cache = PathBuf::from("data").join(format!(".{}", repo.replace('/', "__")));
     trl_like::hub::snapshot_download(&trl_like::hub::SnapshotRequest {
         repo_id: repo.into(),
@@ -467,9 +567,17 @@ fn download_data_file(repo: &str, target: &Path) -> Result<()> {
 
 /// `glm4 sft`: the tutorial's `main(model_args, data_args, training_args)`.
 pub fn run_sft(raw: &[String]) -> Result<()> {
-    let Some(setup) = parse(raw)? else { return Ok(()) };
+    let Some(setup) = parse(raw)? else {
+        return Ok(());
+    };
     let device = pick_device(&setup)?;
-    let model_dir = PathBuf::from(setup.model_args.model_name_or_path.clone().unwrap_or_default());
+    let model_dir = PathBuf::from(
+        setup
+            .model_args
+            .model_name_or_path
+            .clone()
+            .unwrap_or_default(),
+    );
     check_device_fits(&model_dir, device)?;
     fetch_tutorial_files(&setup)?;
     let tokenizer = crate::load_tokenizer(&model_dir)?;
@@ -477,12 +585,15 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let raw_data = check_records(raw_data, &setup)?;
     let seed = setup.args.seed;
     let (train, test) = raw_data.train_test_split(setup.data_args.test_size, seed)?;
-    let eval = (setup.args.eval_strategy != IntervalStrategy::No && !test.is_empty()).then_some(&test);
+    let eval =
+        (setup.args.eval_strategy != IntervalStrategy::No && !test.is_empty()).then_some(&test);
     if setup.args.eval_strategy != IntervalStrategy::No && eval.is_none() {
         bail!("eval_strategy is {} but there is no evaluation split (test_size 0); set --eval_strategy no or --test_size", setup.args.eval_strategy);
     }
     let model = load_model(&setup.model_args, device)?;
-    let mut generation = GenerationConfig::from_pretrained(&model_dir).map_err(anyhow::Error::msg)?.unwrap_or_default();
+    let mut generation = GenerationConfig::from_pretrained(&model_dir)
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
     }
@@ -490,12 +601,20 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let output_dir = PathBuf::from(&setup.args.output_dir);
     let mut callbacks: Vec<Box<dyn TrainerCallback>> = Vec::new();
     if setup.app.predict {
-        callbacks.push(Box::new(SavePredictCallback::new(&setup.app, generation, &output_dir)));
+        callbacks.push(Box::new(SavePredictCallback::new(
+            &setup.app,
+            generation,
+            &output_dir,
+        )));
     }
-    let mut data_format = DatasetFormat::parse(setup.data_args.dataset_format.as_str()).map_err(anyhow::Error::msg)?;
+    let mut data_format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
+        .map_err(anyhow::Error::msg)?;
     if let (DatasetFormat::Auto, Some(first)) = (data_format, train.records.first()) {
         data_format = data_format.resolve(first)?;
-        eprintln!("dataset format: {} (detected; set --dataset_format to override)", data_format.name());
+        eprintln!(
+            "dataset format: {} (detected; set --dataset_format to override)",
+            data_format.name()
+        );
     }
     let mut trainer = SFTTrainer::new(
         model,
@@ -513,14 +632,21 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
         eprintln!(
             "\ninterrupted: stopped after step {step}{}. Run the same command again to resume.",
-            last.map(|(_, p)| format!("; the checkpoint is {}", p.display())).unwrap_or_default()
+            last.map(|(_, p)| format!("; the checkpoint is {}", p.display()))
+                .unwrap_or_default()
         );
         return Ok(());
     }
     trainer.save_model(None)?;
     eprintln!("\nadapter / model: {}", output_dir.display());
-    eprintln!("predictions:     {}", output_dir.join("predictions.jsonl").display());
-    eprintln!("loss curves:     {}", output_dir.join("training_curves.svg").display());
+    eprintln!(
+        "predictions:     {}",
+        output_dir.join("predictions.jsonl").display()
+    );
+    eprintln!(
+        "loss curves:     {}",
+        output_dir.join("training_curves.svg").display()
+    );
     eprintln!(
         "try it:          glm4 chat --model_name_or_path {} --adapter_path {}",
         model_dir.display(),

@@ -31,8 +31,22 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 /// `glm4 sft` on the tiny model with `data` and extra flags, writing into `dir/out`.
 fn sft(dir: &Path, data: &str, extra: &[&str]) -> Vec<String> {
     let out = dir.join("out").display().to_string();
-    let mut v = s(&["sft", "--model_name_or_path", "weights/tiny-glm", "--data_files", data, "--output_dir", &out,
-        "--max_steps", "1", "--no_predict", "--bf16", "false", "--disable_tqdm", "true"]);
+    let mut v = s(&[
+        "sft",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--data_files",
+        data,
+        "--output_dir",
+        &out,
+        "--max_steps",
+        "1",
+        "--no_predict",
+        "--bf16",
+        "false",
+        "--disable_tqdm",
+        "true",
+    ]);
     v.extend(s(extra));
     v
 }
@@ -41,39 +55,235 @@ fn sft(dir: &Path, data: &str, extra: &[&str]) -> Vec<String> {
 fn model_copy(dir: &Path) -> PathBuf {
     let m = dir.join("model");
     std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(root().join("weights/tiny-glm").join(f), m.join(f)).unwrap();
     }
     m
 }
 
 fn generate(model: &Path) -> Vec<String> {
-    s(&["generate", "--model_name_or_path", model.to_str().unwrap(), "--prompt", "你好", "--max_new_tokens", "2"])
+    s(&[
+        "generate",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--prompt",
+        "你好",
+        "--max_new_tokens",
+        "2",
+    ])
 }
 
 const CASES: &[Case] = &[
-    Case { name: "malformed JSON", setup: |d| { let f = write(d, "bad.json", "[{\"instruction\": \"a\", \"output\": }]"); sft(d, &f, &[]) }, expect: &["bad.json", "invalid JSON", "line 1"] },
-    Case { name: "bad JSONL line", setup: |d| { let f = write(d, "bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": oops}\n"); sft(d, &f, &[]) }, expect: &["bad.jsonl", "line 2"] },
-    Case { name: "record missing output", setup: |d| { let f = write(d, "m.json", "[{\"instruction\": \"a\", \"output\": \"b\"}, {\"instruction\": \"c\"}]"); sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"]) }, expect: &["m.json record 1", "\"output\"", "--skip_bad_records"] },
-    Case { name: "wrong field type", setup: |d| { let f = write(d, "t.json", "[{\"instruction\": 5, \"output\": \"b\"}]"); sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"]) }, expect: &["t.json record 0", "\"instruction\" must be a string"] },
-    Case { name: "conversations not a list", setup: |d| { let f = write(d, "c.json", "[{\"conversations\": \"hi\"}]"); sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"]) }, expect: &["c.json record 0", "\"conversations\""] },
-    Case { name: "tools not JSON", setup: |d| { let f = write(d, "tools.json", "[{\"conversations\": [{\"from\": \"human\", \"value\": \"q\"}], \"tools\": \"[{oops\"}]"); sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"]) }, expect: &["tools.json record 0", "\"tools\" is not valid JSON"] },
-    Case { name: "empty dataset", setup: |d| { let f = write(d, "empty.json", "[]"); sft(d, &f, &[]) }, expect: &["empty.json", "empty"] },
-    Case { name: "empty split", setup: |d| { let f = write(d, "one.json", "[{\"instruction\": \"a\", \"output\": \"b\"}]"); sft(d, &f, &[]) }, expect: &["test_size", "no training records"] },
-    Case { name: "unknown flag", setup: |d| sft(d, "data/demo_alpaca.json", &["--learning_rat", "1e-4"]), expect: &["--learning_rat", "did you mean", "--learning_rate"] },
-    Case { name: "unknown YAML key", setup: |d| { let f = write(d, "c.yaml", "lora_rr: 8\n"); sft(d, "data/demo_alpaca.json", &["--config", &f]) }, expect: &["c.yaml", "lora_rr", "lora_r"] },
-    Case { name: "wrong value type", setup: |d| sft(d, "data/demo_alpaca.json", &["--learning_rate", "abc"]), expect: &["learning_rate", "abc"] },
-    Case { name: "out of range", setup: |d| sft(d, "data/demo_alpaca.json", &["--lora_r", "0"]), expect: &["lora_r"] },
-    Case { name: "ratio that is not a ratio", setup: |d| sft(d, "data/demo_alpaca.json", &["--eval_steps", "1.5"]), expect: &["eval_steps", "1.5"] },
-    Case { name: "missing model directory", setup: |_| s(&["generate", "--model_name_or_path", "weights/nope", "--prompt", "x"]), expect: &["weights/nope", "does not exist", "glm4 download"] },
-    Case { name: "hub id while offline", setup: |d| s(&["download", "THUDM/glm-4-9b-hf", "--local_dir", d.join("dl").to_str().unwrap()]), expect: &["HF_HUB_OFFLINE"] },
-    Case { name: "config.json without model_type", setup: |d| { let m = model_copy(d); std::fs::write(m.join("config.json"), "{\"hidden_size\": 128}").unwrap(); generate(&m) }, expect: &["config.json", "model_type"] },
-    Case { name: "config.json of another architecture", setup: |d| { let m = model_copy(d); std::fs::write(m.join("config.json"), "{\"model_type\": \"llama\"}").unwrap(); generate(&m) }, expect: &["config.json", "llama", "glm"] },
-    Case { name: "truncated safetensors", setup: |d| { let m = model_copy(d); let b = std::fs::read(m.join("model.safetensors")).unwrap(); std::fs::write(m.join("model.safetensors"), &b[..b.len() / 2]).unwrap(); generate(&m) }, expect: &["model.safetensors", "not a valid safetensors file"] },
-    Case { name: "tensor with the wrong shape", setup: |d| { let m = model_copy(d); let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("\"intermediate_size\": 256", "\"intermediate_size\": 300"); std::fs::write(m.join("config.json"), cfg).unwrap(); generate(&m) }, expect: &["mlp", "has shape", "the model expects"] },
-    Case { name: "adapter for another model", setup: |d| { let m = model_copy(d); let mut g = generate(&m); g.extend(s(&["--adapter_path", "tests/fixtures/trainer/b1/adapter_init"])); let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("\"hidden_size\": 128", "\"hidden_size\": 64").replace("\"head_dim\": 32", "\"head_dim\": 16"); std::fs::write(m.join("config.json"), cfg).unwrap(); g }, expect: &["shape"] },
-    Case { name: "non-empty output_dir without checkpoints", setup: |d| { std::fs::create_dir_all(d.join("out")).unwrap(); std::fs::write(d.join("out/x"), "").unwrap(); sft(d, "data/demo_alpaca.json", &[]) }, expect: &["not empty", "--overwrite_output_dir"] },
-    Case { name: "unwritable output_dir", setup: |d| { std::fs::write(d.join("file"), "").unwrap(); let out = d.join("file/out").display().to_string(); let mut v = sft(d, "data/demo_alpaca.json", &[]); let i = v.iter().position(|a| a == "--output_dir").unwrap(); v[i + 1] = out; v }, expect: &["file/out"] },
+    Case {
+        name: "malformed JSON",
+        setup: |d| {
+            let f = write(d, "bad.json", "[{\"instruction\": \"a\", \"output\": }]");
+            sft(d, &f, &[])
+        },
+        expect: &["bad.json", "invalid JSON", "line 1"],
+    },
+    Case {
+        name: "bad JSONL line",
+        setup: |d| {
+            let f = write(d, "bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": oops}\n");
+            sft(d, &f, &[])
+        },
+        expect: &["bad.jsonl", "line 2"],
+    },
+    Case {
+        name: "record missing output",
+        setup: |d| {
+            let f = write(
+                d,
+                "m.json",
+                "[{\"instruction\": \"a\", \"output\": \"b\"}, {\"instruction\": \"c\"}]",
+            );
+            sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"])
+        },
+        expect: &["m.json record 1", "\"output\"", "--skip_bad_records"],
+    },
+    Case {
+        name: "wrong field type",
+        setup: |d| {
+            let f = write(d, "t.json", "[{\"instruction\": 5, \"output\": \"b\"}]");
+            sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"])
+        },
+        expect: &["t.json record 0", "\"instruction\" must be a string"],
+    },
+    Case {
+        name: "conversations not a list",
+        setup: |d| {
+            let f = write(d, "c.json", "[{\"conversations\": \"hi\"}]");
+            sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"])
+        },
+        expect: &["c.json record 0", "\"conversations\""],
+    },
+    Case {
+        name: "tools not JSON",
+        setup: |d| {
+            let f = write(d, "tools.json", "[{\"conversations\": [{\"from\": \"human\", \"value\": \"q\"}], \"tools\": \"[{oops\"}]");
+            sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"])
+        },
+        expect: &["tools.json record 0", "\"tools\" is not valid JSON"],
+    },
+    Case {
+        name: "empty dataset",
+        setup: |d| {
+            let f = write(d, "empty.json", "[]");
+            sft(d, &f, &[])
+        },
+        expect: &["empty.json", "empty"],
+    },
+    Case {
+        name: "empty split",
+        setup: |d| {
+            let f = write(
+                d,
+                "one.json",
+                "[{\"instruction\": \"a\", \"output\": \"b\"}]",
+            );
+            sft(d, &f, &[])
+        },
+        expect: &["test_size", "no training records"],
+    },
+    Case {
+        name: "unknown flag",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--learning_rat", "1e-4"]),
+        expect: &["--learning_rat", "did you mean", "--learning_rate"],
+    },
+    Case {
+        name: "unknown YAML key",
+        setup: |d| {
+            let f = write(d, "c.yaml", "lora_rr: 8\n");
+            sft(d, "data/demo_alpaca.json", &["--config", &f])
+        },
+        expect: &["c.yaml", "lora_rr", "lora_r"],
+    },
+    Case {
+        name: "wrong value type",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--learning_rate", "abc"]),
+        expect: &["learning_rate", "abc"],
+    },
+    Case {
+        name: "out of range",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--lora_r", "0"]),
+        expect: &["lora_r"],
+    },
+    Case {
+        name: "ratio that is not a ratio",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--eval_steps", "1.5"]),
+        expect: &["eval_steps", "1.5"],
+    },
+    Case {
+        name: "missing model directory",
+        setup: |_| {
+            s(&[
+                "generate",
+                "--model_name_or_path",
+                "weights/nope",
+                "--prompt",
+                "x",
+            ])
+        },
+        expect: &["weights/nope", "does not exist", "glm4 download"],
+    },
+    Case {
+        name: "hub id while offline",
+        setup: |d| {
+            s(&[
+                "download",
+                "THUDM/glm-4-9b-hf",
+                "--local_dir",
+                d.join("dl").to_str().unwrap(),
+            ])
+        },
+        expect: &["HF_HUB_OFFLINE"],
+    },
+    Case {
+        name: "config.json without model_type",
+        setup: |d| {
+            let m = model_copy(d);
+            std::fs::write(m.join("config.json"), "{\"hidden_size\": 128}").unwrap();
+            generate(&m)
+        },
+        expect: &["config.json", "model_type"],
+    },
+    Case {
+        name: "config.json of another architecture",
+        setup: |d| {
+            let m = model_copy(d);
+            std::fs::write(m.join("config.json"), "{\"model_type\": \"llama\"}").unwrap();
+            generate(&m)
+        },
+        expect: &["config.json", "llama", "glm"],
+    },
+    Case {
+        name: "truncated safetensors",
+        setup: |d| {
+            let m = model_copy(d);
+            let b = std::fs::read(m.join("model.safetensors")).unwrap();
+            std::fs::write(m.join("model.safetensors"), &b[..b.len() / 2]).unwrap();
+            generate(&m)
+        },
+        expect: &["model.safetensors", "not a valid safetensors file"],
+    },
+    Case {
+        name: "tensor with the wrong shape",
+        setup: |d| {
+            let m = model_copy(d);
+            let cfg = std::fs::read_to_string(m.join("config.json"))
+                .unwrap()
+                .replace("\"intermediate_size\": 256", "\"intermediate_size\": 300");
+            std::fs::write(m.join("config.json"), cfg).unwrap();
+            generate(&m)
+        },
+        expect: &["mlp", "has shape", "the model expects"],
+    },
+    Case {
+        name: "adapter for another model",
+        setup: |d| {
+            let m = model_copy(d);
+            let mut g = generate(&m);
+            g.extend(s(&[
+                "--adapter_path",
+                "tests/fixtures/trainer/b1/adapter_init",
+            ]));
+            let cfg = std::fs::read_to_string(m.join("config.json"))
+                .unwrap()
+                .replace("\"hidden_size\": 128", "\"hidden_size\": 64")
+                .replace("\"head_dim\": 32", "\"head_dim\": 16");
+            std::fs::write(m.join("config.json"), cfg).unwrap();
+            g
+        },
+        expect: &["shape"],
+    },
+    Case {
+        name: "non-empty output_dir without checkpoints",
+        setup: |d| {
+            std::fs::create_dir_all(d.join("out")).unwrap();
+            std::fs::write(d.join("out/x"), "").unwrap();
+            sft(d, "data/demo_alpaca.json", &[])
+        },
+        expect: &["not empty", "--overwrite_output_dir"],
+    },
+    Case {
+        name: "unwritable output_dir",
+        setup: |d| {
+            std::fs::write(d.join("file"), "").unwrap();
+            let out = d.join("file/out").display().to_string();
+            let mut v = sft(d, "data/demo_alpaca.json", &[]);
+            let i = v.iter().position(|a| a == "--output_dir").unwrap();
+            v[i + 1] = out;
+            v
+        },
+        expect: &["file/out"],
+    },
 ];
 
 #[test]
@@ -84,18 +294,45 @@ fn every_bad_input_gets_a_clear_error() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let args = (case.setup)(&dir);
-        let out = Command::new(env!("CARGO_BIN_EXE_glm4")).args(&args).current_dir(root()).env("HF_HUB_OFFLINE", "1").output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_glm4"))
+            .args(&args)
+            .current_dir(root())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        let error_line = err.lines().find(|l| l.starts_with("error:")).unwrap_or("").to_string();
-        let missing: Vec<&&str> = case.expect.iter().filter(|w| !error_line.contains(**w)).collect();
+        let error_line = err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("")
+            .to_string();
+        let missing: Vec<&&str> = case
+            .expect
+            .iter()
+            .filter(|w| !error_line.contains(**w))
+            .collect();
         if out.status.code() != Some(1) || err.contains("panicked") || !missing.is_empty() {
-            failures.push(format!("{}: status {:?}, missing {missing:?}\n{err}", case.name, out.status.code()));
+            failures.push(format!(
+                "{}: status {:?}, missing {missing:?}\n{err}",
+                case.name,
+                out.status.code()
+            ));
         }
         // Nothing half-written: no checkpoint, no final state.
-        assert!(!dir.join("out/trainer_state.json").exists(), "{}: left a trainer_state.json", case.name);
+        assert!(
+            !dir.join("out/trainer_state.json").exists(),
+            "{}: left a trainer_state.json",
+            case.name
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n---\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n---\n")
+    );
 }
 
 /// Every record longer than max_length: a warning with the count, then training on the truncated records.
@@ -105,13 +342,20 @@ fn overlong_records_are_truncated_with_a_count() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_glm4"))
-        .args(sft(&dir, "data/demo_alpaca.json", &["--max_length", "8", "--save_strategy", "no"]))
+        .args(sft(
+            &dir,
+            "data/demo_alpaca.json",
+            &["--max_length", "8", "--save_strategy", "no"],
+        ))
         .current_dir(root())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("76 of 76 training examples were longer than max_length 8"), "{err}");
+    assert!(
+        err.contains("76 of 76 training examples were longer than max_length 8"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -122,21 +366,42 @@ fn missing_chat_template_falls_back_with_a_notice() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let m = model_copy(&dir);
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer_config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     cfg.as_object_mut().unwrap().remove("chat_template");
     std::fs::write(m.join("tokenizer_config.json"), cfg.to_string()).unwrap();
     let with = |model: &Path| {
         let o = Command::new(env!("CARGO_BIN_EXE_glm4"))
-            .args(["generate", "--model_name_or_path", model.to_str().unwrap(), "--chat", "--prompt", "你好", "--max_new_tokens", "3", "--json"])
+            .args([
+                "generate",
+                "--model_name_or_path",
+                model.to_str().unwrap(),
+                "--chat",
+                "--prompt",
+                "你好",
+                "--max_new_tokens",
+                "3",
+                "--json",
+            ])
             .current_dir(root())
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (fallback, notice) = with(&m);
     let (original, _) = with(&root().join("weights/tiny-glm"));
-    assert!(notice.contains("no chat template") && notice.contains("GLM-4 template"), "{notice}");
-    assert_eq!(fallback, original, "the fallback is the GLM-4 template the tiny tokenizer ships");
+    assert!(
+        notice.contains("no chat template") && notice.contains("GLM-4 template"),
+        "{notice}"
+    );
+    assert_eq!(
+        fallback, original,
+        "the fallback is the GLM-4 template the tiny tokenizer ships"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,14 +22,30 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn tiny_random_init_reports_json() {
     let out = glm4(&[
-        "--model_config", "tiny", "--random_init", "--steps", "2", "--warmup", "1", "--batch_size", "2", "--seq_len", "32",
-        "--device", "cpu", "--json",
+        "--model_config",
+        "tiny",
+        "--random_init",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch_size",
+        "2",
+        "--seq_len",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     // stdout is exactly one JSON object (the trainer's own messages go to stderr).
-    let r: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout}"));
-    let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+    let r: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout}"));
+    let num = |k: &str| {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
     assert!(num("tokens_per_second") > 0.0, "{r}");
     assert!(num("peak_rss_mb") > 0.0, "{r}");
     assert!(num("seconds_per_step") > 0.0, "{r}");
@@ -40,7 +56,10 @@ fn tiny_random_init_reports_json() {
     // LoRA r 8 on q/k/v of 2 layers: (8·128 + 128·8) + 2·(8·128 + 64·8), per layer.
     assert_eq!(r["trainable_parameters"], 2 * (2048 + 2 * 1536));
     assert!(r["train_loss"].as_f64().is_some_and(f64::is_finite), "{r}");
-    assert!(r["mfu"].is_null(), "no MFU on CPU without --peak_tflops: {r}");
+    assert!(
+        r["mfu"].is_null(),
+        "no MFU on CPU without --peak_tflops: {r}"
+    );
 }
 
 #[test]
@@ -48,18 +67,29 @@ fn bad_preset_is_a_clear_error() {
     let out = glm4(&["--model_config", "glm-5-huge", "--random_init"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("glm-5-huge") && err.contains("glm-4-9b, small, tiny"), "{err}");
+    assert!(
+        err.contains("glm-5-huge") && err.contains("glm-4-9b, small, tiny"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_option_and_missing_weights_are_errors() {
     let out = glm4(&["--model_config", "tiny", "--stepz", "2"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("unknown option --stepz"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unknown option --stepz"),
+        "{}",
+        text(&out.stderr)
+    );
     // The 9B shape has no weights here: benchmarking it needs --random_init, said before any allocation.
     let out = glm4(&["--model_config", "glm-4-9b", "--device", "cpu"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("--random_init"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--random_init"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -67,7 +97,13 @@ fn help_lists_the_options() {
     let out = glm4(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for flag in ["--model_config", "--random_init", "--gradient_checkpointing", "--json", "--dump_dataset"] {
+    for flag in [
+        "--model_config",
+        "--random_init",
+        "--gradient_checkpointing",
+        "--json",
+        "--dump_dataset",
+    ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }

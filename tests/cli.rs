@@ -11,7 +11,11 @@ fn root() -> PathBuf {
 }
 
 fn glm4(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glm4")).args(args).current_dir(root()).output().expect("glm4 runs")
+    Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("glm4 runs")
 }
 
 fn stdout(o: &Output) -> String {
@@ -23,9 +27,16 @@ fn stderr(o: &Output) -> String {
 }
 
 fn fixture_case(arch: &str, name: &str) -> Value {
-    let text = std::fs::read_to_string(root().join(format!("tests/fixtures/{arch}_generate.json"))).unwrap();
+    let text = std::fs::read_to_string(root().join(format!("tests/fixtures/{arch}_generate.json")))
+        .unwrap();
     let fx: Value = serde_json::from_str(&text).unwrap();
-    fx["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).expect("fixture case").clone()
+    fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .expect("fixture case")
+        .clone()
 }
 
 fn ids(v: &Value) -> Vec<i64> {
@@ -47,8 +58,14 @@ fn env_reports_libtorch_and_cuda() {
 fn generate_plain_prompt_matches_transformers() {
     let case = fixture_case("glm", "single_unpadded");
     let out = glm4(&[
-        "generate", "--model_name_or_path", "weights/tiny-glm", "--prompt", "我是ChatGLM，是",
-        "--max_new_tokens", "12", "--json",
+        "generate",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--prompt",
+        "我是ChatGLM，是",
+        "--max_new_tokens",
+        "12",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let got: Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object on stdout");
@@ -68,8 +85,15 @@ fn generate_chat_matches_transformers() {
     let prompt: Vec<i64> = row.iter().copied().skip_while(|&t| t == pad).collect();
     let full = ids(&case["output_ids"][0]);
     let out = glm4(&[
-        "generate", "--model_name_or_path", "weights/tiny-glm", "--chat", "--prompt", "你好，告诉我你的名字。",
-        "--max_new_tokens", "12", "--json",
+        "generate",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--chat",
+        "--prompt",
+        "你好，告诉我你的名字。",
+        "--max_new_tokens",
+        "12",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let got: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -80,11 +104,36 @@ fn generate_chat_matches_transformers() {
 /// Plain-text mode prints only the continuation.
 #[test]
 fn generate_text_output_is_the_continuation() {
-    let json = glm4(&["generate", "--model_name_or_path", "weights/tiny-glm4", "--prompt", "你好", "--max_new_tokens", "8", "--json"]);
-    let text = glm4(&["generate", "--model_name_or_path", "weights/tiny-glm4", "--prompt", "你好", "--max_new_tokens", "8"]);
-    assert!(json.status.success() && text.status.success(), "{}{}", stderr(&json), stderr(&text));
+    let json = glm4(&[
+        "generate",
+        "--model_name_or_path",
+        "weights/tiny-glm4",
+        "--prompt",
+        "你好",
+        "--max_new_tokens",
+        "8",
+        "--json",
+    ]);
+    let text = glm4(&[
+        "generate",
+        "--model_name_or_path",
+        "weights/tiny-glm4",
+        "--prompt",
+        "你好",
+        "--max_new_tokens",
+        "8",
+    ]);
+    assert!(
+        json.status.success() && text.status.success(),
+        "{}{}",
+        stderr(&json),
+        stderr(&text)
+    );
     let got: Value = serde_json::from_str(stdout(&json).trim()).unwrap();
-    assert_eq!(stdout(&text), format!("{}\n", got["text"].as_str().unwrap()));
+    assert_eq!(
+        stdout(&text),
+        format!("{}\n", got["text"].as_str().unwrap())
+    );
 }
 
 /// A piped chat answers each line; with greedy decoding and no penalty the
@@ -93,8 +142,15 @@ fn generate_text_output_is_the_continuation() {
 fn piped_chat_answers_each_line() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
         .args([
-            "chat", "--model_name_or_path", "weights/tiny-glm", "--do_sample", "false", "--repetition_penalty", "1.0",
-            "--max_length", "40",
+            "chat",
+            "--model_name_or_path",
+            "weights/tiny-glm",
+            "--do_sample",
+            "false",
+            "--repetition_penalty",
+            "1.0",
+            "--max_length",
+            "40",
         ])
         .current_dir(root())
         .stdin(Stdio::piped())
@@ -102,11 +158,25 @@ fn piped_chat_answers_each_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all("你好\n告诉我1+2等于多少？\nexit\n".as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("你好\n告诉我1+2等于多少？\nexit\n".as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     // chat's --max_length is the answer budget, as in the tutorial's chat_cli.py.
-    let single = glm4(&["generate", "--model_name_or_path", "weights/tiny-glm", "--chat", "--prompt", "你好", "--max_new_tokens", "40"]);
+    let single = glm4(&[
+        "generate",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--chat",
+        "--prompt",
+        "你好",
+        "--max_new_tokens",
+        "40",
+    ]);
     let expected_first = stdout(&single);
     assert!(
         stdout(&out).starts_with(&expected_first),
@@ -114,22 +184,39 @@ fn piped_chat_answers_each_line() {
         stdout(&out),
         expected_first
     );
-    assert!(stdout(&out).len() > expected_first.len(), "the second line got no answer");
+    assert!(
+        stdout(&out).len() > expected_first.len(),
+        "the second line got no answer"
+    );
 }
 
 #[test]
 fn missing_model_directory_is_a_clear_error() {
-    let out = glm4(&["generate", "--model_name_or_path", "weights/does-not-exist", "--prompt", "hi"]);
+    let out = glm4(&[
+        "generate",
+        "--model_name_or_path",
+        "weights/does-not-exist",
+        "--prompt",
+        "hi",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("weights/does-not-exist") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("weights/does-not-exist") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn download_fails_fast_and_clearly_when_offline() {
     let out = Command::new(env!("CARGO_BIN_EXE_glm4"))
-        .args(["download", "THUDM/glm-4-9b-hf", "--local_dir", "target/test-download"])
+        .args([
+            "download",
+            "THUDM/glm-4-9b-hf",
+            "--local_dir",
+            "target/test-download",
+        ])
         .env("HF_HUB_OFFLINE", "1")
         .current_dir(root())
         .output()
@@ -142,13 +229,22 @@ fn download_fails_fast_and_clearly_when_offline() {
 /// machines) and carries an rpath to libtorch (so it runs without LD_LIBRARY_PATH).
 #[test]
 fn binary_links_libtorch_cuda_and_has_rpath() {
-    let Ok(out) = Command::new("readelf").args(["-d", env!("CARGO_BIN_EXE_glm4")]).output() else {
+    let Ok(out) = Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_glm4")])
+        .output()
+    else {
         eprintln!("readelf not installed; skipping");
         return;
     };
     let text = stdout(&out);
-    assert!(text.contains("[libtorch_cuda.so]"), "libtorch_cuda.so is not NEEDED:\n{text}");
-    assert!(text.contains("RUNPATH") || text.contains("RPATH"), "no rpath:\n{text}");
+    assert!(
+        text.contains("[libtorch_cuda.so]"),
+        "libtorch_cuda.so is not NEEDED:\n{text}"
+    );
+    assert!(
+        text.contains("RUNPATH") || text.contains("RPATH"),
+        "no rpath:\n{text}"
+    );
 }
 
 /// `glm4 sft --help` lists every TRL field with the tutorial's defaults, plus the glm4 options.
@@ -157,7 +253,14 @@ fn sft_help_lists_fields_and_tutorial_defaults() {
     let out = glm4(&["sft", "--help"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    for needle in ["--learning_rate", "--lora_target_modules", "--data_files", "--max_length", "--predict_prompt", "[default: 0.0005]"] {
+    for needle in [
+        "--learning_rate",
+        "--lora_target_modules",
+        "--data_files",
+        "--max_length",
+        "--predict_prompt",
+        "[default: 0.0005]",
+    ] {
         assert!(text.contains(needle), "help lacks {needle}");
     }
 }
@@ -168,5 +271,8 @@ fn sft_flag_typo_suggests_the_field() {
     let out = glm4(&["sft", "--learning_rat", "1e-4"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("--learning_rate") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("--learning_rate") && !err.contains("panicked"),
+        "{err}"
+    );
 }

@@ -17,7 +17,10 @@ fn flags_reference_is_up_to_date() {
         std::fs::write(&path, &generated).unwrap();
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(committed == generated, "docs/FLAGS.md is stale: run `UPDATE_DOCS=1 cargo test --release --test docs`");
+    assert!(
+        committed == generated,
+        "docs/FLAGS.md is stale: run `UPDATE_DOCS=1 cargo test --release --test docs`"
+    );
 }
 
 /// Splits a shell command line (double quotes, no other shell features).
@@ -74,7 +77,10 @@ fn every_readme_command_runs() {
         match words[0].as_str() {
             "make" => {
                 let target = &words[1];
-                assert!(makefile.contains(&format!("\n{target}:")), "README: no make target {target}");
+                assert!(
+                    makefile.contains(&format!("\n{target}:")),
+                    "README: no make target {target}"
+                );
                 for w in &words[2..] {
                     if let Some(cfg) = w.strip_prefix("CONFIG=") {
                         assert!(root().join(cfg).is_file(), "README: {cfg} does not exist");
@@ -85,7 +91,13 @@ fn every_readme_command_runs() {
                 // Keep outputs out of the work tree.
                 let args: Vec<String> = words[1..]
                     .iter()
-                    .map(|w| if w.starts_with("output/") { out_dir.join(w).display().to_string() } else { w.clone() })
+                    .map(|w| {
+                        if w.starts_with("output/") {
+                            out_dir.join(w).display().to_string()
+                        } else {
+                            w.clone()
+                        }
+                    })
                     .collect();
                 let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
                     .args(&args)
@@ -99,13 +111,20 @@ fn every_readme_command_runs() {
                 let _ = child.stdin.take().unwrap().write_all(b"quit\n");
                 let res = child.wait_with_output().unwrap();
                 let err = String::from_utf8_lossy(&res.stderr);
-                assert!(!err.contains("panicked"), "README command panicked: {cmd}\n{err}");
+                assert!(
+                    !err.contains("panicked"),
+                    "README command panicked: {cmd}\n{err}"
+                );
                 if !res.status.success() {
-                    let expected = ["does not exist", "CUDA", "HF_HUB_OFFLINE"].iter().any(|m| err.contains(m));
+                    let expected = ["does not exist", "CUDA", "HF_HUB_OFFLINE"]
+                        .iter()
+                        .any(|m| err.contains(m));
                     assert!(expected, "README command failed unexpectedly: {cmd}\n{err}");
                 }
             }
-            "cargo" => assert!(root().join("trl_like/examples/custom_callback.rs").is_file()),
+            "cargo" => assert!(root()
+                .join("trl_like/examples/custom_callback.rs")
+                .is_file()),
             "tensorboard" | "swanlab" => {}
             other => panic!("README: unexpected command {other:?} in {cmd}"),
         }

@@ -11,7 +11,9 @@ use tch::{Device, Kind};
 use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
-use trl_like::trainer::{CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState};
+use trl_like::trainer::{
+    CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
+};
 
 type Log = Arc<Mutex<Vec<(String, usize)>>>;
 
@@ -27,15 +29,36 @@ macro_rules! record {
     };
 }
 
-record!(on_init_end, on_train_begin, on_train_end, on_epoch_begin, on_epoch_end, on_step_begin, on_substep_end,
-    on_pre_optimizer_step, on_optimizer_step, on_step_end, on_evaluate, on_prediction_step, on_save, on_log);
+record!(
+    on_init_end,
+    on_train_begin,
+    on_train_end,
+    on_epoch_begin,
+    on_epoch_end,
+    on_step_begin,
+    on_substep_end,
+    on_pre_optimizer_step,
+    on_optimizer_step,
+    on_step_end,
+    on_evaluate,
+    on_prediction_step,
+    on_save,
+    on_log
+);
 
 fn dataset(texts: &[String]) -> Dataset {
     Dataset {
         records: texts
             .iter()
             .enumerate()
-            .map(|(i, t)| Record { value: json!({"text": t}), origin: Origin { file: "mem".into(), index: i, line: None } })
+            .map(|(i, t)| Record {
+                value: json!({"text": t}),
+                origin: Origin {
+                    file: "mem".into(),
+                    index: i,
+                    line: None,
+                },
+            })
             .collect(),
     }
 }
@@ -43,7 +66,10 @@ fn dataset(texts: &[String]) -> Dataset {
 #[test]
 fn events_fire_in_transformers_order() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/trainer/callback_order.json")).unwrap()).unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/trainer/callback_order.json")).unwrap(),
+    )
+    .unwrap();
     let expected: Vec<(String, usize)> = serde_json::from_value(fx["events"].clone()).unwrap();
 
     let tiny = root.join("weights/tiny-glm");
@@ -51,7 +77,14 @@ fn events_fire_in_transformers_order() {
     let tokenizer = glm4::load_tokenizer(&tiny).unwrap();
     // The same texts as the Python script (train: first 6, eval: next 2).
     let texts: Vec<String> = (0..3)
-        .flat_map(|a| (0..3).map(move |b| format!("[gMASK]<sop><|user|>\n{a}+{b}等于多少？<|assistant|>\n{}", a + b)))
+        .flat_map(|a| {
+            (0..3).map(move |b| {
+                format!(
+                    "[gMASK]<sop><|user|>\n{a}+{b}等于多少？<|assistant|>\n{}",
+                    a + b
+                )
+            })
+        })
         .collect();
     let out = std::env::temp_dir().join(format!("glm4-callbacks-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -75,7 +108,12 @@ fn events_fire_in_transformers_order() {
         ..SFTConfig::default()
     };
     let log: Log = Arc::default();
-    let lora = LoraConfig::new(4, 8.0, 0.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
+    let lora = LoraConfig::new(
+        4,
+        8.0,
+        0.0,
+        TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+    );
     let mut trainer = SFTTrainer::new(
         model,
         args,

@@ -20,7 +20,10 @@ fn root() -> PathBuf {
 }
 
 fn fixture(setting: &str, file: &str) -> Value {
-    let p = root().join("tests/fixtures/trainer").join(setting).join(file);
+    let p = root()
+        .join("tests/fixtures/trainer")
+        .join(setting)
+        .join(file);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -36,7 +39,11 @@ fn records_from_batches(batches: &Value) -> Dataset {
             let index = records.len();
             records.push(Record {
                 value: json!({"input_ids": &ids[..n], "labels": &labels[..n]}),
-                origin: Origin { file: "batches.json".into(), index, line: None },
+                origin: Origin {
+                    file: "batches.json".into(),
+                    index,
+                    line: None,
+                },
             });
         }
     }
@@ -75,12 +82,18 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bool) {
     let tiny = root().join("weights/tiny-glm");
     let mut model = GlmForCausalLM::from_pretrained(&tiny, Some(Kind::Float), Device::Cpu).unwrap();
-    let init = root().join("tests/fixtures/trainer").join(setting).join("adapter_init");
+    let init = root()
+        .join("tests/fixtures/trainer")
+        .join(setting)
+        .join("adapter_init");
     let adapter = PeftAdapter::load(&mut model, &init, Device::Cpu, true).unwrap();
     let tokenizer = glm4::load_tokenizer(&tiny).unwrap();
     let dataset = records_from_batches(&fixture(setting, "batches.json"));
     let n_records = dataset.len();
-    let out = std::env::temp_dir().join(format!("glm4-trainer-parity-{setting}-{recompute}-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "glm4-trainer-parity-{setting}-{recompute}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&out);
     let mut trainer = SFTTrainer::from_peft_model(
         model,
@@ -102,33 +115,72 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bo
     let expected = fixture(setting, "log_history.json");
     let expected = expected.as_array().unwrap();
     let got = &trainer.state.log_history;
-    assert_eq!(got.len(), expected.len(), "{setting}: number of log entries");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{setting}: number of log entries"
+    );
     for (step, (g, e)) in got.iter().zip(expected).enumerate().take(4) {
         for key in ["loss", "grad_norm", "learning_rate"] {
             let (gv, ev) = (g[key].as_f64().unwrap(), e[key].as_f64().unwrap());
-            assert!(close(gv, ev, 1e-5), "{setting} step {}: {key} {gv} vs TRL {ev}", step + 1);
+            assert!(
+                close(gv, ev, 1e-5),
+                "{setting} step {}: {key} {gv} vs TRL {ev}",
+                step + 1
+            );
         }
-        let (gv, ev) = (g["entropy"].as_f64().unwrap(), e["entropy"].as_f64().unwrap());
-        assert!(close(gv, ev, 1e-4), "{setting} step {}: entropy {gv} vs TRL {ev}", step + 1);
+        let (gv, ev) = (
+            g["entropy"].as_f64().unwrap(),
+            e["entropy"].as_f64().unwrap(),
+        );
+        assert!(
+            close(gv, ev, 1e-4),
+            "{setting} step {}: entropy {gv} vs TRL {ev}",
+            step + 1
+        );
         for key in ["num_tokens", "mean_token_accuracy"] {
-            assert_eq!(g[key].as_f64(), e[key].as_f64(), "{setting} step {}: {key}", step + 1);
+            assert_eq!(
+                g[key].as_f64(),
+                e[key].as_f64(),
+                "{setting} step {}: {key}",
+                step + 1
+            );
         }
         // TRL's run had 16 records; ours holds only the ones its 4 steps consumed.
         let (ge, ee) = (g["epoch"].as_f64().unwrap(), e["epoch"].as_f64().unwrap());
-        assert!(close(ge * n_records as f64, ee * TRL_RECORDS, 1e-12), "{setting} step {}: epoch {ge} vs TRL {ee}", step + 1);
+        assert!(
+            close(ge * n_records as f64, ee * TRL_RECORDS, 1e-12),
+            "{setting} step {}: epoch {ge} vs TRL {ee}",
+            step + 1
+        );
         assert_eq!(g["step"], e["step"]);
     }
-    let (gl, el) = (got[4]["train_loss"].as_f64().unwrap(), expected[4]["train_loss"].as_f64().unwrap());
-    assert!(close(gl, el, 1e-5), "{setting}: train_loss {gl} vs TRL {el}");
+    let (gl, el) = (
+        got[4]["train_loss"].as_f64().unwrap(),
+        expected[4]["train_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        close(gl, el, 1e-5),
+        "{setting}: train_loss {gl} vs TRL {el}"
+    );
 
     // The trained adapter equals PEFT's after the same four steps.
-    let final_dir = root().join("tests/fixtures/trainer").join(setting).join("adapter_final/adapter_model.safetensors");
-    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(final_dir).unwrap().into_iter().collect();
+    let final_dir = root()
+        .join("tests/fixtures/trainer")
+        .join(setting)
+        .join("adapter_final/adapter_model.safetensors");
+    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(final_dir)
+        .unwrap()
+        .into_iter()
+        .collect();
     let ours = trainer.peft.as_ref().unwrap().named_parameters();
     assert_eq!(ours.len(), reference.len());
     for (name, t) in ours {
         let diff = (&t - &reference[&name]).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "{setting}: {name} differs from PEFT's by {diff}");
+        assert!(
+            diff < 1e-5,
+            "{setting}: {name} differs from PEFT's by {diff}"
+        );
     }
     let _ = std::fs::remove_dir_all(&out);
 }

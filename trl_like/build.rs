@@ -11,7 +11,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
-        if std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
+        if std::path::Path::new(&lib_dir)
+            .join("libtorch_cuda.so")
+            .exists()
+        {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
     }

@@ -1,11 +1,11 @@
 //! `GlmAttention`: grouped-query attention (32 query heads share 2 key/value
 //! heads in GLM-4-9B) with partial rotary embeddings and libtorch's SDPA.
 
-use trl_like::nn::Linear;
 use super::rotary::Rotary;
 use super::GlmConfig;
-use trl_like::modeling::KvCache;
 use tch::{nn, Tensor};
+use trl_like::modeling::KvCache;
+use trl_like::nn::Linear;
 
 /// Which keys each query may see.
 pub enum AttentionMask {
@@ -58,8 +58,14 @@ impl Attention {
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
-        let (b, t, _) = x.size3().expect("hidden states must be [batch, seq, hidden]");
-        let heads = |proj: &Linear, n: i64| proj.forward_t(x, train).view([b, t, n, self.head_dim]).transpose(1, 2);
+        let (b, t, _) = x
+            .size3()
+            .expect("hidden states must be [batch, seq, hidden]");
+        let heads = |proj: &Linear, n: i64| {
+            proj.forward_t(x, train)
+                .view([b, t, n, self.head_dim])
+                .transpose(1, 2)
+        };
         let q = rotary.apply(&heads(&self.q_proj, self.num_heads), cos, sin);
         let k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads), cos, sin);
         let v = heads(&self.v_proj, self.num_kv_heads);
@@ -70,11 +76,19 @@ impl Attention {
         let scale = (self.head_dim as f64).powf(-0.5);
         let gqa = self.num_heads != self.num_kv_heads;
         let out = match mask {
-            AttentionMask::Full => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, scale, gqa),
-            AttentionMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa),
-            AttentionMask::Dense(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
+            AttentionMask::Full => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, false, scale, gqa,
+            ),
+            AttentionMask::Causal => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, scale, gqa,
+            ),
+            AttentionMask::Dense(m) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa)
+            }
         };
-        let out = out.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward_t(&out, train)
     }
 }
@@ -88,7 +102,12 @@ impl Attention {
 ///
 /// # Shapes
 /// `padding_mask`: `[batch, past_len + q_len]`, 1 = token → `[batch, 1, q_len, past_len + q_len]` bool.
-pub fn build_mask(padding_mask: Option<&Tensor>, past_len: i64, q_len: i64, device: tch::Device) -> AttentionMask {
+pub fn build_mask(
+    padding_mask: Option<&Tensor>,
+    past_len: i64,
+    q_len: i64,
+    device: tch::Device,
+) -> AttentionMask {
     if padding_mask.is_none() {
         if q_len == 1 {
             return AttentionMask::Full;
@@ -107,7 +126,10 @@ pub fn build_mask(padding_mask: Option<&Tensor>, past_len: i64, q_len: i64, devi
         Some(pm) => {
             let keys_ok = pm.ne(0).view([-1, 1, 1, kv_len]);
             let itself = key_pos.eq_tensor(&query_pos).view([1, 1, q_len, kv_len]);
-            causal.view([1, 1, q_len, kv_len]).logical_and(&keys_ok).logical_or(&itself)
+            causal
+                .view([1, 1, q_len, kv_len])
+                .logical_and(&keys_ok)
+                .logical_or(&itself)
         }
     };
     AttentionMask::Dense(mask)

@@ -103,27 +103,57 @@ pub struct GlmConfig {
 }
 
 mod d {
-    pub fn vocab_size() -> i64 { 151552 }
-    pub fn hidden_size() -> i64 { 4096 }
-    pub fn intermediate_size() -> i64 { 13696 }
-    pub fn num_hidden_layers() -> i64 { 40 }
-    pub fn num_attention_heads() -> i64 { 32 }
-    pub fn num_key_value_heads() -> i64 { 2 }
-    pub fn head_dim() -> i64 { 128 }
-    pub fn hidden_act() -> String { "silu".into() }
-    pub fn max_position_embeddings() -> i64 { 131072 }
-    pub fn initializer_range() -> f64 { 0.02 }
-    pub fn rms_norm_eps() -> f64 { 1.5625e-07 }
-    pub fn yes() -> bool { true }
+    pub fn vocab_size() -> i64 {
+        151552
+    }
+    pub fn hidden_size() -> i64 {
+        4096
+    }
+    pub fn intermediate_size() -> i64 {
+        13696
+    }
+    pub fn num_hidden_layers() -> i64 {
+        40
+    }
+    pub fn num_attention_heads() -> i64 {
+        32
+    }
+    pub fn num_key_value_heads() -> i64 {
+        2
+    }
+    pub fn head_dim() -> i64 {
+        128
+    }
+    pub fn hidden_act() -> String {
+        "silu".into()
+    }
+    pub fn max_position_embeddings() -> i64 {
+        131072
+    }
+    pub fn initializer_range() -> f64 {
+        0.02
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1.5625e-07
+    }
+    pub fn yes() -> bool {
+        true
+    }
 }
 
 /// Why a config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid config.json: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -146,21 +176,40 @@ impl GlmConfig {
     /// Reads and validates `dir/config.json` (or a path to a JSON file).
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
         let shown = file.display().to_string();
-        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Io { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Io {
+            path: shown.clone(),
+            source,
+        })?;
         let config: GlmConfig =
-            serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: shown.clone(), source })?;
-        config.validate().map_err(|message| ConfigError::Invalid { path: shown, message })?;
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: shown.clone(),
+                source,
+            })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: shown,
+            message,
+        })?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), String> {
         if self.model_type != "glm" && self.model_type != "glm4" {
-            return Err(format!("model_type {:?} is not a GLM-4 architecture (expected \"glm\" or \"glm4\")", self.model_type));
+            return Err(format!(
+                "model_type {:?} is not a GLM-4 architecture (expected \"glm\" or \"glm4\")",
+                self.model_type
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported (GLM-4 uses \"silu\")", self.hidden_act));
+            return Err(format!(
+                "hidden_act {:?} is not supported (GLM-4 uses \"silu\")",
+                self.hidden_act
+            ));
         }
         for (name, value) in [
             ("vocab_size", self.vocab_size),
@@ -183,11 +232,17 @@ impl GlmConfig {
         }
         let rot = self.rotary_dim();
         if rot % 2 != 0 || rot > self.head_dim || rot <= 0 {
-            return Err(format!("partial_rotary_factor gives an invalid rotary dim {rot} for head_dim {}", self.head_dim));
+            return Err(format!(
+                "partial_rotary_factor gives an invalid rotary dim {rot} for head_dim {}",
+                self.head_dim
+            ));
         }
         if let Some(rp) = &self.rope_parameters {
             if rp.rope_type != "default" {
-                return Err(format!("rope_type {:?} is not supported (only \"default\")", rp.rope_type));
+                return Err(format!(
+                    "rope_type {:?} is not supported (only \"default\")",
+                    rp.rope_type
+                ));
             }
         }
         Ok(())
@@ -225,7 +280,10 @@ impl GlmConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<i64> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Parameter count, for MFU and memory estimates.

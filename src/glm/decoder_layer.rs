@@ -7,8 +7,8 @@ use super::mlp::Mlp;
 use super::rms_norm::RmsNorm;
 use super::rotary::Rotary;
 use super::GlmConfig;
-use trl_like::modeling::KvCache;
 use tch::{nn, Tensor};
+use trl_like::modeling::KvCache;
 
 #[derive(Debug)]
 pub struct DecoderLayer {
@@ -46,12 +46,22 @@ impl DecoderLayer {
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
-        let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, cos, sin, mask, cache, train);
+        let mut attn = self.self_attn.forward(
+            &self.input_layernorm.forward(x),
+            rotary,
+            cos,
+            sin,
+            mask,
+            cache,
+            train,
+        );
         if let Some(norm) = &self.post_self_attn_layernorm {
             attn = norm.forward(&attn);
         }
         let x = x + attn;
-        let mut mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x), train);
+        let mut mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x), train);
         if let Some(norm) = &self.post_mlp_layernorm {
             mlp = norm.forward(&mlp);
         }

@@ -17,18 +17,28 @@ pub enum LoadError {
     Config(#[from] ConfigError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
-    #[error("{dir}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
+    #[error(
+        "{dir}: no weights found (expected model.safetensors or model.safetensors.index.json)"
+    )]
     NoWeights { dir: String },
     #[error("{dir}: {} tensor(s) missing from the checkpoint, e.g. {}", .names.len(), .names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
     Missing { dir: String, names: Vec<String> },
     #[error("{dir}: {} tensor(s) in the checkpoint that the model does not have, e.g. {}", .names.len(), .names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
     Unexpected { dir: String, names: Vec<String> },
     #[error("{file}: tensor {name} has shape {found:?}, the model expects {expected:?}")]
-    Shape { file: String, name: String, expected: Vec<i64>, found: Vec<i64> },
+    Shape {
+        file: String,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
 }
 
 fn file_err(path: &Path, message: impl ToString) -> LoadError {
-    LoadError::File { path: path.display().to_string(), message: message.to_string() }
+    LoadError::File {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
 }
 
 /// The safetensors files of a checkpoint directory, in a stable order.
@@ -36,7 +46,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| file_err(&index, e))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -51,7 +62,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     if !dir.is_dir() {
         return Err(file_err(dir, "model directory does not exist"));
     }
-    Err(LoadError::NoWeights { dir: dir.display().to_string() })
+    Err(LoadError::NoWeights {
+        dir: dir.display().to_string(),
+    })
 }
 
 pub fn kind_of(dtype: Dtype) -> Option<Kind> {
@@ -81,7 +94,11 @@ pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
     let mut variables: HashMap<String, Tensor> = vs.variables();
     let mut filled = BTreeSet::new();
     let mut unexpected = Vec::new();
-    let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("loading weights {bar:30} {bytes}/{total_bytes} {msg}")
             .expect("valid template"),
@@ -111,26 +128,45 @@ pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
                     found: shape,
                 });
             }
-            let kind = kind_of(view.dtype())
-                .ok_or_else(|| file_err(file, format!("tensor {name} has unsupported dtype {:?}", view.dtype())))?;
+            let kind = kind_of(view.dtype()).ok_or_else(|| {
+                file_err(
+                    file,
+                    format!("tensor {name} has unsupported dtype {:?}", view.dtype()),
+                )
+            })?;
             let src = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
-            var.f_copy_(&src).map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
+            var.f_copy_(&src)
+                .map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
             bar.inc(view.data().len() as u64);
             filled.insert(name);
         }
-        bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        bar.set_message(
+            file.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
     }
     bar.finish_and_clear();
     let dir_s = dir.display().to_string();
     if !unexpected.is_empty() {
         unexpected.sort();
-        return Err(LoadError::Unexpected { dir: dir_s, names: unexpected });
+        return Err(LoadError::Unexpected {
+            dir: dir_s,
+            names: unexpected,
+        });
     }
-    let mut missing: Vec<String> = variables.keys().filter(|k| !filled.contains(*k)).cloned().collect();
+    let mut missing: Vec<String> = variables
+        .keys()
+        .filter(|k| !filled.contains(*k))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
         missing.sort();
-        return Err(LoadError::Missing { dir: dir_s, names: missing });
+        return Err(LoadError::Missing {
+            dir: dir_s,
+            names: missing,
+        });
     }
     Ok(())
 }
@@ -140,7 +176,11 @@ pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
 
 /// Writes named tensors as `model.safetensors`, or as `model-0000i-of-0000n.safetensors`
 /// shards plus `model.safetensors.index.json` when they exceed `max_shard_bytes`.
-pub fn save_safetensors(named: &[(String, Tensor)], dir: &Path, max_shard_bytes: usize) -> std::io::Result<()> {
+pub fn save_safetensors(
+    named: &[(String, Tensor)],
+    dir: &Path,
+    max_shard_bytes: usize,
+) -> std::io::Result<()> {
     let to_io = |e: tch::TchError| std::io::Error::other(e.to_string());
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut current = 0usize;
@@ -153,7 +193,10 @@ pub fn save_safetensors(named: &[(String, Tensor)], dir: &Path, max_shard_bytes:
         }
         current += bytes;
         total += bytes;
-        shards.last_mut().expect("one shard").push((name.clone(), t.detach().to_device(tch::Device::Cpu)));
+        shards
+            .last_mut()
+            .expect("one shard")
+            .push((name.clone(), t.detach().to_device(tch::Device::Cpu)));
     }
     if shards.len() == 1 {
         return Tensor::write_safetensors(&shards[0], dir.join("model.safetensors")).map_err(to_io);
@@ -168,5 +211,8 @@ pub fn save_safetensors(named: &[(String, Tensor)], dir: &Path, max_shard_bytes:
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)? + "\n")
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)? + "\n",
+    )
 }

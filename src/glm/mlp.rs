@@ -1,7 +1,7 @@
 //! `GlmMLP`: fused gate/up projection, SiLU gating, down projection.
 
-use trl_like::nn::Linear;
 use tch::{nn, Tensor};
+use trl_like::nn::Linear;
 
 #[derive(Debug)]
 pub struct Mlp {
@@ -22,6 +22,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // The first half of gate_up_proj's output is the gate, the second the up projection.
         let gate_up = self.gate_up_proj.forward_t(x, train).chunk(2, -1);
-        self.down_proj.forward_t(&(gate_up[0].silu() * &gate_up[1]), train)
+        self.down_proj
+            .forward_t(&(gate_up[0].silu() * &gate_up[1]), train)
     }
 }

@@ -3,6 +3,7 @@
 //! they are: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, …
 
 use super::attention::build_mask;
+use super::attention::AttentionMask;
 use super::decoder_layer::DecoderLayer;
 use super::loading::{load_safetensors, save_safetensors, LoadError, MAX_SHARD_BYTES};
 use super::rms_norm::RmsNorm;
@@ -10,7 +11,6 @@ use super::rotary::Rotary;
 use super::GlmConfig;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
-use super::attention::AttentionMask;
 use trl_like::modeling::{CausalLM, CausalLMInput, Checkpointable, KvCache, PreTrainedModel};
 use trl_like::nn::Linear;
 use trl_like::peft::LoraModel;
@@ -25,7 +25,11 @@ pub struct GlmModel {
 
 impl GlmModel {
     pub fn new(path: nn::Path, cfg: &GlmConfig) -> Self {
-        let embed_tokens = (&path / "embed_tokens").var("weight", &[cfg.vocab_size, cfg.hidden_size], nn::Init::Const(0.0));
+        let embed_tokens = (&path / "embed_tokens").var(
+            "weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            nn::Init::Const(0.0),
+        );
         let layers = (0..cfg.num_hidden_layers as usize)
             .map(|i| DecoderLayer::new(&path / "layers" / i, cfg, i))
             .collect();
@@ -39,20 +43,44 @@ impl GlmModel {
 
     /// # Shapes
     /// see [`CausalLM::forward_hidden`].
-    pub fn forward(&self, input: &CausalLMInput, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        let (batch, seq) = input.input_ids.size2().expect("input_ids must be [batch, seq]");
+    pub fn forward(
+        &self,
+        input: &CausalLMInput,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let (batch, seq) = input
+            .input_ids
+            .size2()
+            .expect("input_ids must be [batch, seq]");
         let device = self.embed_tokens.device();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let mut hidden = Tensor::embedding(&self.embed_tokens, &input.input_ids.to_device(device), -1, false, false);
+        let mut hidden = Tensor::embedding(
+            &self.embed_tokens,
+            &input.input_ids.to_device(device),
+            -1,
+            false,
+            false,
+        );
         let position_ids = match input.position_ids {
             Some(p) => p.to_device(device),
-            None => (Tensor::arange(seq, (Kind::Int64, device)) + past).unsqueeze(0).expand([batch, seq], false),
+            None => (Tensor::arange(seq, (Kind::Int64, device)) + past)
+                .unsqueeze(0)
+                .expand([batch, seq], false),
         };
         let (cos, sin) = self.rotary.cos_sin(&position_ids);
         let padding = input.attention_mask.map(|m| m.to_device(device));
         let mask = build_mask(padding.as_ref(), past, seq, device);
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &self.rotary, &cos, &sin, &mask, cache.as_deref_mut(), train);
+            hidden = layer.forward(
+                &hidden,
+                &self.rotary,
+                &cos,
+                &sin,
+                &mask,
+                cache.as_deref_mut(),
+                train,
+            );
         }
         self.norm.forward(&hidden)
     }
@@ -84,18 +112,34 @@ impl GlmForCausalLM {
         vs.set_kind(kind);
         let root = vs.root();
         let model = GlmModel::new(&root / "model", &config);
-        let lm_head = Linear::new(&root / "lm_head", config.hidden_size, config.vocab_size, false);
-        Self { config, model, lm_head, vs, name_or_path: String::new() }
+        let lm_head = Linear::new(
+            &root / "lm_head",
+            config.hidden_size,
+            config.vocab_size,
+            false,
+        );
+        Self {
+            config,
+            model,
+            lm_head,
+            vs,
+            name_or_path: String::new(),
+        }
     }
 
     /// Loads `config.json` and the safetensors weights (single file or sharded) of a
     /// transformers checkpoint directory. `kind` = `None` uses the checkpoint's dtype.
-    pub fn from_pretrained(dir: impl AsRef<Path>, kind: Option<Kind>, device: Device) -> Result<Self, LoadError> {
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        kind: Option<Kind>,
+        device: Device,
+    ) -> Result<Self, LoadError> {
         let dir = dir.as_ref();
         let config = GlmConfig::from_pretrained(dir)?;
         let kind = match kind {
             Some(k) => k,
-            None => dtype_from_name(config.checkpoint_dtype().unwrap_or("float32")).unwrap_or(Kind::Float),
+            None => dtype_from_name(config.checkpoint_dtype().unwrap_or("float32"))
+                .unwrap_or(Kind::Float),
         };
         let mut model = Self::new(config, device, kind);
         load_safetensors(&model.vs, dir)?;
@@ -141,7 +185,12 @@ impl FreezeBase for nn::VarStore {
 }
 
 impl CausalLM for GlmForCausalLM {
-    fn forward_hidden(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    fn forward_hidden(
+        &self,
+        input: &CausalLMInput,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
         self.model.forward(input, cache, train)
     }
 
@@ -180,7 +229,10 @@ impl PreTrainedModel for GlmForCausalLM {
         };
         config["torch_dtype"] = dtype.into();
         config["dtype"] = dtype.into();
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config)? + "\n",
+        )?;
         save_safetensors(&self.named_parameters(), dir, MAX_SHARD_BYTES)
     }
 
@@ -206,22 +258,45 @@ impl Checkpointable for GlmForCausalLM {
 
     fn layer_context(&self, input: &CausalLMInput) -> GlmLayerContext {
         let device = self.vs.device();
-        let (batch, seq) = input.input_ids.size2().expect("input_ids must be [batch, seq]");
+        let (batch, seq) = input
+            .input_ids
+            .size2()
+            .expect("input_ids must be [batch, seq]");
         let position_ids = match input.position_ids {
             Some(p) => p.to_device(device),
-            None => Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false),
+            None => Tensor::arange(seq, (Kind::Int64, device))
+                .unsqueeze(0)
+                .expand([batch, seq], false),
         };
         let (cos, sin) = self.model.rotary.cos_sin(&position_ids);
         let padding = input.attention_mask.map(|m| m.to_device(device));
-        GlmLayerContext { cos, sin, mask: build_mask(padding.as_ref(), 0, seq, device) }
+        GlmLayerContext {
+            cos,
+            sin,
+            mask: build_mask(padding.as_ref(), 0, seq, device),
+        }
     }
 
     fn num_layers(&self) -> usize {
         self.model.layers.len()
     }
 
-    fn layer_forward(&self, index: usize, hidden: &Tensor, ctx: &GlmLayerContext, train: bool) -> Tensor {
-        self.model.layers[index].forward(hidden, &self.model.rotary, &ctx.cos, &ctx.sin, &ctx.mask, None, train)
+    fn layer_forward(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        ctx: &GlmLayerContext,
+        train: bool,
+    ) -> Tensor {
+        self.model.layers[index].forward(
+            hidden,
+            &self.model.rotary,
+            &ctx.cos,
+            &ctx.sin,
+            &ctx.mask,
+            None,
+            train,
+        )
     }
 
     fn final_norm(&self, hidden: &Tensor) -> Tensor {
@@ -242,8 +317,14 @@ impl LoraModel for GlmForCausalLM {
             ] {
                 out.push((format!("model.layers.{i}.self_attn.{name}"), lin));
             }
-            out.push((format!("model.layers.{i}.mlp.gate_up_proj"), &mut layer.mlp.gate_up_proj));
-            out.push((format!("model.layers.{i}.mlp.down_proj"), &mut layer.mlp.down_proj));
+            out.push((
+                format!("model.layers.{i}.mlp.gate_up_proj"),
+                &mut layer.mlp.gate_up_proj,
+            ));
+            out.push((
+                format!("model.layers.{i}.mlp.down_proj"),
+                &mut layer.mlp.down_proj,
+            ));
         }
         out.push(("lm_head".to_string(), &mut self.lm_head));
         out

@@ -10,7 +10,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(path: nn::Path, size: i64, eps: f64) -> Self {
-        Self { weight: path.var("weight", &[size], nn::Init::Const(1.0)), eps }
+        Self {
+            weight: path.var("weight", &[size], nn::Init::Const(1.0)),
+            eps,
+        }
     }
 
     /// # Shapes

@@ -17,10 +17,18 @@ pub struct Rotary {
 impl Rotary {
     pub fn new(rotary_dim: i64, theta: f64, device: Device) -> Self {
         // inv_freq = 1 / theta^(2i / dim), computed in fp32 as transformers does.
-        let exponents = Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float)
+        let exponents = Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
             / rotary_dim as f64;
-        let inv_freq = (Tensor::from(theta).to_kind(Kind::Float).to_device(device).pow(&exponents)).reciprocal();
-        Self { inv_freq, rotary_dim }
+        let inv_freq = (Tensor::from(theta)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .pow(&exponents))
+        .reciprocal();
+        Self {
+            inv_freq,
+            rotary_dim,
+        }
     }
 
     /// cos/sin tables for the given positions, each angle repeated for its pair.
@@ -28,7 +36,8 @@ impl Rotary {
     /// # Shapes
     /// `position_ids`: `[batch, seq]` → `(cos, sin)`, each `[batch, seq, rotary_dim]` fp32.
     pub fn cos_sin(&self, position_ids: &Tensor) -> (Tensor, Tensor) {
-        let freqs = position_ids.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let freqs =
+            position_ids.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
         let freqs = freqs.repeat_interleave_self_int(2, -1, None);
         (freqs.cos(), freqs.sin())
     }
@@ -93,7 +102,11 @@ mod tests {
                         assert!((ov[base + 2 * i + 1] as f64 - e1).abs() < 1e-4);
                     }
                     for j in rot as usize..d as usize {
-                        assert_eq!(ov[base + j], xv[base + j], "pass-through dims must be untouched");
+                        assert_eq!(
+                            ov[base + j],
+                            xv[base + j],
+                            "pass-through dims must be untouched"
+                        );
                     }
                 }
             }

@@ -10,7 +10,9 @@ use tch::{Device, Kind};
 use trl_like::config::{IntervalStrategy, SFTConfig};
 use trl_like::data::Dataset;
 use trl_like::peft::{LoraConfig, TargetModules};
-use trl_like::trainer::{CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState};
+use trl_like::trainer::{
+    CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
+};
 
 /// Stops when the logged training loss drops below `target`.
 struct StopAtLoss {
@@ -18,16 +20,35 @@ struct StopAtLoss {
 }
 
 impl TrainerCallback for StopAtLoss {
-    fn on_log(&mut self, _args: &SFTConfig, state: &TrainerState, control: &mut TrainerControl, ctx: &mut CallbackContext) {
-        if let Some(loss) = ctx.logs.and_then(|l| l.get("loss")).and_then(|v| v.as_f64()) {
+    fn on_log(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        ctx: &mut CallbackContext,
+    ) {
+        if let Some(loss) = ctx
+            .logs
+            .and_then(|l| l.get("loss"))
+            .and_then(|v| v.as_f64())
+        {
             if loss < self.target {
-                println!("step {}: loss {loss:.3} < {} — stopping", state.global_step, self.target);
+                println!(
+                    "step {}: loss {loss:.3} < {} — stopping",
+                    state.global_step, self.target
+                );
                 control.should_training_stop = true;
             }
         }
     }
 
-    fn on_evaluate(&mut self, _args: &SFTConfig, state: &TrainerState, _control: &mut TrainerControl, ctx: &mut CallbackContext) {
+    fn on_evaluate(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        _control: &mut TrainerControl,
+        ctx: &mut CallbackContext,
+    ) {
         if let Some(m) = ctx.metrics {
             println!("step {}: eval_loss {}", state.global_step, m["eval_loss"]);
         }
@@ -41,7 +62,10 @@ fn main() -> anyhow::Result<()> {
     let data = Dataset::from_json_files(&["data/demo_alpaca.json"])?;
     let (train, test) = data.train_test_split(0.1, 42)?;
     let args = SFTConfig {
-        output_dir: std::env::temp_dir().join("trl_like-custom-callback").display().to_string(),
+        output_dir: std::env::temp_dir()
+            .join("trl_like-custom-callback")
+            .display()
+            .to_string(),
         overwrite_output_dir: true,
         num_train_epochs: 20.0,
         per_device_train_batch_size: 8,
@@ -67,6 +91,9 @@ fn main() -> anyhow::Result<()> {
         vec![Box::new(StopAtLoss { target: 2.0 })],
     )?;
     let out = trainer.train()?;
-    println!("stopped at step {} with train_loss {:.3}", out.global_step, out.training_loss);
+    println!(
+        "stopped at step {} with train_loss {:.3}",
+        out.global_step, out.training_loss
+    );
     Ok(())
 }

@@ -68,8 +68,11 @@ impl GenerationConfig {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// How many new tokens a prompt of `prompt_len` may receive.
@@ -103,7 +106,8 @@ pub fn process_logits(scores: &Tensor, sequences: &Tensor, cfg: &GenerationConfi
     if cfg.repetition_penalty != 1.0 {
         let seen = scores.gather(1, sequences, false);
         // torch.where(score < 0, score * penalty, score / penalty)
-        let penalised = (&seen * cfg.repetition_penalty).where_self(&seen.lt(0.0), &(&seen / cfg.repetition_penalty));
+        let penalised = (&seen * cfg.repetition_penalty)
+            .where_self(&seen.lt(0.0), &(&seen / cfg.repetition_penalty));
         scores = scores.scatter(1, sequences, &penalised);
     }
     if !cfg.do_sample {
@@ -163,7 +167,10 @@ pub fn generate(
     };
     let has_padding = mask.min().int64_value(&[]) == 0;
     let budget = cfg.budget(prompt_len as usize) as i64;
-    let pad = cfg.pad_token_id.or(cfg.eos_token_id.first().copied()).unwrap_or(0);
+    let pad = cfg
+        .pad_token_id
+        .or(cfg.eos_token_id.first().copied())
+        .unwrap_or(0);
     let eos = Tensor::from_slice(&cfg.eos_token_id).to_device(device);
 
     let mut cache = model.new_cache();
@@ -185,7 +192,10 @@ pub fn generate(
         let logits = model.lm_head(&last).squeeze_dim(1).to_kind(Kind::Float);
         let scores = process_logits(&logits, &sequences, cfg);
         let next = if cfg.do_sample {
-            scores.softmax(-1, Kind::Float).multinomial(1, false).squeeze_dim(1)
+            scores
+                .softmax(-1, Kind::Float)
+                .multinomial(1, false)
+                .squeeze_dim(1)
         } else {
             scores.argmax(-1, false)
         };
@@ -198,15 +208,24 @@ pub fn generate(
             cb(&ids);
         }
         if eos.numel() > 0 {
-            let hit = next.unsqueeze(1).eq_tensor(&eos.unsqueeze(0)).any_dim(1, false);
+            let hit = next
+                .unsqueeze(1)
+                .eq_tensor(&eos.unsqueeze(0))
+                .any_dim(1, false);
             unfinished = unfinished * hit.logical_not().to_kind(Kind::Int64);
         }
         if unfinished.max().int64_value(&[]) == 0 {
             break;
         }
-        mask = Tensor::cat(&[&mask, &Tensor::ones([batch, 1], (Kind::Int64, device))], 1);
+        mask = Tensor::cat(
+            &[&mask, &Tensor::ones([batch, 1], (Kind::Int64, device))],
+            1,
+        );
         positions = positions.narrow(1, positions.size()[1] - 1, 1) + 1;
         step_ids = next.unsqueeze(1);
     }
-    GenerateOutput { sequences, new_tokens }
+    GenerateOutput {
+        sequences,
+        new_tokens,
+    }
 }

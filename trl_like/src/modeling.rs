@@ -18,7 +18,9 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect() }
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
     }
 
     /// Number of positions already cached (0 for an empty cache).
@@ -70,7 +72,12 @@ pub trait CausalLM {
     ///
     /// # Shapes
     /// returns `[batch, seq, hidden]` in the model's compute dtype.
-    fn forward_hidden(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, train: bool) -> Tensor;
+    fn forward_hidden(
+        &self,
+        input: &CausalLMInput,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor;
 
     /// Projects hidden states to vocabulary logits (`lm_head`).
     ///
@@ -121,7 +128,13 @@ pub trait Checkpointable {
     fn layer_context(&self, input: &CausalLMInput) -> Self::LayerContext;
     fn num_layers(&self) -> usize;
     /// Decoder layer `index`. # Shapes `[batch, seq, hidden]` → same.
-    fn layer_forward(&self, index: usize, hidden: &Tensor, ctx: &Self::LayerContext, train: bool) -> Tensor;
+    fn layer_forward(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        ctx: &Self::LayerContext,
+        train: bool,
+    ) -> Tensor;
     /// The norm after the last layer.
     fn final_norm(&self, hidden: &Tensor) -> Tensor;
 }

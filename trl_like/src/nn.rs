@@ -19,7 +19,11 @@ impl Linear {
     pub fn new(path: nn::Path, in_features: i64, out_features: i64, bias: bool) -> Self {
         let weight = path.var("weight", &[out_features, in_features], nn::Init::Const(0.0));
         let bias = bias.then(|| path.var("bias", &[out_features], nn::Init::Const(0.0)));
-        Self { weight, bias, lora: None }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     pub fn in_features(&self) -> i64 {

@@ -41,10 +41,16 @@ impl<'de> Deserialize<'de> for TargetModules {
             Value::String(s) => Ok(TargetModules::Names(vec![s])),
             Value::Array(v) => v
                 .into_iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| serde::de::Error::custom("target_modules must be strings")))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| serde::de::Error::custom("target_modules must be strings"))
+                })
                 .collect::<Result<_, _>>()
                 .map(TargetModules::Names),
-            _ => Err(serde::de::Error::custom("target_modules must be a list of names or \"all-linear\"")),
+            _ => Err(serde::de::Error::custom(
+                "target_modules must be a list of names or \"all-linear\"",
+            )),
         }
     }
 }
@@ -54,9 +60,9 @@ impl TargetModules {
     pub fn matches(&self, module: &str) -> bool {
         match self {
             TargetModules::AllLinear => module != "lm_head" && !module.ends_with(".lm_head"),
-            TargetModules::Names(names) => {
-                names.iter().any(|n| module == n || module.ends_with(&format!(".{n}")))
-            }
+            TargetModules::Names(names) => names
+                .iter()
+                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
         }
     }
 }
@@ -99,9 +105,18 @@ pub enum PeftError {
     #[error("invalid LoRA setting: {0}")]
     Config(String),
     #[error("{adapter}: the adapter targets module {module}, which this model does not have (its linear modules are: {available})")]
-    UnknownModule { adapter: String, module: String, available: String },
+    UnknownModule {
+        adapter: String,
+        module: String,
+        available: String,
+    },
     #[error("{adapter}: tensor {name} has shape {found:?}, the model needs {expected:?} (is the adapter made for another base model?)")]
-    Shape { adapter: String, name: String, expected: Vec<i64>, found: Vec<i64> },
+    Shape {
+        adapter: String,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
     #[error("none of the model's linear modules match target_modules {0}")]
     NoTargets(String),
 }
@@ -126,22 +141,35 @@ impl LoraConfig {
 
     pub fn validate(&self) -> Result<(), PeftError> {
         if self.r <= 0 {
-            return Err(PeftError::Config(format!("lora_r must be at least 1, got {}", self.r)));
+            return Err(PeftError::Config(format!(
+                "lora_r must be at least 1, got {}",
+                self.r
+            )));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PeftError::Config(format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout)));
+            return Err(PeftError::Config(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            )));
         }
         if self.use_dora {
             return Err(PeftError::Config("use_dora is not supported yet".into()));
         }
         if self.bias != "none" {
-            return Err(PeftError::Config(format!("bias {:?} is not supported (only \"none\")", self.bias)));
+            return Err(PeftError::Config(format!(
+                "bias {:?} is not supported (only \"none\")",
+                self.bias
+            )));
         }
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
-            return Err(PeftError::Config("rank_pattern / alpha_pattern are not supported yet".into()));
+            return Err(PeftError::Config(
+                "rank_pattern / alpha_pattern are not supported yet".into(),
+            ));
         }
         if self.fan_in_fan_out {
-            return Err(PeftError::Config("fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to GLM-4".into()));
+            return Err(PeftError::Config(
+                "fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to GLM-4".into(),
+            ));
         }
         Ok(())
     }
@@ -211,8 +239,15 @@ impl LoraLayer {
     /// adds, and returns the base result dtype).
     pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
         let x = x.to_kind(self.lora_a.kind());
-        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x };
-        let delta = x.linear::<Tensor>(&self.lora_a, None).linear::<Tensor>(&self.lora_b, None) * self.scaling;
+        let x = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x
+        };
+        let delta = x
+            .linear::<Tensor>(&self.lora_a, None)
+            .linear::<Tensor>(&self.lora_b, None)
+            * self.scaling;
         (base + delta).to_kind(base.kind())
     }
 }
@@ -256,7 +291,11 @@ pub fn peft_key(module: &str, which: &str) -> String {
 impl PeftAdapter {
     /// Attaches freshly initialised adapters (A kaiming-uniform, B zero) to every
     /// matching linear layer — `get_peft_model(model, config)`.
-    pub fn attach_new(model: &mut dyn LoraModel, config: LoraConfig, device: Device) -> Result<Self, PeftError> {
+    pub fn attach_new(
+        model: &mut dyn LoraModel,
+        config: LoraConfig,
+        device: Device,
+    ) -> Result<Self, PeftError> {
         config.validate()?;
         let vs = nn::VarStore::new(device);
         let mut modules = Vec::new();
@@ -268,42 +307,86 @@ impl PeftAdapter {
             // kaiming_uniform_(a=√5) on [r, in]: bound = gain·√(3/fan_in) = 1/√fan_in.
             let bound = 1.0 / (fan_in as f64).sqrt();
             let root = vs.root();
-            let a = var_at(&root, &peft_key(&name, "lora_A"), &[config.r, fan_in], nn::Init::Uniform { lo: -bound, up: bound });
-            let b = var_at(&root, &peft_key(&name, "lora_B"), &[fan_out, config.r], nn::Init::Const(0.0));
-            linear.lora = Some(LoraLayer { lora_a: a, lora_b: b, scaling: config.scaling(), dropout: config.lora_dropout });
+            let a = var_at(
+                &root,
+                &peft_key(&name, "lora_A"),
+                &[config.r, fan_in],
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            );
+            let b = var_at(
+                &root,
+                &peft_key(&name, "lora_B"),
+                &[fan_out, config.r],
+                nn::Init::Const(0.0),
+            );
+            linear.lora = Some(LoraLayer {
+                lora_a: a,
+                lora_b: b,
+                scaling: config.scaling(),
+                dropout: config.lora_dropout,
+            });
             modules.push(name);
         }
         if modules.is_empty() {
             return Err(PeftError::NoTargets(format!("{:?}", config.target_modules)));
         }
-        Ok(Self { config, vs, modules })
+        Ok(Self {
+            config,
+            vs,
+            modules,
+        })
     }
 
     /// Loads a PEFT adapter directory (ours or one saved by Python PEFT) onto `model`
     /// — `PeftModel.from_pretrained(model, dir)`.
-    pub fn load(model: &mut dyn LoraModel, dir: &Path, device: Device, trainable: bool) -> Result<Self, PeftError> {
-        let file_err = |path: &Path, message: String| PeftError::File { path: path.display().to_string(), message };
+    pub fn load(
+        model: &mut dyn LoraModel,
+        dir: &Path,
+        device: Device,
+        trainable: bool,
+    ) -> Result<Self, PeftError> {
+        let file_err = |path: &Path, message: String| PeftError::File {
+            path: path.display().to_string(),
+            message,
+        };
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let config: LoraConfig = serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let peft_type = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["peft_type"].as_str().map(str::to_string));
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+        let config: LoraConfig =
+            serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+        let peft_type = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["peft_type"].as_str().map(str::to_string));
         if let Some(t) = peft_type.filter(|t| t != "LORA") {
-            return Err(file_err(&cfg_path, format!("peft_type {t:?} is not supported (only LORA)")));
+            return Err(file_err(
+                &cfg_path,
+                format!("peft_type {t:?} is not supported (only LORA)"),
+            ));
         }
         config.validate()?;
         let weights = dir.join("adapter_model.safetensors");
-        let tensors = Tensor::read_safetensors(&weights).map_err(|e| file_err(&weights, e.to_string()))?;
+        let tensors =
+            Tensor::read_safetensors(&weights).map_err(|e| file_err(&weights, e.to_string()))?;
         let mut by_module: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         for (key, t) in tensors {
             let Some(rest) = key.strip_prefix("base_model.model.") else {
-                return Err(file_err(&weights, format!("unexpected tensor {key} (not a LoRA weight)")));
+                return Err(file_err(
+                    &weights,
+                    format!("unexpected tensor {key} (not a LoRA weight)"),
+                ));
             };
             let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
                 (m, 0)
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m, 1)
             } else {
-                return Err(file_err(&weights, format!("unsupported tensor {key} (only lora_A / lora_B weights are)")));
+                return Err(file_err(
+                    &weights,
+                    format!("unsupported tensor {key} (only lora_A / lora_B weights are)"),
+                ));
             };
             let slot = by_module.entry(module.to_string()).or_default();
             if which == 0 {
@@ -313,28 +396,51 @@ impl PeftAdapter {
             }
         }
         let vs = nn::VarStore::new(device);
-        let mut linears: BTreeMap<String, &mut Linear> = model.linear_layers_mut().into_iter().collect();
+        let mut linears: BTreeMap<String, &mut Linear> =
+            model.linear_layers_mut().into_iter().collect();
         let available = linears_list(&linears);
         let adapter = dir.display().to_string();
         let mut modules = Vec::new();
         for (module, pair) in by_module {
             let (Some(a), Some(b)) = pair else {
-                return Err(file_err(&weights, format!("{module} has only one of lora_A / lora_B")));
+                return Err(file_err(
+                    &weights,
+                    format!("{module} has only one of lora_A / lora_B"),
+                ));
             };
             if !linears.contains_key(&module) {
-                return Err(PeftError::UnknownModule { adapter, module, available });
+                return Err(PeftError::UnknownModule {
+                    adapter,
+                    module,
+                    available,
+                });
             }
             let linear = linears.get_mut(&module).expect("checked above");
             let expect_a = vec![config.r, linear.in_features()];
             let expect_b = vec![linear.out_features(), config.r];
             for (name, t, expected) in [("lora_A", &a, &expect_a), ("lora_B", &b, &expect_b)] {
                 if t.size() != *expected {
-                    return Err(PeftError::Shape { adapter, name: peft_key(&module, name), expected: expected.clone(), found: t.size() });
+                    return Err(PeftError::Shape {
+                        adapter,
+                        name: peft_key(&module, name),
+                        expected: expected.clone(),
+                        found: t.size(),
+                    });
                 }
             }
             let root = vs.root();
-            let mut va = var_at(&root, &peft_key(&module, "lora_A"), &expect_a, nn::Init::Const(0.0));
-            let mut vb = var_at(&root, &peft_key(&module, "lora_B"), &expect_b, nn::Init::Const(0.0));
+            let mut va = var_at(
+                &root,
+                &peft_key(&module, "lora_A"),
+                &expect_a,
+                nn::Init::Const(0.0),
+            );
+            let mut vb = var_at(
+                &root,
+                &peft_key(&module, "lora_B"),
+                &expect_b,
+                nn::Init::Const(0.0),
+            );
             tch::no_grad(|| {
                 va.copy_(&a);
                 vb.copy_(&b);
@@ -343,22 +449,39 @@ impl PeftAdapter {
                 va = va.set_requires_grad(false);
                 vb = vb.set_requires_grad(false);
             }
-            linear.lora = Some(LoraLayer { lora_a: va, lora_b: vb, scaling: config.scaling(), dropout: config.lora_dropout });
+            linear.lora = Some(LoraLayer {
+                lora_a: va,
+                lora_b: vb,
+                scaling: config.scaling(),
+                dropout: config.lora_dropout,
+            });
             modules.push(module);
         }
-        Ok(Self { config, vs, modules })
+        Ok(Self {
+            config,
+            vs,
+            modules,
+        })
     }
 
     /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
     pub fn save_pretrained(&self, dir: &Path) -> Result<(), PeftError> {
-        let io = |e: std::io::Error| PeftError::File { path: dir.display().to_string(), message: e.to_string() };
+        let io = |e: std::io::Error| PeftError::File {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let named: Vec<(String, Tensor)> = named.into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu))).collect();
+        let named: Vec<(String, Tensor)> = named
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().to_device(Device::Cpu)))
+            .collect();
         let weights = dir.join("adapter_model.safetensors");
-        Tensor::write_safetensors(&named, &weights)
-            .map_err(|e| PeftError::File { path: weights.display().to_string(), message: e.to_string() })?;
+        Tensor::write_safetensors(&named, &weights).map_err(|e| PeftError::File {
+            path: weights.display().to_string(),
+            message: e.to_string(),
+        })?;
         let config = serde_json::to_string_pretty(&self.config.to_peft_json(true)).expect("json");
         std::fs::write(dir.join("adapter_config.json"), config + "\n").map_err(io)?;
         Ok(())
@@ -377,10 +500,17 @@ impl PeftAdapter {
 }
 
 fn linears_list(linears: &BTreeMap<String, &mut Linear>) -> String {
-    let mut short: Vec<&str> = linears.keys().map(|k| k.rsplit('.').next().unwrap_or(k)).collect();
+    let mut short: Vec<&str> = linears
+        .keys()
+        .map(|k| k.rsplit('.').next().unwrap_or(k))
+        .collect();
     short.sort();
     short.dedup();
-    format!("{} (e.g. {})", short.join(", "), linears.keys().next().cloned().unwrap_or_default())
+    format!(
+        "{} (e.g. {})",
+        short.join(", "),
+        linears.keys().next().cloned().unwrap_or_default()
+    )
 }
 
 /// PEFT's `merge_and_unload`: folds every adapter into its base weight
@@ -389,8 +519,13 @@ pub fn merge_and_unload(model: &mut dyn LoraModel) {
     tch::no_grad(|| {
         for (_, linear) in model.linear_layers_mut() {
             if let Some(lora) = linear.lora.take() {
-                let delta = lora.lora_b.to_kind(Kind::Float).matmul(&lora.lora_a.to_kind(Kind::Float)) * lora.scaling;
-                let merged = linear.weight.to_kind(Kind::Float) + delta.to_device(linear.weight.device());
+                let delta = lora
+                    .lora_b
+                    .to_kind(Kind::Float)
+                    .matmul(&lora.lora_a.to_kind(Kind::Float))
+                    * lora.scaling;
+                let merged =
+                    linear.weight.to_kind(Kind::Float) + delta.to_device(linear.weight.device());
                 linear.weight.copy_(&merged.to_kind(linear.weight.kind()));
             }
         }

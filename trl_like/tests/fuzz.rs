@@ -22,31 +22,60 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::Bool),
         any::<i32>().prop_map(|n| serde_json::json!(n)),
         "[a-z\\[\\]{}\":,0-9 ]{0,12}".prop_map(serde_json::Value::String),
-        prop::sample::select(vec!["human", "gpt", "function_call", "observation", "user", "[{\"name\": \"f\"}]"])
-            .prop_map(|s| serde_json::Value::String(s.into())),
+        prop::sample::select(vec![
+            "human",
+            "gpt",
+            "function_call",
+            "observation",
+            "user",
+            "[{\"name\": \"f\"}]"
+        ])
+        .prop_map(|s| serde_json::Value::String(s.into())),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
         let keys = prop::sample::select(vec![
-            "instruction", "input", "output", "conversations", "from", "value", "tools", "messages", "role", "content",
-            "text", "prompt", "completion", "history", "system", "input_ids", "labels",
+            "instruction",
+            "input",
+            "output",
+            "conversations",
+            "from",
+            "value",
+            "tools",
+            "messages",
+            "role",
+            "content",
+            "text",
+            "prompt",
+            "completion",
+            "history",
+            "system",
+            "input_ids",
+            "labels",
         ]);
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
-            prop::collection::vec((keys, inner), 0..5)
-                .prop_map(|kv| serde_json::Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            prop::collection::vec((keys, inner), 0..5).prop_map(|kv| serde_json::Value::Object(
+                kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+            )),
         ]
     })
 }
 
 /// 256 cases per property in `make test`; `make fuzz` sets PROPTEST_CASES much higher.
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
 }
 
 fn load(text: &str) -> Result<Dataset, trl_like::data::DataError> {
     let dir = std::env::temp_dir().join(format!("trl_like-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{:x}.json", text.len() * 31 + text.bytes().map(usize::from).sum::<usize>()));
+    let path = dir.join(format!(
+        "{:x}.json",
+        text.len() * 31 + text.bytes().map(usize::from).sum::<usize>()
+    ));
     std::fs::write(&path, text).unwrap();
     let r = Dataset::from_json_files(&[&path]);
     let _ = std::fs::remove_file(&path);

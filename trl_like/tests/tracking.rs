@@ -11,12 +11,15 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 use trl_like::tracking::{
-    make_trackers, plot_training_curves, tensorboard_tag, JsonlTracker, TensorBoardTracker, Tracker, TrackingError,
+    make_trackers, plot_training_curves, tensorboard_tag, JsonlTracker, TensorBoardTracker,
+    Tracker, TrackingError,
 };
 
 /// A fresh, empty directory under cargo's per-test scratch space.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tracking").join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("tracking")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -34,7 +37,11 @@ fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     crc ^ 0xFFFF_FFFF
@@ -54,10 +61,19 @@ fn read_records(bytes: &[u8]) -> Vec<Vec<u8>> {
         let len_bytes = &bytes[pos..pos + 8];
         let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
         let len_crc = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().unwrap());
-        assert_eq!(len_crc, masked(crc32c(len_bytes)), "length CRC of the record at {pos}");
+        assert_eq!(
+            len_crc,
+            masked(crc32c(len_bytes)),
+            "length CRC of the record at {pos}"
+        );
         let data = &bytes[pos + 12..pos + 12 + len];
-        let data_crc = u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
-        assert_eq!(data_crc, masked(crc32c(data)), "data CRC of the record at {pos}");
+        let data_crc =
+            u32::from_le_bytes(bytes[pos + 12 + len..pos + 16 + len].try_into().unwrap());
+        assert_eq!(
+            data_crc,
+            masked(crc32c(data)),
+            "data CRC of the record at {pos}"
+        );
         records.push(data.to_vec());
         pos += 16 + len;
     }
@@ -153,12 +169,20 @@ fn read_event_file(path: &Path) -> EventFile {
     let mut out = EventFile::default();
     for (i, record) in read_records(&data).iter().enumerate() {
         let event = decode(record);
-        let Some(Field::Fixed64(wall)) = get(&event, 1) else { panic!("event {i} has no wall_time") };
+        let Some(Field::Fixed64(wall)) = get(&event, 1) else {
+            panic!("event {i} has no wall_time")
+        };
         let wall_time = f64::from_le_bytes(*wall);
-        assert!(wall_time > 1.6e9, "wall_time {wall_time} is seconds since 1970");
+        assert!(
+            wall_time > 1.6e9,
+            "wall_time {wall_time} is seconds since 1970"
+        );
         if i == 0 {
             out.file_version = String::from_utf8(bytes(&event, 3)).unwrap();
-            assert!(get(&event, 5).is_none(), "the version event carries no summary");
+            assert!(
+                get(&event, 5).is_none(),
+                "the version event carries no summary"
+            );
             continue;
         }
         let step = match get(&event, 2) {
@@ -171,22 +195,34 @@ fn read_event_file(path: &Path) -> EventFile {
             let value = decode(&value);
             let tag = String::from_utf8(bytes(&value, 1)).unwrap();
             if let Some(Field::Fixed32(v)) = get(&value, 2) {
-                out.scalars.entry(tag).or_default().push((step, f32::from_le_bytes(*v)));
+                out.scalars
+                    .entry(tag)
+                    .or_default()
+                    .push((step, f32::from_le_bytes(*v)));
                 continue;
             }
             let metadata = decode(&bytes(&value, 9));
             let plugin = decode(&bytes(&metadata, 1));
             let plugin_name = String::from_utf8(bytes(&plugin, 1)).unwrap();
             let tensor = decode(&bytes(&value, 8));
-            assert!(matches!(get(&tensor, 1), Some(Field::Varint(7))), "dtype DT_STRING");
+            assert!(
+                matches!(get(&tensor, 1), Some(Field::Varint(7))),
+                "dtype DT_STRING"
+            );
             let shape = decode(&bytes(&tensor, 2));
             let dims = all_bytes(&shape, 2);
             assert_eq!(dims.len(), 1, "a rank-1 tensor");
-            assert!(matches!(get(&decode(&dims[0]), 1), Some(Field::Varint(1))), "of one element");
+            assert!(
+                matches!(get(&decode(&dims[0]), 1), Some(Field::Varint(1))),
+                "of one element"
+            );
             let strings = all_bytes(&tensor, 8);
             assert_eq!(strings.len(), 1);
             let text = String::from_utf8(strings[0].clone()).unwrap();
-            out.texts.entry(tag).or_default().push((step, text, plugin_name));
+            out.texts
+                .entry(tag)
+                .or_default()
+                .push((step, text, plugin_name));
         }
     }
     out
@@ -196,7 +232,12 @@ fn event_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
         .collect();
     files.sort();
     files
@@ -208,10 +249,31 @@ const ANSWER: &str = "### 问：你是谁？\n答：我是 GLM-4 的微调模型
 
 /// What a short run logs: two training logs, an evaluation, a generated answer.
 fn write_demo_run(tb: &mut dyn Tracker) {
-    tb.log_scalars(10, &logs(&[("loss", 2.5), ("grad_norm", 1.25), ("learning_rate", 5e-4), ("epoch", 0.1)])).unwrap();
-    tb.log_scalars(20, &logs(&[("loss", 1.75), ("grad_norm", 0.5), ("learning_rate", 4.5e-4), ("epoch", 0.2)]))
-        .unwrap();
-    tb.log_scalars(20, &logs(&[("eval_loss", 1.8125), ("eval_runtime", 3.5), ("epoch", 0.2)])).unwrap();
+    tb.log_scalars(
+        10,
+        &logs(&[
+            ("loss", 2.5),
+            ("grad_norm", 1.25),
+            ("learning_rate", 5e-4),
+            ("epoch", 0.1),
+        ]),
+    )
+    .unwrap();
+    tb.log_scalars(
+        20,
+        &logs(&[
+            ("loss", 1.75),
+            ("grad_norm", 0.5),
+            ("learning_rate", 4.5e-4),
+            ("epoch", 0.2),
+        ]),
+    )
+    .unwrap();
+    tb.log_scalars(
+        20,
+        &logs(&[("eval_loss", 1.8125), ("eval_runtime", 3.5), ("epoch", 0.2)]),
+    )
+    .unwrap();
     tb.log_text(20, "predictions", ANSWER).unwrap();
     tb.flush().unwrap();
 }
@@ -248,7 +310,10 @@ fn tensorboard_events_round_trip() {
     let files = event_files(&dir);
     assert_eq!(files, std::slice::from_ref(&path));
     let name = path.file_name().unwrap().to_string_lossy().to_string();
-    let parts: Vec<&str> = name.trim_start_matches("events.out.tfevents.").splitn(2, '.').collect();
+    let parts: Vec<&str> = name
+        .trim_start_matches("events.out.tfevents.")
+        .splitn(2, '.')
+        .collect();
     assert_eq!(parts[0].len(), 10, "ten-digit unix time in {name}");
     assert!(parts[0].parse::<u64>().unwrap() > 1_600_000_000);
 
@@ -279,7 +344,10 @@ fn tensorboard_tags_are_transformers_names() {
 /// The Python interpreter of the workspace's virtual environment, if it has `tensorboard`.
 fn python_with_tensorboard() -> Option<PathBuf> {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let ok = Command::new(&python).args(["-c", "import tensorboard"]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new(&python)
+        .args(["-c", "import tensorboard"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     ok.then_some(python)
 }
 
@@ -298,8 +366,16 @@ fn tensorboard_reads_our_event_files() {
     drop(tb);
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_tensorboard.py");
-    let out = Command::new(&python).arg(&script).arg(&dir).output().unwrap();
-    assert!(out.status.success(), "check_tensorboard.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check_tensorboard.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
 
     assert_eq!(seen["file_version"], json!(2.0));
@@ -307,12 +383,18 @@ fn tensorboard_reads_our_event_files() {
     let mut scalars: BTreeMap<String, Vec<(u64, f32)>> = BTreeMap::new();
     for (tag, points) in seen["scalars"].as_object().unwrap() {
         for p in points.as_array().unwrap() {
-            scalars.entry(tag.clone()).or_default().push((p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32));
+            scalars
+                .entry(tag.clone())
+                .or_default()
+                .push((p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32));
         }
     }
     assert_eq!(scalars, expected_scalars());
     // And the text is on its Text dashboard.
-    assert_eq!(seen["texts"], json!({"predictions/text_summary": [[20, ANSWER]]}));
+    assert_eq!(
+        seen["texts"],
+        json!({"predictions/text_summary": [[20, ANSWER]]})
+    );
 }
 
 // ------------------------------------------------------------------ jsonl
@@ -324,13 +406,20 @@ fn jsonl_lines_parse_back() {
         let mut j = JsonlTracker::new(&dir).unwrap();
         assert_eq!(j.path(), dir.join("metrics.jsonl"));
         write_demo_run(&mut j);
-        j.log_scalars(30, &logs(&[("loss", f64::NAN), ("step", 99.0)])).unwrap();
+        j.log_scalars(30, &logs(&[("loss", f64::NAN), ("step", 99.0)]))
+            .unwrap();
     }
     // A second tracker (a resumed run) appends.
-    JsonlTracker::new(&dir).unwrap().log_scalars(40, &logs(&[("loss", 1.5)])).unwrap();
+    JsonlTracker::new(&dir)
+        .unwrap()
+        .log_scalars(40, &logs(&[("loss", 1.5)]))
+        .unwrap();
 
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(
         lines,
         [
@@ -343,7 +432,11 @@ fn jsonl_lines_parse_back() {
         ]
     );
     // Keys keep the order they were logged in, step first.
-    assert!(text.lines().next().unwrap().starts_with(r#"{"step":10,"loss":2.5,"grad_norm""#));
+    assert!(text
+        .lines()
+        .next()
+        .unwrap()
+        .starts_with(r#"{"step":10,"loss":2.5,"grad_norm""#));
 }
 
 // ------------------------------------------------------------------ make_trackers
@@ -355,9 +448,15 @@ fn names(list: &[&str]) -> Vec<String> {
 #[test]
 fn make_trackers_none_and_empty_give_nothing() {
     let dir = scratch("make_none");
-    assert!(make_trackers(&names(&["none"]), &dir, "run").unwrap().is_empty());
+    assert!(make_trackers(&names(&["none"]), &dir, "run")
+        .unwrap()
+        .is_empty());
     assert!(make_trackers(&[], &dir, "run").unwrap().is_empty());
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }
 
 #[test]
@@ -380,7 +479,12 @@ fn make_trackers_builds_named_integrations() {
 
     // Case-insensitive, duplicates collapse.
     let dir = scratch("make_tb");
-    let trackers = make_trackers(&names(&["TensorBoard", "tensorboard", "jsonl", "all"]), &dir, "").unwrap();
+    let trackers = make_trackers(
+        &names(&["TensorBoard", "tensorboard", "jsonl", "all"]),
+        &dir,
+        "",
+    )
+    .unwrap();
     assert_eq!(trackers.len(), 2);
 }
 
@@ -388,12 +492,24 @@ fn make_trackers_builds_named_integrations() {
 fn make_trackers_explains_unknown_integrations() {
     let dir = scratch("make_unknown");
     for name in ["swanlab", "wandb"] {
-        let err = make_trackers(&names(&["tensorboard", name]), &dir, "run").err().expect("an error");
+        let err = make_trackers(&names(&["tensorboard", name]), &dir, "run")
+            .err()
+            .expect("an error");
         assert!(matches!(err, TrackingError::UnknownIntegration { .. }));
         let msg = err.to_string();
         eprintln!("{msg}");
-        let import = format!("swanlab convert -t tensorboard --tb-log-dir {}", dir.display());
-        for needle in [name, "\"tensorboard\"", "\"jsonl\"", "\"all\"", "\"none\"", &import] {
+        let import = format!(
+            "swanlab convert -t tensorboard --tb-log-dir {}",
+            dir.display()
+        );
+        for needle in [
+            name,
+            "\"tensorboard\"",
+            "\"jsonl\"",
+            "\"all\"",
+            "\"none\"",
+            &import,
+        ] {
             assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
         }
     }
@@ -412,7 +528,11 @@ fn demo_history() -> Vec<Value> {
     let total = 300.0;
     for step in (10..=300).step_by(10) {
         let s = step as f64;
-        let lr = if s <= 30.0 { 5e-4 * s / 30.0 } else { 5e-4 * (total - s) / (total - 30.0) };
+        let lr = if s <= 30.0 {
+            5e-4 * s / 30.0
+        } else {
+            5e-4 * (total - s) / (total - 30.0)
+        };
         let noise = ((s * 12.9898).sin() * 43758.5453).fract() * 0.08;
         let loss = 0.95 + 1.6 * (-s / 70.0).exp() + noise;
         history.push(json!({"loss": loss, "grad_norm": 0.8, "learning_rate": lr, "epoch": s / 100.0, "step": step}));
@@ -435,8 +555,14 @@ fn assert_well_formed_svg(svg: &str) {
     while let Some(open) = rest.find('<') {
         let text = &rest[..open];
         for (i, _) in text.match_indices('&') {
-            let ent = &text[i..text[i..].find(';').map(|e| i + e + 1).expect("unterminated entity")];
-            assert!(["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"].contains(&ent), "entity {ent}");
+            let ent = &text[i..text[i..]
+                .find(';')
+                .map(|e| i + e + 1)
+                .expect("unterminated entity")];
+            assert!(
+                ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"].contains(&ent),
+                "entity {ent}"
+            );
         }
         let close = rest[open..].find('>').expect("unterminated tag") + open;
         let tag = &rest[open + 1..close];
@@ -445,8 +571,17 @@ fn assert_well_formed_svg(svg: &str) {
             assert_eq!(stack.pop().as_deref(), Some(name.trim()), "closing tag");
         } else {
             let self_closing = tag.ends_with('/');
-            let name = tag.split_whitespace().next().unwrap().trim_end_matches('/').to_string();
-            assert_eq!(tag.matches('"').count() % 2, 0, "unbalanced quotes in <{tag}>");
+            let name = tag
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_string();
+            assert_eq!(
+                tag.matches('"').count() % 2,
+                0,
+                "unbalanced quotes in <{tag}>"
+            );
             if stack.is_empty() {
                 roots += 1;
                 assert_eq!(name, "svg");
@@ -477,7 +612,11 @@ fn decode_png(bytes: &[u8]) -> Png {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -488,7 +627,12 @@ fn decode_png(bytes: &[u8]) -> Png {
         let kind = &bytes[pos + 4..pos + 8];
         let data = &bytes[pos + 8..pos + 8 + len];
         let crc = u32::from_be_bytes(bytes[pos + 8 + len..pos + 12 + len].try_into().unwrap());
-        assert_eq!(crc, crc32(&bytes[pos + 4..pos + 8 + len]), "CRC of chunk {}", String::from_utf8_lossy(kind));
+        assert_eq!(
+            crc,
+            crc32(&bytes[pos + 4..pos + 8 + len]),
+            "CRC of chunk {}",
+            String::from_utf8_lossy(kind)
+        );
         match kind {
             b"IHDR" => {
                 width = u32::from_be_bytes(data[0..4].try_into().unwrap());
@@ -503,9 +647,15 @@ fn decode_png(bytes: &[u8]) -> Png {
     }
     assert!(seen_end && width > 0 && height > 0);
     let mut raw = Vec::new();
-    flate2::read::ZlibDecoder::new(&idat[..]).read_to_end(&mut raw).unwrap();
+    flate2::read::ZlibDecoder::new(&idat[..])
+        .read_to_end(&mut raw)
+        .unwrap();
     let stride = width as usize * 3;
-    assert_eq!(raw.len(), (stride + 1) * height as usize, "one filter byte + RGB per row");
+    assert_eq!(
+        raw.len(),
+        (stride + 1) * height as usize,
+        "one filter byte + RGB per row"
+    );
     let mut rgb = vec![0u8; stride * height as usize];
     for y in 0..height as usize {
         let filter = raw[y * (stride + 1)];
@@ -526,7 +676,10 @@ fn decode_png(bytes: &[u8]) -> Png {
 
 /// Pixels close to a colour (anti-aliasing blends the edges of lines).
 fn count_near(png: &Png, (r, g, b): (u8, u8, u8)) -> usize {
-    png.rgb.chunks(3).filter(|p| p[0].abs_diff(r) < 24 && p[1].abs_diff(g) < 24 && p[2].abs_diff(b) < 24).count()
+    png.rgb
+        .chunks(3)
+        .filter(|p| p[0].abs_diff(r) < 24 && p[1].abs_diff(g) < 24 && p[2].abs_diff(b) < 24)
+        .count()
 }
 
 const TRAIN_BLUE: (u8, u8, u8) = (0x1f, 0x77, 0xb4);
@@ -542,13 +695,24 @@ fn plot_normal_history() {
 
     let svg = std::fs::read_to_string(dir.join("training_curves.svg")).unwrap();
     assert_well_formed_svg(&svg);
-    for needle in
-        ["Training curves", "train loss", "eval loss", "learning rate", ">step<", "#1f77b4", "#ff7f0e", "#2ca02c"]
-    {
+    for needle in [
+        "Training curves",
+        "train loss",
+        "eval loss",
+        "learning rate",
+        ">step<",
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+    ] {
         assert!(svg.contains(needle), "{needle} missing from the SVG");
     }
     assert!(svg.contains("best eval loss"), "summary line");
-    assert_eq!(svg.matches("<polyline").count(), 3, "train loss, eval loss and learning rate lines");
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        3,
+        "train loss, eval loss and learning rate lines"
+    );
 
     let png = decode_png(&std::fs::read(dir.join("nested/training_curves.png")).unwrap());
     assert_eq!((png.width, png.height), (1200, 800));
@@ -564,12 +728,26 @@ fn plot_empty_and_single_point_histories() {
     let dir = scratch("plot_edge");
     let cases = [
         ("empty", vec![]),
-        ("single", vec![json!({"loss": 2.0, "learning_rate": 1e-4, "step": 1})]),
+        (
+            "single",
+            vec![json!({"loss": 2.0, "learning_rate": 1e-4, "step": 1})],
+        ),
         ("eval_only", vec![json!({"eval_loss": 1.5, "step": 0})]),
-        ("flat", vec![json!({"loss": 1.0, "step": 1}), json!({"loss": 1.0, "step": 2})]),
+        (
+            "flat",
+            vec![
+                json!({"loss": 1.0, "step": 1}),
+                json!({"loss": 1.0, "step": 2}),
+            ],
+        ),
         (
             "junk",
-            vec![json!("not an object"), json!({"loss": "nan"}), json!({"loss": null, "step": 3}), json!({"step": 4})],
+            vec![
+                json!("not an object"),
+                json!({"loss": "nan"}),
+                json!({"loss": null, "step": 3}),
+                json!({"step": 4}),
+            ],
         ),
     ];
     for (name, history) in cases {
@@ -579,11 +757,17 @@ fn plot_empty_and_single_point_histories() {
         plot_training_curves(&history, &png_path).unwrap();
         let svg = std::fs::read_to_string(&svg_path).unwrap();
         assert_well_formed_svg(&svg);
-        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{name}: non-finite coordinates");
+        assert!(
+            !svg.contains("NaN") && !svg.contains("inf"),
+            "{name}: non-finite coordinates"
+        );
         let png = decode_png(&std::fs::read(&png_path).unwrap());
         assert_eq!((png.width, png.height), (1200, 800));
         if matches!(name, "empty" | "junk") {
-            assert!(svg.contains("no loss logged") && svg.contains("no learning rate logged"), "{name}");
+            assert!(
+                svg.contains("no loss logged") && svg.contains("no learning rate logged"),
+                "{name}"
+            );
         }
         if name == "single" {
             assert!(svg.contains("<circle"), "a lone point is drawn as a dot");
@@ -607,10 +791,16 @@ fn plot_long_run_with_small_learning_rate() {
     let started = std::time::Instant::now();
     plot_training_curves(&history, &dir.join("long.png")).unwrap();
     plot_training_curves(&history, &dir.join("long.svg")).unwrap();
-    eprintln!("plotted 3,000 steps as PNG and SVG in {:.2?}", started.elapsed());
+    eprintln!(
+        "plotted 3,000 steps as PNG and SVG in {:.2?}",
+        started.elapsed()
+    );
     let svg = std::fs::read_to_string(dir.join("long.svg")).unwrap();
     assert_well_formed_svg(&svg);
-    assert!(svg.contains(">2e-5<") || svg.contains(">2.0e-5<"), "learning-rate ticks in scientific notation");
+    assert!(
+        svg.contains(">2e-5<") || svg.contains(">2.0e-5<"),
+        "learning-rate ticks in scientific notation"
+    );
     assert!(svg.contains("peak lr 2e-5"));
     let png = decode_png(&std::fs::read(dir.join("long.png")).unwrap());
     assert!(count_near(&png, TRAIN_BLUE) > 1000 && count_near(&png, LR_GREEN) > 500);

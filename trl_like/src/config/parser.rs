@@ -297,13 +297,20 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
         };
         let mut out = String::new();
         for g in &m.groups {
-            out.push_str(&format!("\n## {}\n\n| flag / YAML key | type | default | meaning |\n|---|---|---|---|\n", g.title));
+            out.push_str(&format!(
+                "\n## {}\n\n| flag / YAML key | type | default | meaning |\n|---|---|---|---|\n",
+                g.title
+            ));
             for spec in g.fields {
                 let mut flag = format!("`--{}`", spec.name);
                 for a in spec.aliases {
                     flag.push_str(&format!(" (`--{a}`)"));
                 }
-                let default = g.values.get(spec.name).map(display_value).unwrap_or_else(|| "none".into());
+                let default = g
+                    .values
+                    .get(spec.name)
+                    .map(display_value)
+                    .unwrap_or_else(|| "none".into());
                 let cell = |s: String| s.replace('|', "\\|");
                 out.push_str(&format!(
                     "| {flag} | {} | {} | {} |\n",

@@ -21,8 +21,17 @@ pub struct Batch {
 }
 
 /// Pads `examples` into one batch.
-pub fn collate(examples: &[&TokenizedExample], pad_token_id: i64, pad_to_multiple_of: Option<usize>, device: Device) -> Batch {
-    let longest = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+pub fn collate(
+    examples: &[&TokenizedExample],
+    pad_token_id: i64,
+    pad_to_multiple_of: Option<usize>,
+    device: Device,
+) -> Batch {
+    let longest = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
     let width = match pad_to_multiple_of {
         Some(m) if m > 1 => longest.div_ceil(m) * m,
         _ => longest,
@@ -40,7 +49,12 @@ pub fn collate(examples: &[&TokenizedExample], pad_token_id: i64, pad_to_multipl
         mask.extend(std::iter::repeat(0i64).take(pad));
         labels.extend_from_slice(&e.labels);
         labels.extend(std::iter::repeat(IGNORE_INDEX).take(pad));
-        num_loss_tokens += e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count() as i64;
+        num_loss_tokens += e
+            .labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count() as i64;
     }
     let shape = [rows as i64, width as i64];
     let to = |v: Vec<i64>| Tensor::from_slice(&v).view(shape).to_device(device);
@@ -58,7 +72,12 @@ mod tests {
     use super::*;
 
     fn ex(ids: &[i64], labels: &[i64]) -> TokenizedExample {
-        TokenizedExample { text: String::new(), input_ids: ids.to_vec(), labels: labels.to_vec(), truncated_tokens: 0 }
+        TokenizedExample {
+            text: String::new(),
+            input_ids: ids.to_vec(),
+            labels: labels.to_vec(),
+            truncated_tokens: 0,
+        }
     }
 
     #[test]
@@ -66,9 +85,18 @@ mod tests {
         let a = ex(&[1, 2, 3], &[1, 2, 3]);
         let b = ex(&[4, 5], &[-100, 5]);
         let batch = collate(&[&a, &b], 0, None, Device::Cpu);
-        assert_eq!(Vec::<Vec<i64>>::try_from(&batch.input_ids).unwrap(), vec![vec![1, 2, 3], vec![4, 5, 0]]);
-        assert_eq!(Vec::<Vec<i64>>::try_from(&batch.attention_mask).unwrap(), vec![vec![1, 1, 1], vec![1, 1, 0]]);
-        assert_eq!(Vec::<Vec<i64>>::try_from(&batch.labels).unwrap(), vec![vec![1, 2, 3], vec![-100, 5, -100]]);
+        assert_eq!(
+            Vec::<Vec<i64>>::try_from(&batch.input_ids).unwrap(),
+            vec![vec![1, 2, 3], vec![4, 5, 0]]
+        );
+        assert_eq!(
+            Vec::<Vec<i64>>::try_from(&batch.attention_mask).unwrap(),
+            vec![vec![1, 1, 1], vec![1, 1, 0]]
+        );
+        assert_eq!(
+            Vec::<Vec<i64>>::try_from(&batch.labels).unwrap(),
+            vec![vec![1, 2, 3], vec![-100, 5, -100]]
+        );
         assert!(batch.has_padding);
         assert_eq!(batch.num_loss_tokens, 3);
     }

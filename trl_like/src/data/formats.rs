@@ -82,7 +82,11 @@ impl DatasetFormat {
             origin: first.origin.clone(),
             message: format!(
                 "cannot tell the dataset format from its fields {:?}; set --dataset_format",
-                first.value.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default()
+                first
+                    .value
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default()
             ),
         })
     }
@@ -99,7 +103,10 @@ pub enum Example {
     PromptCompletion { prompt: String, completion: String },
     /// Already tokenized (`input_ids`, optional `labels` with -100 where no loss
     /// is taken): used as is, as TRL does with pre-tokenized datasets.
-    Tokenized { input_ids: Vec<i64>, labels: Option<Vec<i64>> },
+    Tokenized {
+        input_ids: Vec<i64>,
+        labels: Option<Vec<i64>>,
+    },
 }
 
 fn field<'a>(record: &'a Record, name: &str) -> Result<&'a Value, DataError> {
@@ -138,24 +145,40 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Converts a raw record of `format` (not `Auto`) to an [`Example`].
-pub fn to_example(record: &Record, format: DatasetFormat, text_field: &str) -> Result<Example, DataError> {
-    let bad = |message: String| DataError::Record { origin: record.origin.clone(), message };
+pub fn to_example(
+    record: &Record,
+    format: DatasetFormat,
+    text_field: &str,
+) -> Result<Example, DataError> {
+    let bad = |message: String| DataError::Record {
+        origin: record.origin.clone(),
+        message,
+    };
     match format {
         DatasetFormat::Auto => {
             let resolved = DatasetFormat::Auto.resolve(record)?;
             to_example(record, resolved, text_field)
         }
-        DatasetFormat::Alpaca => Ok(Example::Conversation { messages: alpaca_messages(record)? }),
-        DatasetFormat::Sharegpt => Ok(Example::Conversation { messages: sharegpt_messages(record)? }),
+        DatasetFormat::Alpaca => Ok(Example::Conversation {
+            messages: alpaca_messages(record)?,
+        }),
+        DatasetFormat::Sharegpt => Ok(Example::Conversation {
+            messages: sharegpt_messages(record)?,
+        }),
         DatasetFormat::Messages => {
             let Value::Array(list) = field(record, "messages")? else {
-                return Err(bad("field \"messages\" must be a list of {role, content} objects".into()));
+                return Err(bad(
+                    "field \"messages\" must be a list of {role, content} objects".into(),
+                ));
             };
             let mut messages = Vec::with_capacity(list.len());
             for (i, m) in list.iter().enumerate() {
-                let ok = m.get("role").map_or(false, Value::is_string) && m.get("content").is_some();
+                let ok =
+                    m.get("role").map_or(false, Value::is_string) && m.get("content").is_some();
                 if !ok {
-                    return Err(bad(format!("messages[{i}] needs a string \"role\" and a \"content\"")));
+                    return Err(bad(format!(
+                        "messages[{i}] needs a string \"role\" and a \"content\""
+                    )));
                 }
                 messages.push(m.clone());
             }
@@ -169,7 +192,9 @@ pub fn to_example(record: &Record, format: DatasetFormat, text_field: &str) -> R
                     Some(Value::Object(system)) => {
                         system.insert("tools".into(), tools);
                     }
-                    _ => messages.insert(0, json!({"role": "system", "content": "", "tools": tools})),
+                    _ => {
+                        messages.insert(0, json!({"role": "system", "content": "", "tools": tools}))
+                    }
                 }
             }
             Ok(Example::Conversation { messages })
@@ -184,7 +209,8 @@ pub fn to_example(record: &Record, format: DatasetFormat, text_field: &str) -> R
                         .map_err(|_| bad(format!("field \"{name}\" must be a list of integers"))),
                 }
             };
-            let input_ids = ids("input_ids")?.ok_or_else(|| bad("missing field \"input_ids\"".into()))?;
+            let input_ids =
+                ids("input_ids")?.ok_or_else(|| bad("missing field \"input_ids\"".into()))?;
             let labels = ids("labels")?;
             if labels.as_ref().is_some_and(|l| l.len() != input_ids.len()) {
                 return Err(bad("\"labels\" and \"input_ids\" differ in length".into()));
@@ -226,7 +252,9 @@ fn alpaca_messages(record: &Record) -> Result<Vec<Value>, DataError> {
                 _ => {
                     return Err(DataError::Record {
                         origin: record.origin.clone(),
-                        message: format!("history[{i}] must be a [question, answer] pair of strings"),
+                        message: format!(
+                            "history[{i}] must be a [question, answer] pair of strings"
+                        ),
                     })
                 }
             }
@@ -240,10 +268,14 @@ fn alpaca_messages(record: &Record) -> Result<Vec<Value>, DataError> {
 /// Tools as the GLM template wants them: `[{"type": "function", "function": {...}}]`.
 /// Accepts a JSON string (glaive data) or a list; plain function specs are wrapped.
 fn parse_tools(record: &Record, tools: &Value) -> Result<Value, DataError> {
-    let bad = |message: String| DataError::Record { origin: record.origin.clone(), message };
+    let bad = |message: String| DataError::Record {
+        origin: record.origin.clone(),
+        message,
+    };
     let parsed = match tools {
         Value::String(s) if s.trim().is_empty() => Value::Array(vec![]),
-        Value::String(s) => serde_json::from_str(s).map_err(|e| bad(format!("field \"tools\" is not valid JSON: {e}")))?,
+        Value::String(s) => serde_json::from_str(s)
+            .map_err(|e| bad(format!("field \"tools\" is not valid JSON: {e}")))?,
         other => other.clone(),
     };
     let Value::Array(list) = parsed else {
@@ -261,7 +293,9 @@ fn parse_tools(record: &Record, tools: &Value) -> Result<Value, DataError> {
         // trans_data keeps exactly name, description and parameters, in that order.
         let mut function = Map::new();
         for key in ["name", "description", "parameters"] {
-            let v = obj.get(key).ok_or_else(|| bad(format!("tools[{i}] has no \"{key}\"")))?;
+            let v = obj
+                .get(key)
+                .ok_or_else(|| bad(format!("tools[{i}] has no \"{key}\"")))?;
             function.insert(key.into(), v.clone());
         }
         out.push(json!({"type": "function", "function": Value::Object(function)}));
@@ -272,21 +306,30 @@ fn parse_tools(record: &Record, tools: &Value) -> Result<Value, DataError> {
 /// The tutorial's toolcall `trans_data`: a system turn carrying the tools, then
 /// human → user, observation → observation, anything else (gpt, function_call) → assistant.
 fn sharegpt_messages(record: &Record) -> Result<Vec<Value>, DataError> {
-    let bad = |message: String| DataError::Record { origin: record.origin.clone(), message };
+    let bad = |message: String| DataError::Record {
+        origin: record.origin.clone(),
+        message,
+    };
     let tools = match record.value.get("tools") {
         None | Some(Value::Null) => Value::Array(vec![]),
         Some(t) => parse_tools(record, t)?,
     };
     let Value::Array(turns) = field(record, "conversations")? else {
-        return Err(bad("field \"conversations\" must be a list of {from, value} objects".into()));
+        return Err(bad(
+            "field \"conversations\" must be a list of {from, value} objects".into(),
+        ));
     };
     if turns.is_empty() {
         return Err(bad("field \"conversations\" is empty".into()));
     }
     let mut messages = vec![json!({"role": "system", "content": "", "tools": tools})];
     for (i, turn) in turns.iter().enumerate() {
-        let (Some(from), Some(value)) = (turn.get("from").and_then(Value::as_str), turn.get("value")) else {
-            return Err(bad(format!("conversations[{i}] needs string fields \"from\" and \"value\"")));
+        let (Some(from), Some(value)) =
+            (turn.get("from").and_then(Value::as_str), turn.get("value"))
+        else {
+            return Err(bad(format!(
+                "conversations[{i}] needs string fields \"from\" and \"value\""
+            )));
         };
         let Some(value) = value.as_str() else {
             return Err(bad(format!("conversations[{i}].value must be a string")));
@@ -296,7 +339,11 @@ fn sharegpt_messages(record: &Record) -> Result<Vec<Value>, DataError> {
             "observation" => "observation",
             "gpt" | "function_call" | "assistant" => "assistant",
             "system" => "system",
-            other => return Err(bad(format!("conversations[{i}].from {other:?} is not human, gpt, function_call or observation"))),
+            other => {
+                return Err(bad(format!(
+                "conversations[{i}].from {other:?} is not human, gpt, function_call or observation"
+            )))
+            }
         };
         messages.push(json!({"role": role, "content": value}));
     }
@@ -309,26 +356,56 @@ mod tests {
     use crate::data::Origin;
 
     fn rec(v: Value) -> Record {
-        Record { value: v, origin: Origin { file: "t.json".into(), index: 3, line: None } }
+        Record {
+            value: v,
+            origin: Origin {
+                file: "t.json".into(),
+                index: 3,
+                line: None,
+            },
+        }
     }
 
     #[test]
     fn detects_formats() {
-        assert_eq!(DatasetFormat::detect(&json!({"instruction": "a", "input": "", "output": "b"})), Some(DatasetFormat::Alpaca));
-        assert_eq!(DatasetFormat::detect(&json!({"conversations": [], "tools": "[]"})), Some(DatasetFormat::Sharegpt));
-        assert_eq!(DatasetFormat::detect(&json!({"messages": []})), Some(DatasetFormat::Messages));
-        assert_eq!(DatasetFormat::detect(&json!({"prompt": "a", "completion": "b"})), Some(DatasetFormat::PromptCompletion));
-        assert_eq!(DatasetFormat::detect(&json!({"text": "a"})), Some(DatasetFormat::Text));
+        assert_eq!(
+            DatasetFormat::detect(&json!({"instruction": "a", "input": "", "output": "b"})),
+            Some(DatasetFormat::Alpaca)
+        );
+        assert_eq!(
+            DatasetFormat::detect(&json!({"conversations": [], "tools": "[]"})),
+            Some(DatasetFormat::Sharegpt)
+        );
+        assert_eq!(
+            DatasetFormat::detect(&json!({"messages": []})),
+            Some(DatasetFormat::Messages)
+        );
+        assert_eq!(
+            DatasetFormat::detect(&json!({"prompt": "a", "completion": "b"})),
+            Some(DatasetFormat::PromptCompletion)
+        );
+        assert_eq!(
+            DatasetFormat::detect(&json!({"text": "a"})),
+            Some(DatasetFormat::Text)
+        );
         assert_eq!(DatasetFormat::detect(&json!({"foo": 1})), None);
     }
 
     #[test]
     fn alpaca_joins_instruction_and_input_like_the_tutorial() {
-        let ex = to_example(&rec(json!({"instruction": "翻译", "input": "hello", "output": "你好"})), DatasetFormat::Alpaca, "text").unwrap();
+        let ex = to_example(
+            &rec(json!({"instruction": "翻译", "input": "hello", "output": "你好"})),
+            DatasetFormat::Alpaca,
+            "text",
+        )
+        .unwrap();
         assert_eq!(
             ex,
             Example::Conversation {
-                messages: vec![json!({"role": "user", "content": "翻译\n\nhello"}), json!({"role": "assistant", "content": "你好"})]
+                messages: vec![
+                    json!({"role": "user", "content": "翻译\n\nhello"}),
+                    json!({"role": "assistant", "content": "你好"})
+                ]
             }
         );
     }
@@ -344,22 +421,51 @@ mod tests {
             ],
             "tools": "[{\"name\": \"f\", \"description\": \"d\", \"parameters\": {\"type\": \"object\"}}]"
         }));
-        let Example::Conversation { messages } = to_example(&r, DatasetFormat::Sharegpt, "text").unwrap() else { panic!() };
-        let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
-        assert_eq!(roles, ["system", "user", "assistant", "observation", "assistant"]);
+        let Example::Conversation { messages } =
+            to_example(&r, DatasetFormat::Sharegpt, "text").unwrap()
+        else {
+            panic!()
+        };
+        let roles: Vec<&str> = messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "observation", "assistant"]
+        );
         assert_eq!(messages[0]["tools"][0]["type"], "function");
         assert_eq!(messages[0]["tools"][0]["function"]["name"], "f");
     }
 
     #[test]
     fn errors_name_record_and_field() {
-        let err = to_example(&rec(json!({"instruction": "a"})), DatasetFormat::Alpaca, "text").unwrap_err().to_string();
-        assert!(err.contains("t.json record 3") && err.contains("\"output\""), "{err}");
-        let err = to_example(&rec(json!({"instruction": 1, "output": "b"})), DatasetFormat::Alpaca, "text").unwrap_err().to_string();
+        let err = to_example(
+            &rec(json!({"instruction": "a"})),
+            DatasetFormat::Alpaca,
+            "text",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("t.json record 3") && err.contains("\"output\""),
+            "{err}"
+        );
+        let err = to_example(
+            &rec(json!({"instruction": 1, "output": "b"})),
+            DatasetFormat::Alpaca,
+            "text",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("\"instruction\" must be a string"), "{err}");
-        let err = to_example(&rec(json!({"conversations": [{"from": "human", "value": "q"}], "tools": "[{oops"})), DatasetFormat::Sharegpt, "text")
-            .unwrap_err()
-            .to_string();
+        let err = to_example(
+            &rec(json!({"conversations": [{"from": "human", "value": "q"}], "tools": "[{oops"})),
+            DatasetFormat::Sharegpt,
+            "text",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("\"tools\" is not valid JSON"), "{err}");
     }
 }

@@ -44,9 +44,17 @@ pub struct Record {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]
-    Json { path: String, line: usize, column: usize, message: String },
+    Json {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{origin}: {message}")]
     Record { origin: Origin, message: String },
     #[error("{0}: the dataset is empty")]
@@ -54,7 +62,10 @@ pub enum DataError {
     #[error("{0}")]
     Invalid(String),
     #[error("{origin}: {source}")]
-    Tokenizer { origin: Origin, source: crate::tokenizer::TokenizerError },
+    Tokenizer {
+        origin: Origin,
+        source: crate::tokenizer::TokenizerError,
+    },
 }
 
 /// An in-memory dataset of raw records (🤗 `datasets.Dataset` for our purposes).
@@ -81,7 +92,10 @@ impl Dataset {
         }
         let ds = Dataset { records };
         if ds.is_empty() {
-            let names: Vec<String> = paths.iter().map(|p| p.as_ref().display().to_string()).collect();
+            let names: Vec<String> = paths
+                .iter()
+                .map(|p| p.as_ref().display().to_string())
+                .collect();
             return Err(DataError::Empty(names.join(", ")));
         }
         Ok(ds)
@@ -98,7 +112,11 @@ impl Dataset {
     /// a value >= 1 a record count. The split is a seeded shuffle, deterministic
     /// across runs and machines (its own RNG, not numpy's, so the exact records
     /// differ from Python's).
-    pub fn train_test_split(&self, test_size: f64, seed: u64) -> Result<(Dataset, Dataset), DataError> {
+    pub fn train_test_split(
+        &self,
+        test_size: f64,
+        seed: u64,
+    ) -> Result<(Dataset, Dataset), DataError> {
         let n = self.len();
         let n_test = if test_size <= 0.0 {
             0
@@ -107,7 +125,9 @@ impl Dataset {
         } else if test_size.fract() == 0.0 {
             test_size as usize
         } else {
-            return Err(DataError::Invalid(format!("test_size {test_size} must be a fraction in (0, 1) or a whole count")));
+            return Err(DataError::Invalid(format!(
+                "test_size {test_size} must be a fraction in (0, 1) or a whole count"
+            )));
         };
         if n_test >= n && n_test > 0 {
             return Err(DataError::Invalid(format!(
@@ -115,7 +135,9 @@ impl Dataset {
             )));
         }
         let order = permutation(n, seed);
-        let pick = |idx: &[usize]| Dataset { records: idx.iter().map(|&i| self.records[i].clone()).collect() };
+        let pick = |idx: &[usize]| Dataset {
+            records: idx.iter().map(|&i| self.records[i].clone()).collect(),
+        };
         Ok((pick(&order[n_test..]), pick(&order[..n_test])))
     }
 }
@@ -141,20 +163,35 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
 
 fn read_json_file(path: &Path) -> Result<Vec<Record>, DataError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: shown.clone(),
+        source,
+    })?;
     let json_err = |e: serde_json::Error, line_offset: usize| DataError::Json {
         path: shown.clone(),
         line: e.line() + line_offset,
         column: e.column(),
-        message: e.to_string().split(" at line").next().unwrap_or_default().to_string(),
+        message: e
+            .to_string()
+            .split(" at line")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     };
-    let origin = |index, line| Origin { file: path.to_path_buf(), index, line };
+    let origin = |index, line| Origin {
+        file: path.to_path_buf(),
+        index,
+        line,
+    };
     let trimmed = text.trim_start_matches('\u{feff}').trim_start();
     let mut records = Vec::new();
     if trimmed.starts_with('[') {
         let values: Vec<Value> = serde_json::from_str(trimmed).map_err(|e| json_err(e, 0))?;
         for (index, value) in values.into_iter().enumerate() {
-            records.push(Record { value, origin: origin(index, None) });
+            records.push(Record {
+                value,
+                origin: origin(index, None),
+            });
         }
     } else {
         for (i, line) in text.lines().enumerate() {
@@ -162,12 +199,18 @@ fn read_json_file(path: &Path) -> Result<Vec<Record>, DataError> {
                 continue;
             }
             let value: Value = serde_json::from_str(line).map_err(|e| json_err(e, i))?;
-            records.push(Record { value, origin: origin(records.len(), Some(i + 1)) });
+            records.push(Record {
+                value,
+                origin: origin(records.len(), Some(i + 1)),
+            });
         }
     }
     for r in &records {
         if !r.value.is_object() {
-            return Err(DataError::Record { origin: r.origin.clone(), message: "is not a JSON object".into() });
+            return Err(DataError::Record {
+                origin: r.origin.clone(),
+                message: "is not a JSON object".into(),
+            });
         }
     }
     Ok(records)
@@ -190,7 +233,11 @@ mod tests {
         let a = write("a.json", r#"[{"text": "one"}, {"text": "two"}]"#);
         let b = write("b.jsonl", "{\"text\": \"three\"}\n\n{\"text\": \"four\"}\n");
         let ds = Dataset::from_json_files(&[a, b]).unwrap();
-        let texts: Vec<&str> = ds.records.iter().map(|r| r.value["text"].as_str().unwrap()).collect();
+        let texts: Vec<&str> = ds
+            .records
+            .iter()
+            .map(|r| r.value["text"].as_str().unwrap())
+            .collect();
         assert_eq!(texts, ["one", "two", "three", "four"]);
         assert_eq!(ds.records[3].origin.line, Some(3));
     }
@@ -205,7 +252,10 @@ mod tests {
     #[test]
     fn empty_dataset_is_an_error() {
         let p = write("empty.json", "[]");
-        assert!(matches!(Dataset::from_json_files(&[p]), Err(DataError::Empty(_))));
+        assert!(matches!(
+            Dataset::from_json_files(&[p]),
+            Err(DataError::Empty(_))
+        ));
     }
 
     #[test]
@@ -214,7 +264,11 @@ mod tests {
             records: (0..100)
                 .map(|i| Record {
                     value: serde_json::json!({"i": i}),
-                    origin: Origin { file: "x".into(), index: i, line: None },
+                    origin: Origin {
+                        file: "x".into(),
+                        index: i,
+                        line: None,
+                    },
                 })
                 .collect(),
         };
@@ -228,9 +282,15 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..100).collect::<Vec<_>>());
         let (_, other) = ds.train_test_split(0.05, 7).unwrap();
-        assert_ne!(ids(&test), ids(&other), "a different seed gives a different split");
+        assert_ne!(
+            ids(&test),
+            ids(&other),
+            "a different seed gives a different split"
+        );
         // 🤗 datasets rounds the test fraction up: ceil(0.05 * 101) = 6.
-        let ds101 = Dataset { records: [ds.records.clone(), ds.records[..1].to_vec()].concat() };
+        let ds101 = Dataset {
+            records: [ds.records.clone(), ds.records[..1].to_vec()].concat(),
+        };
         assert_eq!(ds101.train_test_split(0.05, 1).unwrap().1.len(), 6);
     }
 }

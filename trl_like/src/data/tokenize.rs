@@ -84,7 +84,11 @@ pub fn tokenize_example(
         Example::Conversation { messages } => {
             let text = with_eos(tokenizer.apply_chat_template(messages, None, false)?);
             let ids = encode_once(tokenizer, &text)?;
-            let mask = if opts.assistant_only_loss { Some(assistant_mask(tokenizer, messages, &ids)?) } else { None };
+            let mask = if opts.assistant_only_loss {
+                Some(assistant_mask(tokenizer, messages, &ids)?)
+            } else {
+                None
+            };
             (text, ids, mask)
         }
         Example::PromptCompletion { prompt, completion } => {
@@ -100,7 +104,11 @@ pub fn tokenize_example(
         }
     };
     let mut labels: Vec<i64> = match &loss_mask {
-        Some(mask) => input_ids.iter().zip(mask).map(|(&id, &keep)| if keep { id } else { IGNORE_INDEX }).collect(),
+        Some(mask) => input_ids
+            .iter()
+            .zip(mask)
+            .map(|(&id, &keep)| if keep { id } else { IGNORE_INDEX })
+            .collect(),
         None => input_ids.clone(),
     };
     let mut input_ids = input_ids;
@@ -120,12 +128,20 @@ pub fn tokenize_example(
             }
         }
     }
-    Ok(TokenizedExample { text, input_ids, labels, truncated_tokens })
+    Ok(TokenizedExample {
+        text,
+        input_ids,
+        labels,
+        truncated_tokens,
+    })
 }
 
 /// Encodes with the tokenizer's special tokens unless the text already starts
 /// with them (see the module docs).
-pub fn encode_once(tokenizer: &PreTrainedTokenizer, text: &str) -> Result<Vec<i64>, TokenizerError> {
+pub fn encode_once(
+    tokenizer: &PreTrainedTokenizer,
+    text: &str,
+) -> Result<Vec<i64>, TokenizerError> {
     let plain = tokenizer.encode(text, false)?;
     let with_special = tokenizer.encode(text, true)?;
     if with_special.len() > plain.len() && with_special.ends_with(&plain) {
@@ -142,7 +158,11 @@ pub fn encode_once(tokenizer: &PreTrainedTokenizer, text: &str) -> Result<Vec<i6
 /// emit to stop. GLM's template has no `{% generation %}` markers, so turn
 /// boundaries come from rendering growing prefixes of the conversation: the
 /// prompt up to `<|assistant|>` and the conversation through that turn.
-fn assistant_mask(tokenizer: &PreTrainedTokenizer, messages: &[Value], ids: &[i64]) -> Result<Vec<bool>, TokenizerError> {
+fn assistant_mask(
+    tokenizer: &PreTrainedTokenizer,
+    messages: &[Value],
+    ids: &[i64],
+) -> Result<Vec<bool>, TokenizerError> {
     let mut mask = vec![false; ids.len()];
     let is_prefix = |p: &[i64]| p.len() <= ids.len() && ids[..p.len()] == *p;
     for (i, m) in messages.iter().enumerate() {

@@ -127,7 +127,9 @@ const SOURCE: &str = r##"
 "##;
 
 /// Drawn for characters the table lacks (anything outside printable ASCII).
-const MISSING: [u8; ROWS] = [0b11111, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11111, 0];
+const MISSING: [u8; ROWS] = [
+    0b11111, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11111, 0,
+];
 
 /// Rows of `c`'s glyph, bit 4 the leftmost column.
 pub(crate) fn glyph(c: char) -> [u8; ROWS] {
@@ -146,13 +148,25 @@ fn parse() -> [[u8; ROWS]; 95] {
     let mut table = [MISSING; 95];
     let mut lines = SOURCE.lines().filter(|l| !l.is_empty());
     while let Some(header) = lines.next() {
-        let chars: Vec<char> = header.strip_prefix('>').expect("font table: group header").chars().collect();
-        let rows: Vec<&[u8]> =
-            (0..ROWS).map(|_| lines.next().expect("font table: 8 rows per group").as_bytes()).collect();
+        let chars: Vec<char> = header
+            .strip_prefix('>')
+            .expect("font table: group header")
+            .chars()
+            .collect();
+        let rows: Vec<&[u8]> = (0..ROWS)
+            .map(|_| {
+                lines
+                    .next()
+                    .expect("font table: 8 rows per group")
+                    .as_bytes()
+            })
+            .collect();
         for (i, &c) in chars.iter().enumerate() {
             for (bits, line) in table[c as usize - 32].iter_mut().zip(&rows) {
                 let cell = &line[i * ADVANCE..i * ADVANCE + 5];
-                *bits = cell.iter().fold(0u8, |acc, &b| (acc << 1) | u8::from(b == b'#'));
+                *bits = cell
+                    .iter()
+                    .fold(0u8, |acc, &b| (acc << 1) | u8::from(b == b'#'));
             }
         }
     }
@@ -167,8 +181,17 @@ mod tests {
     fn every_printable_ascii_char_has_a_glyph() {
         let table = parse();
         for code in 33u8..127 {
-            assert_ne!(table[code as usize - 32], MISSING, "glyph for {:?}", code as char);
-            assert!(table[code as usize - 32].iter().any(|&r| r != 0), "empty glyph for {:?}", code as char);
+            assert_ne!(
+                table[code as usize - 32],
+                MISSING,
+                "glyph for {:?}",
+                code as char
+            );
+            assert!(
+                table[code as usize - 32].iter().any(|&r| r != 0),
+                "empty glyph for {:?}",
+                code as char
+            );
         }
         assert!(glyph(' ').iter().all(|&r| r == 0));
         assert_eq!(glyph('é'), MISSING);

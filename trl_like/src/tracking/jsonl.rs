@@ -32,7 +32,10 @@ impl JsonlTracker {
         std::fs::create_dir_all(logging_dir)?;
         let path = logging_dir.join(Self::FILE_NAME);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(JsonlTracker { path, out: BufWriter::new(file) })
+        Ok(JsonlTracker {
+            path,
+            out: BufWriter::new(file),
+        })
     }
 
     /// The file being written.

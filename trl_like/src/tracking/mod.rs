@@ -93,7 +93,10 @@ pub fn make_trackers(
     run_name: &str,
 ) -> Result<Vec<Box<dyn Tracker>>, TrackingError> {
     let mut wanted: Vec<&'static str> = Vec::new();
-    let names: Vec<String> = report_to.iter().map(|s| s.trim().to_ascii_lowercase()).collect();
+    let names: Vec<String> = report_to
+        .iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
     if names.iter().any(|n| n == "none") {
         if names.iter().all(|n| n == "none") {
             return Ok(Vec::new());
@@ -121,7 +124,11 @@ pub fn make_trackers(
 
     let mut trackers: Vec<Box<dyn Tracker>> = Vec::with_capacity(wanted.len());
     for integration in wanted {
-        let io_err = |source| TrackingError::Io { integration, dir: logging_dir.to_path_buf(), source };
+        let io_err = |source| TrackingError::Io {
+            integration,
+            dir: logging_dir.to_path_buf(),
+            source,
+        };
         let mut tracker: Box<dyn Tracker> = match integration {
             "tensorboard" => Box::new(TensorBoardTracker::new(logging_dir).map_err(io_err)?),
             "jsonl" => Box::new(JsonlTracker::new(logging_dir).map_err(io_err)?),

@@ -25,7 +25,10 @@ pub fn plot_training_curves(log_history: &[Value], path: &Path) -> io::Result<()
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    let is_png = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let is_png = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if is_png {
         std::fs::write(path, render_training_curves_png(log_history))
     } else {
@@ -35,13 +38,23 @@ pub fn plot_training_curves(log_history: &[Value], path: &Path) -> io::Result<()
 
 /// The chart as an SVG document (960×640).
 pub fn render_training_curves_svg(log_history: &[Value]) -> String {
-    let scene = layout(&Curves::from_history(log_history), 960.0, 640.0, &SvgMetrics);
+    let scene = layout(
+        &Curves::from_history(log_history),
+        960.0,
+        640.0,
+        &SvgMetrics,
+    );
     to_svg(&scene)
 }
 
 /// The chart as a PNG file's bytes (1200×800, RGB).
 pub fn render_training_curves_png(log_history: &[Value]) -> Vec<u8> {
-    let scene = layout(&Curves::from_history(log_history), 1200.0, 800.0, &raster::RasterMetrics);
+    let scene = layout(
+        &Curves::from_history(log_history),
+        1200.0,
+        800.0,
+        &raster::RasterMetrics,
+    );
     raster::render_png(&scene)
 }
 
@@ -87,9 +100,24 @@ impl Curves {
             points
         };
         Curves {
-            train: Series { label: "train loss", color: TRAIN_COLOR, points: series("loss"), markers: false },
-            eval: Series { label: "eval loss", color: EVAL_COLOR, points: series("eval_loss"), markers: true },
-            lr: Series { label: "learning rate", color: LR_COLOR, points: series("learning_rate"), markers: false },
+            train: Series {
+                label: "train loss",
+                color: TRAIN_COLOR,
+                points: series("loss"),
+                markers: false,
+            },
+            eval: Series {
+                label: "eval loss",
+                color: EVAL_COLOR,
+                points: series("eval_loss"),
+                markers: true,
+            },
+            lr: Series {
+                label: "learning rate",
+                color: LR_COLOR,
+                points: series("learning_rate"),
+                markers: false,
+            },
         }
     }
 
@@ -101,7 +129,11 @@ impl Curves {
     /// keeps as many as fit on the line under the title.
     fn summary_parts(&self) -> Vec<String> {
         let mut parts = Vec::new();
-        let last_step = self.all().iter().filter_map(|s| s.points.last().map(|p| p.0)).fold(f64::NAN, f64::max);
+        let last_step = self
+            .all()
+            .iter()
+            .filter_map(|s| s.points.last().map(|p| p.0))
+            .fold(f64::NAN, f64::max);
         if last_step.is_finite() {
             let plural = if last_step == 1.0 { "" } else { "s" };
             parts.push(format!("{} step{plural}", fmt_sig(last_step)));
@@ -110,7 +142,11 @@ impl Curves {
             parts.push(format!("final train loss {}", fmt_sig(last)));
         }
         if let Some(&(step, best)) = self.eval.points.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-            parts.push(format!("best eval loss {} (step {})", fmt_sig(best), fmt_sig(step)));
+            parts.push(format!(
+                "best eval loss {} (step {})",
+                fmt_sig(best),
+                fmt_sig(step)
+            ));
         }
         if let Some(&(_, peak)) = self.lr.points.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
             parts.push(format!("peak lr {}", fmt_lr(peak)));
@@ -169,12 +205,7 @@ pub(crate) enum Shape {
         width: f64,
     },
     /// A filled dot with a white rim.
-    Marker {
-        x: f64,
-        y: f64,
-        r: f64,
-        color: Rgb,
-    },
+    Marker { x: f64, y: f64, r: f64, color: Rgb },
     /// `(x, y)` is on the baseline; `vertical` text reads bottom to top.
     Text {
         x: f64,
@@ -254,7 +285,12 @@ impl Axis {
             })
             .collect();
         let labels = tick_labels(&ticks, step);
-        Axis { lo, hi, ticks, labels }
+        Axis {
+            lo,
+            hi,
+            ticks,
+            labels,
+        }
     }
 }
 
@@ -300,7 +336,13 @@ fn tick_labels(ticks: &[f64], step: f64) -> Vec<String> {
         let decimals = (exp - step_exp).max(0) as usize;
         ticks
             .iter()
-            .map(|&t| if t == 0.0 { "0".to_string() } else { format!("{:.*}e{}", decimals, t / 10f64.powi(exp), exp) })
+            .map(|&t| {
+                if t == 0.0 {
+                    "0".to_string()
+                } else {
+                    format!("{:.*}e{}", decimals, t / 10f64.powi(exp), exp)
+                }
+            })
             .collect()
     } else {
         let decimals = (-step_exp).max(0) as usize;
@@ -315,7 +357,10 @@ fn fmt_lr(v: f64) -> String {
     }
     let s = format!("{:.3e}", v);
     let (mantissa, e) = s.split_once('e').unwrap_or((&s, "0"));
-    format!("{}e{e}", mantissa.trim_end_matches('0').trim_end_matches('.'))
+    format!(
+        "{}e{e}",
+        mantissa.trim_end_matches('0').trim_end_matches('.')
+    )
 }
 
 /// A number with 4 significant digits and no trailing zeros (1.052, 0.0005, 300).
@@ -353,11 +398,21 @@ fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scen
     let mut shapes = Vec::new();
 
     // Step axis shared by both panels; it starts at 0 (or earlier) like the run itself.
-    let steps = curves.all().iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect::<Vec<_>>();
+    let steps = curves
+        .all()
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect::<Vec<_>>();
     let (smin, smax) = min_max(&steps).unwrap_or((0.0, 1.0));
     let x = Axis::new(smin.min(0.0), smax, 8, true, 0.02);
 
-    let losses: Vec<f64> = curves.train.points.iter().chain(&curves.eval.points).map(|p| p.1).collect();
+    let losses: Vec<f64> = curves
+        .train
+        .points
+        .iter()
+        .chain(&curves.eval.points)
+        .map(|p| p.1)
+        .collect();
     let loss_axis = match min_max(&losses) {
         Some((lo, hi)) => Axis::new(lo, hi, 6, false, 0.05),
         None => Axis::new(0.0, 1.0, 5, false, 0.0),
@@ -375,18 +430,38 @@ fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scen
     let tick_h = m.cap_height(TextRole::Tick);
     let x_label_base = height - 14.0;
     let plots_top = (subtitle_base + 22.0).round();
-    let plots_bottom = (x_label_base - m.cap_height(TextRole::AxisLabel) - 16.0 - tick_h - 10.0).round();
+    let plots_bottom =
+        (x_label_base - m.cap_height(TextRole::AxisLabel) - 16.0 - tick_h - 10.0).round();
     let gap = (tick_h + 30.0).round();
     let loss_h = ((plots_bottom - plots_top - gap) * 0.68).round();
 
     // Horizontal budget: room for the widest y tick label and the rotated axis label.
-    let widest = loss_axis.labels.iter().chain(&lr_axis.labels).map(|l| m.width(l, TextRole::Tick)).fold(0.0, f64::max);
+    let widest = loss_axis
+        .labels
+        .iter()
+        .chain(&lr_axis.labels)
+        .map(|l| m.width(l, TextRole::Tick))
+        .fold(0.0, f64::max);
     let left = (14.0 + m.cap_height(TextRole::AxisLabel) + 14.0 + widest + 8.0).round() + 0.5;
     let last_x_label = x.labels.last().map_or(0.0, |l| m.width(l, TextRole::Tick));
     let right = (width - 20.0 - last_x_label / 2.0).round() + 0.5;
 
-    shapes.push(Shape::Rect { x: 0.0, y: 0.0, w: width, h: height, fill: Some(WHITE), stroke: None });
-    shapes.push(text(width / 2.0, title_base, "Training curves", TextRole::Title, TEXT_COLOR, Anchor::Middle));
+    shapes.push(Shape::Rect {
+        x: 0.0,
+        y: 0.0,
+        w: width,
+        h: height,
+        fill: Some(WHITE),
+        stroke: None,
+    });
+    shapes.push(text(
+        width / 2.0,
+        title_base,
+        "Training curves",
+        TextRole::Title,
+        TEXT_COLOR,
+        Anchor::Middle,
+    ));
     let mut parts = curves.summary_parts();
     let summary = loop {
         let line = parts.join("  |  ");
@@ -395,7 +470,14 @@ fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scen
         }
         parts.pop();
     };
-    shapes.push(text(width / 2.0, subtitle_base, &summary, TextRole::Subtitle, MUTED_COLOR, Anchor::Middle));
+    shapes.push(text(
+        width / 2.0,
+        subtitle_base,
+        &summary,
+        TextRole::Subtitle,
+        MUTED_COLOR,
+        Anchor::Middle,
+    ));
 
     let panels = [
         Panel {
@@ -418,11 +500,29 @@ fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scen
     for panel in &panels {
         draw_panel(&mut shapes, panel, &x, left, right, m);
     }
-    shapes.push(text((left + right) / 2.0, x_label_base, "step", TextRole::AxisLabel, TEXT_COLOR, Anchor::Middle));
-    Scene { width, height, shapes }
+    shapes.push(text(
+        (left + right) / 2.0,
+        x_label_base,
+        "step",
+        TextRole::AxisLabel,
+        TEXT_COLOR,
+        Anchor::Middle,
+    ));
+    Scene {
+        width,
+        height,
+        shapes,
+    }
 }
 
-fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f64, m: &dyn TextMetrics) {
+fn draw_panel(
+    shapes: &mut Vec<Shape>,
+    p: &Panel,
+    x: &Axis,
+    left: f64,
+    right: f64,
+    m: &dyn TextMetrics,
+) {
     let sx = |v: f64| left + (v - x.lo) / (x.hi - x.lo) * (right - left);
     let sy = |v: f64| p.bottom - (v - p.y.lo) / (p.y.hi - p.y.lo) * (p.bottom - p.top);
     let tick_h = m.cap_height(TextRole::Tick);
@@ -430,15 +530,57 @@ fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f6
     // Grid and ticks.
     for (t, label) in p.y.ticks.iter().zip(&p.y.labels) {
         let y = sy(*t).round() + 0.5;
-        shapes.push(Shape::Line { x1: left, y1: y, x2: right, y2: y, color: GRID_COLOR, width: 1.0 });
-        shapes.push(Shape::Line { x1: left - 5.0, y1: y, x2: left, y2: y, color: AXIS_COLOR, width: 1.0 });
-        shapes.push(text(left - 8.0, y + tick_h / 2.0, label, TextRole::Tick, TEXT_COLOR, Anchor::End));
+        shapes.push(Shape::Line {
+            x1: left,
+            y1: y,
+            x2: right,
+            y2: y,
+            color: GRID_COLOR,
+            width: 1.0,
+        });
+        shapes.push(Shape::Line {
+            x1: left - 5.0,
+            y1: y,
+            x2: left,
+            y2: y,
+            color: AXIS_COLOR,
+            width: 1.0,
+        });
+        shapes.push(text(
+            left - 8.0,
+            y + tick_h / 2.0,
+            label,
+            TextRole::Tick,
+            TEXT_COLOR,
+            Anchor::End,
+        ));
     }
     for (t, label) in x.ticks.iter().zip(&x.labels) {
         let xx = sx(*t).round() + 0.5;
-        shapes.push(Shape::Line { x1: xx, y1: p.top, x2: xx, y2: p.bottom, color: GRID_COLOR, width: 1.0 });
-        shapes.push(Shape::Line { x1: xx, y1: p.bottom, x2: xx, y2: p.bottom + 5.0, color: AXIS_COLOR, width: 1.0 });
-        shapes.push(text(xx, p.bottom + 8.0 + tick_h, label, TextRole::Tick, TEXT_COLOR, Anchor::Middle));
+        shapes.push(Shape::Line {
+            x1: xx,
+            y1: p.top,
+            x2: xx,
+            y2: p.bottom,
+            color: GRID_COLOR,
+            width: 1.0,
+        });
+        shapes.push(Shape::Line {
+            x1: xx,
+            y1: p.bottom,
+            x2: xx,
+            y2: p.bottom + 5.0,
+            color: AXIS_COLOR,
+            width: 1.0,
+        });
+        shapes.push(text(
+            xx,
+            p.bottom + 8.0 + tick_h,
+            label,
+            TextRole::Tick,
+            TEXT_COLOR,
+            Anchor::Middle,
+        ));
     }
     shapes.push(Shape::Rect {
         x: left,
@@ -448,7 +590,11 @@ fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f6
         fill: None,
         stroke: Some(AXIS_COLOR),
     });
-    let widest = p.y.labels.iter().map(|l| m.width(l, TextRole::Tick)).fold(0.0, f64::max);
+    let widest =
+        p.y.labels
+            .iter()
+            .map(|l| m.width(l, TextRole::Tick))
+            .fold(0.0, f64::max);
     shapes.push(Shape::Text {
         x: left - 8.0 - widest - 12.0,
         y: (p.top + p.bottom) / 2.0,
@@ -460,10 +606,22 @@ fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f6
     });
 
     // Data.
-    let drawn: Vec<&Series> = p.series.iter().copied().filter(|s| !s.points.is_empty()).collect();
+    let drawn: Vec<&Series> = p
+        .series
+        .iter()
+        .copied()
+        .filter(|s| !s.points.is_empty())
+        .collect();
     if drawn.is_empty() {
         let y = (p.top + p.bottom) / 2.0 + m.cap_height(TextRole::Note) / 2.0;
-        shapes.push(text((left + right) / 2.0, y, p.empty_note, TextRole::Note, MUTED_COLOR, Anchor::Middle));
+        shapes.push(text(
+            (left + right) / 2.0,
+            y,
+            p.empty_note,
+            TextRole::Note,
+            MUTED_COLOR,
+            Anchor::Middle,
+        ));
         return;
     }
     let mut screen_points = Vec::new();
@@ -471,11 +629,20 @@ fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f6
         let pts: Vec<(f64, f64)> = s.points.iter().map(|&(a, b)| (sx(a), sy(b))).collect();
         screen_points.extend_from_slice(&pts);
         if pts.len() > 1 {
-            shapes.push(Shape::Polyline { points: pts.clone(), color: s.color, width: 2.0 });
+            shapes.push(Shape::Polyline {
+                points: pts.clone(),
+                color: s.color,
+                width: 2.0,
+            });
         }
         if s.markers || pts.len() == 1 {
             for &(px, py) in &pts {
-                shapes.push(Shape::Marker { x: px, y: py, r: 4.0, color: s.color });
+                shapes.push(Shape::Marker {
+                    x: px,
+                    y: py,
+                    r: 4.0,
+                    color: s.color,
+                });
             }
         }
     }
@@ -483,8 +650,14 @@ fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f6
     // Legend in the corner that covers the fewest data points (matplotlib's loc="best", simplified).
     let row_h = m.cap_height(TextRole::Legend) + 10.0;
     let swatch = 26.0;
-    let text_w = drawn.iter().map(|s| m.width(s.label, TextRole::Legend)).fold(0.0, f64::max);
-    let (w, h) = ((swatch + 8.0 + text_w + 20.0).round(), (row_h * drawn.len() as f64 + 10.0).round());
+    let text_w = drawn
+        .iter()
+        .map(|s| m.width(s.label, TextRole::Legend))
+        .fold(0.0, f64::max);
+    let (w, h) = (
+        (swatch + 8.0 + text_w + 20.0).round(),
+        (row_h * drawn.len() as f64 + 10.0).round(),
+    );
     let inset = 10.0;
     let corners = [
         (right - inset - w, p.top + inset),
@@ -493,28 +666,70 @@ fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, x: &Axis, left: f64, right: f6
         (left + inset, p.bottom - inset - h),
     ];
     let covered = |&(cx, cy): &(f64, f64)| {
-        let inside =
-            |&(px, py): &(f64, f64)| px >= cx - 6.0 && px <= cx + w + 6.0 && py >= cy - 6.0 && py <= cy + h + 6.0;
-        let midpoints = screen_points.windows(2).map(|ab| ((ab[0].0 + ab[1].0) / 2.0, (ab[0].1 + ab[1].1) / 2.0));
-        screen_points.iter().filter(|pt| inside(pt)).count() + midpoints.filter(|pt| inside(pt)).count()
+        let inside = |&(px, py): &(f64, f64)| {
+            px >= cx - 6.0 && px <= cx + w + 6.0 && py >= cy - 6.0 && py <= cy + h + 6.0
+        };
+        let midpoints = screen_points
+            .windows(2)
+            .map(|ab| ((ab[0].0 + ab[1].0) / 2.0, (ab[0].1 + ab[1].1) / 2.0));
+        screen_points.iter().filter(|pt| inside(pt)).count()
+            + midpoints.filter(|pt| inside(pt)).count()
     };
-    let (cx, cy) = corners.iter().copied().min_by_key(|c| covered(c)).unwrap_or(corners[0]);
+    let (cx, cy) = corners
+        .iter()
+        .copied()
+        .min_by_key(|c| covered(c))
+        .unwrap_or(corners[0]);
     let (cx, cy) = (cx.round() + 0.5, cy.round() + 0.5);
-    shapes.push(Shape::Rect { x: cx, y: cy, w, h, fill: Some(WHITE), stroke: Some(Rgb(0xbb, 0xbb, 0xbb)) });
+    shapes.push(Shape::Rect {
+        x: cx,
+        y: cy,
+        w,
+        h,
+        fill: Some(WHITE),
+        stroke: Some(Rgb(0xbb, 0xbb, 0xbb)),
+    });
     for (i, s) in drawn.iter().enumerate() {
         let mid = cy + 5.0 + row_h * (i as f64 + 0.5);
         let (x0, x1) = (cx + 10.0, cx + 10.0 + swatch);
-        shapes.push(Shape::Line { x1: x0, y1: mid, x2: x1, y2: mid, color: s.color, width: 2.0 });
+        shapes.push(Shape::Line {
+            x1: x0,
+            y1: mid,
+            x2: x1,
+            y2: mid,
+            color: s.color,
+            width: 2.0,
+        });
         if s.markers {
-            shapes.push(Shape::Marker { x: (x0 + x1) / 2.0, y: mid, r: 4.0, color: s.color });
+            shapes.push(Shape::Marker {
+                x: (x0 + x1) / 2.0,
+                y: mid,
+                r: 4.0,
+                color: s.color,
+            });
         }
         let baseline = mid + m.cap_height(TextRole::Legend) / 2.0;
-        shapes.push(text(x1 + 8.0, baseline, s.label, TextRole::Legend, TEXT_COLOR, Anchor::Start));
+        shapes.push(text(
+            x1 + 8.0,
+            baseline,
+            s.label,
+            TextRole::Legend,
+            TEXT_COLOR,
+            Anchor::Start,
+        ));
     }
 }
 
 fn text(x: f64, y: f64, s: &str, role: TextRole, color: Rgb, anchor: Anchor) -> Shape {
-    Shape::Text { x, y, text: s.to_string(), role, color, anchor, vertical: false }
+    Shape::Text {
+        x,
+        y,
+        text: s.to_string(),
+        role,
+        color,
+        anchor,
+        vertical: false,
+    }
 }
 
 fn min_max(values: &[f64]) -> Option<(f64, f64)> {
@@ -555,23 +770,46 @@ fn to_svg(scene: &Scene) -> String {
     );
     for shape in &scene.shapes {
         match shape {
-            Shape::Rect { x, y, w, h, fill, stroke } => {
+            Shape::Rect {
+                x,
+                y,
+                w,
+                h,
+                fill,
+                stroke,
+            } => {
                 let fill = fill.map_or("none".to_string(), hex);
-                let stroke = stroke.map_or(String::new(), |c| format!(r#" stroke="{}" stroke-width="1""#, hex(c)));
+                let stroke = stroke.map_or(String::new(), |c| {
+                    format!(r#" stroke="{}" stroke-width="1""#, hex(c))
+                });
                 let _ = writeln!(
                     s,
                     r#"<rect x="{x:.1}" y="{y:.1}" width="{w:.1}" height="{h:.1}" fill="{fill}"{stroke}/>"#
                 );
             }
-            Shape::Line { x1, y1, x2, y2, color, width } => {
+            Shape::Line {
+                x1,
+                y1,
+                x2,
+                y2,
+                color,
+                width,
+            } => {
                 let _ = writeln!(
                     s,
                     r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}" stroke="{}" stroke-width="{width}"/>"#,
                     hex(*color)
                 );
             }
-            Shape::Polyline { points, color, width } => {
-                let pts: Vec<String> = points.iter().map(|(x, y)| format!("{x:.2},{y:.2}")).collect();
+            Shape::Polyline {
+                points,
+                color,
+                width,
+            } => {
+                let pts: Vec<String> = points
+                    .iter()
+                    .map(|(x, y)| format!("{x:.2},{y:.2}"))
+                    .collect();
                 let _ = writeln!(
                     s,
                     r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{width}" stroke-linejoin="round" stroke-linecap="round"/>"#,
@@ -586,15 +824,30 @@ fn to_svg(scene: &Scene) -> String {
                     hex(*color)
                 );
             }
-            Shape::Text { x, y, text, role, color, anchor, vertical } => {
+            Shape::Text {
+                x,
+                y,
+                text,
+                role,
+                color,
+                anchor,
+                vertical,
+            } => {
                 let anchor = match anchor {
                     Anchor::Start => "start",
                     Anchor::Middle => "middle",
                     Anchor::End => "end",
                 };
-                let weight = if matches!(role, TextRole::Title) { r#" font-weight="bold""# } else { "" };
-                let rotate =
-                    if *vertical { format!(r#" transform="rotate(-90 {x:.1} {y:.1})""#) } else { String::new() };
+                let weight = if matches!(role, TextRole::Title) {
+                    r#" font-weight="bold""#
+                } else {
+                    ""
+                };
+                let rotate = if *vertical {
+                    format!(r#" transform="rotate(-90 {x:.1} {y:.1})""#)
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     s,
                     r#"<text x="{x:.1}" y="{y:.1}" font-size="{}" fill="{}" text-anchor="{anchor}"{weight}{rotate}>{}</text>"#,
@@ -632,8 +885,14 @@ mod tests {
     fn labels() {
         assert_eq!(tick_labels(&[0.0, 50.0, 100.0], 50.0), ["0", "50", "100"]);
         assert_eq!(tick_labels(&[0.5, 1.0, 1.5], 0.5), ["0.5", "1.0", "1.5"]);
-        assert_eq!(tick_labels(&[0.0, 2e-4, 4e-4, 6e-4], 2e-4), ["0", "2e-4", "4e-4", "6e-4"]);
-        assert_eq!(tick_labels(&[5e-5, 1e-4, 1.5e-4], 5e-5), ["0.5e-4", "1.0e-4", "1.5e-4"]);
+        assert_eq!(
+            tick_labels(&[0.0, 2e-4, 4e-4, 6e-4], 2e-4),
+            ["0", "2e-4", "4e-4", "6e-4"]
+        );
+        assert_eq!(
+            tick_labels(&[5e-5, 1e-4, 1.5e-4], 5e-5),
+            ["0.5e-4", "1.0e-4", "1.5e-4"]
+        );
         assert_eq!(fmt_sig(1.0523), "1.052");
         assert_eq!(fmt_sig(300.0), "300");
         assert_eq!(fmt_sig(5e-4), "0.0005");

@@ -43,16 +43,24 @@ struct Canvas {
 impl Canvas {
     fn new(width: usize, height: usize) -> Self {
         let (w, h) = (width * SS, height * SS);
-        Canvas { w, h, px: vec![Rgb(255, 255, 255); w * h] }
+        Canvas {
+            w,
+            h,
+            px: vec![Rgb(255, 255, 255); w * h],
+        }
     }
 
     /// Fills the samples whose centres fall in the scene-unit rectangle.
     fn fill_rect(&mut self, x0: f64, y0: f64, x1: f64, y1: f64, c: Rgb) {
         let s = SS as f64;
-        let (sx0, sx1) =
-            (((x0 * s) - 0.5).ceil().max(0.0) as usize, (((x1 * s) - 0.5).floor() + 1.0).max(0.0) as usize);
-        let (sy0, sy1) =
-            (((y0 * s) - 0.5).ceil().max(0.0) as usize, (((y1 * s) - 0.5).floor() + 1.0).max(0.0) as usize);
+        let (sx0, sx1) = (
+            ((x0 * s) - 0.5).ceil().max(0.0) as usize,
+            (((x1 * s) - 0.5).floor() + 1.0).max(0.0) as usize,
+        );
+        let (sy0, sy1) = (
+            ((y0 * s) - 0.5).ceil().max(0.0) as usize,
+            (((y1 * s) - 0.5).floor() + 1.0).max(0.0) as usize,
+        );
         for y in sy0..sy1.min(self.h) {
             for x in sx0..sx1.min(self.w) {
                 self.px[y * self.w + x] = c;
@@ -72,7 +80,11 @@ impl Canvas {
             let py = y as f64 + 0.5;
             for x in x_range.clone() {
                 let px = x as f64 + 0.5;
-                let t = if len2 > 0.0 { (((px - ax) * dx + (py - ay) * dy) / len2).clamp(0.0, 1.0) } else { 0.0 };
+                let t = if len2 > 0.0 {
+                    (((px - ax) * dx + (py - ay) * dy) / len2).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
                 let (ex, ey) = (px - (ax + t * dx), py - (ay + t * dy));
                 if ex * ex + ey * ey <= r * r {
                     self.px[y * self.w + x] = c;
@@ -91,7 +103,15 @@ impl Canvas {
         lo.min(n)..hi.min(n)
     }
 
-    fn text(&mut self, (x, y): (f64, f64), text: &str, role: TextRole, c: Rgb, anchor: Anchor, vertical: bool) {
+    fn text(
+        &mut self,
+        (x, y): (f64, f64),
+        text: &str,
+        role: TextRole,
+        c: Rgb,
+        anchor: Anchor,
+        vertical: bool,
+    ) {
         let scale = font_scale(role);
         let width = RasterMetrics.width(text, role);
         let shift = match anchor {
@@ -153,21 +173,42 @@ fn rasterize(scene: &Scene) -> (usize, usize, Vec<u8>) {
     let mut canvas = Canvas::new(width, height);
     for shape in &scene.shapes {
         match shape {
-            Shape::Rect { x, y, w, h, fill, stroke } => {
+            Shape::Rect {
+                x,
+                y,
+                w,
+                h,
+                fill,
+                stroke,
+            } => {
                 if let Some(c) = fill {
                     canvas.fill_rect(*x, *y, x + w, y + h, *c);
                 }
                 if let Some(c) = stroke {
                     let (x0, y0, x1, y1) = (*x, *y, x + w, y + h);
-                    for (a, b) in
-                        [((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x1, y1), (x0, y1)), ((x0, y1), (x0, y0))]
-                    {
+                    for (a, b) in [
+                        ((x0, y0), (x1, y0)),
+                        ((x1, y0), (x1, y1)),
+                        ((x1, y1), (x0, y1)),
+                        ((x0, y1), (x0, y0)),
+                    ] {
                         canvas.segment(a, b, 1.0, *c);
                     }
                 }
             }
-            Shape::Line { x1, y1, x2, y2, color, width } => canvas.segment((*x1, *y1), (*x2, *y2), *width, *color),
-            Shape::Polyline { points, color, width } => {
+            Shape::Line {
+                x1,
+                y1,
+                x2,
+                y2,
+                color,
+                width,
+            } => canvas.segment((*x1, *y1), (*x2, *y2), *width, *color),
+            Shape::Polyline {
+                points,
+                color,
+                width,
+            } => {
                 for ab in points.windows(2) {
                     canvas.segment(ab[0], ab[1], *width, *color);
                 }
@@ -176,9 +217,15 @@ fn rasterize(scene: &Scene) -> (usize, usize, Vec<u8>) {
                 canvas.disc(*x, *y, r + 1.0, Rgb(255, 255, 255));
                 canvas.disc(*x, *y, *r, *color);
             }
-            Shape::Text { x, y, text, role, color, anchor, vertical } => {
-                canvas.text((*x, *y), text, *role, *color, *anchor, *vertical)
-            }
+            Shape::Text {
+                x,
+                y,
+                text,
+                role,
+                color,
+                anchor,
+                vertical,
+            } => canvas.text((*x, *y), text, *role, *color, *anchor, *vertical),
         }
     }
     (width, height, canvas.downsample())
@@ -237,7 +284,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -47,7 +47,10 @@ impl TensorBoardTracker {
     /// The file starts with the `brain.Event:2` version record.
     pub fn new(logging_dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(logging_dir)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let name = format!(
             "events.out.tfevents.{now:010}.{}.{}.{}",
             hostname(),
@@ -55,8 +58,14 @@ impl TensorBoardTracker {
             FILE_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let path = logging_dir.join(name);
-        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
-        let mut tracker = TensorBoardTracker { path, out: BufWriter::new(file) };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let mut tracker = TensorBoardTracker {
+            path,
+            out: BufWriter::new(file),
+        };
         let mut event = Vec::new();
         put_double(&mut event, 1, wall_time());
         put_bytes(&mut event, 3, b"brain.Event:2");
@@ -140,7 +149,11 @@ impl TensorBoardTracker {
 impl Tracker for TensorBoardTracker {
     fn log_scalars(&mut self, step: u64, logs: &[(String, f64)]) -> io::Result<()> {
         let tags: Vec<String> = logs.iter().map(|(k, _)| tensorboard_tag(k)).collect();
-        let scalars: Vec<(&str, f64)> = tags.iter().map(String::as_str).zip(logs.iter().map(|(_, v)| *v)).collect();
+        let scalars: Vec<(&str, f64)> = tags
+            .iter()
+            .map(String::as_str)
+            .zip(logs.iter().map(|(_, v)| *v))
+            .collect();
         self.add_scalars(step, &scalars)
     }
 
@@ -157,7 +170,10 @@ impl Tracker for TensorBoardTracker {
 const DT_STRING: u64 = 7;
 
 fn wall_time() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The machine's name, as Python's `socket.gethostname()` gives it for
@@ -170,7 +186,16 @@ fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     // A file name component: no separators.
-    let name: String = name.chars().map(|c| if c == '/' || c == '\\' || c.is_control() { '_' } else { c }).collect();
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
     if name.is_empty() {
         "localhost".to_string()
     } else {
@@ -223,7 +248,11 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut bit = 0;
         while bit < 8 {
             // 0x82F63B78 is the Castagnoli polynomial 0x1EDC6F41, bit-reversed.
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
             bit += 1;
         }
         table[i] = crc;
@@ -262,7 +291,10 @@ mod tests {
     #[allow(clippy::manual_rotate)] // spelled as TensorFlow's crc32c.h writes it
     fn mask_matches_tensorflow_formula() {
         let crc = crc32c(b"abc");
-        assert_eq!(masked_crc32c(b"abc"), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8));
+        assert_eq!(
+            masked_crc32c(b"abc"),
+            ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8)
+        );
     }
 
     #[test]

@@ -81,12 +81,21 @@ events! {
 pub struct DefaultFlowCallback;
 
 impl TrainerCallback for DefaultFlowCallback {
-    fn on_step_end(&mut self, args: &SFTConfig, state: &TrainerState, control: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_step_end(
+        &mut self,
+        args: &SFTConfig,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         let step = state.global_step;
         if step == 1 && args.logging_first_step {
             control.should_log = true;
         }
-        if args.logging_strategy == IntervalStrategy::Steps && state.logging_steps > 0 && step % state.logging_steps == 0 {
+        if args.logging_strategy == IntervalStrategy::Steps
+            && state.logging_steps > 0
+            && step % state.logging_steps == 0
+        {
             control.should_log = true;
         }
         if args.eval_strategy == IntervalStrategy::Steps
@@ -96,7 +105,10 @@ impl TrainerCallback for DefaultFlowCallback {
         {
             control.should_evaluate = true;
         }
-        if args.save_strategy == SaveStrategy::Steps && state.save_steps > 0 && step % state.save_steps == 0 {
+        if args.save_strategy == SaveStrategy::Steps
+            && state.save_steps > 0
+            && step % state.save_steps == 0
+        {
             control.should_save = true;
         }
         if step >= state.max_steps {
@@ -116,11 +128,19 @@ impl TrainerCallback for DefaultFlowCallback {
         }
     }
 
-    fn on_epoch_end(&mut self, args: &SFTConfig, state: &TrainerState, control: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_epoch_end(
+        &mut self,
+        args: &SFTConfig,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         if args.logging_strategy == IntervalStrategy::Epoch {
             control.should_log = true;
         }
-        if args.eval_strategy == IntervalStrategy::Epoch && args.eval_delay <= state.epoch.unwrap_or(0.0) {
+        if args.eval_strategy == IntervalStrategy::Epoch
+            && args.eval_delay <= state.epoch.unwrap_or(0.0)
+        {
             control.should_evaluate = true;
         }
         if args.save_strategy == SaveStrategy::Epoch {
@@ -139,15 +159,27 @@ pub struct ProgressCallback {
 
 impl Default for ProgressCallback {
     fn default() -> Self {
-        Self { bar: None, started: None, tokens_at_start: 0 }
+        Self {
+            bar: None,
+            started: None,
+            tokens_at_start: 0,
+        }
     }
 }
 
 impl TrainerCallback for ProgressCallback {
-    fn on_train_begin(&mut self, _args: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_train_begin(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         let bar = ProgressBar::new(state.max_steps as u64).with_style(
-            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
         );
         bar.set_position(state.global_step as u64);
         self.bar = Some(bar);
@@ -155,7 +187,13 @@ impl TrainerCallback for ProgressCallback {
         self.tokens_at_start = state.num_input_tokens_seen;
     }
 
-    fn on_step_end(&mut self, _args: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_step_end(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         if let (Some(bar), Some(t0)) = (&self.bar, self.started) {
             bar.set_position(state.global_step as u64);
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -171,7 +209,13 @@ impl TrainerCallback for ProgressCallback {
         }
     }
 
-    fn on_log(&mut self, _args: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, ctx: &mut CallbackContext) {
+    fn on_log(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        ctx: &mut CallbackContext,
+    ) {
         if let (Some(bar), Some(logs)) = (&self.bar, ctx.logs) {
             if state.is_world_process_zero {
                 bar.println(format_logs(logs));
@@ -179,7 +223,13 @@ impl TrainerCallback for ProgressCallback {
         }
     }
 
-    fn on_train_end(&mut self, _args: &SFTConfig, _s: &TrainerState, _c: &mut TrainerControl, _ctx: &mut CallbackContext) {
+    fn on_train_end(
+        &mut self,
+        _args: &SFTConfig,
+        _s: &TrainerState,
+        _c: &mut TrainerControl,
+        _ctx: &mut CallbackContext,
+    ) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
         }
@@ -191,7 +241,13 @@ impl TrainerCallback for ProgressCallback {
 pub struct PrinterCallback;
 
 impl TrainerCallback for PrinterCallback {
-    fn on_log(&mut self, _args: &SFTConfig, state: &TrainerState, _c: &mut TrainerControl, ctx: &mut CallbackContext) {
+    fn on_log(
+        &mut self,
+        _args: &SFTConfig,
+        state: &TrainerState,
+        _c: &mut TrainerControl,
+        ctx: &mut CallbackContext,
+    ) {
         if let (Some(logs), true) = (ctx.logs, state.is_world_process_zero) {
             eprintln!("{}", format_logs(logs));
         }
@@ -203,7 +259,9 @@ pub fn format_logs(logs: &Map<String, Value>) -> String {
     let items: Vec<String> = logs
         .iter()
         .map(|(k, v)| match v {
-            Value::Number(n) if n.is_f64() => format!("'{k}': {}", short_float(n.as_f64().unwrap_or(f64::NAN))),
+            Value::Number(n) if n.is_f64() => {
+                format!("'{k}': {}", short_float(n.as_f64().unwrap_or(f64::NAN)))
+            }
             other => format!("'{k}': {other}"),
         })
         .collect();
@@ -216,7 +274,11 @@ fn short_float(x: f64) -> String {
     } else {
         let s = format!("{x:.6}");
         let s = s.trim_end_matches('0');
-        if s.ends_with('.') { format!("{s}0") } else { s.to_string() }
+        if s.ends_with('.') {
+            format!("{s}0")
+        } else {
+            s.to_string()
+        }
     }
 }
 
@@ -231,16 +293,39 @@ pub struct EarlyStoppingCallback {
 
 impl EarlyStoppingCallback {
     pub fn new(patience: usize, threshold: f64) -> Self {
-        Self { patience, threshold, bad_evaluations: 0, best: None }
+        Self {
+            patience,
+            threshold,
+            bad_evaluations: 0,
+            best: None,
+        }
     }
 }
 
 impl TrainerCallback for EarlyStoppingCallback {
-    fn on_evaluate(&mut self, args: &SFTConfig, _state: &TrainerState, control: &mut TrainerControl, ctx: &mut CallbackContext) {
-        let metric = args.resolved_metric_for_best_model().unwrap_or_else(|| "loss".into());
-        let key = if metric.starts_with("eval_") { metric.clone() } else { format!("eval_{metric}") };
-        let Some(value) = ctx.metrics.and_then(|m| m.get(&key)).and_then(Value::as_f64) else {
-            eprintln!("warning: early stopping needs metric {key}, which the evaluation did not report");
+    fn on_evaluate(
+        &mut self,
+        args: &SFTConfig,
+        _state: &TrainerState,
+        control: &mut TrainerControl,
+        ctx: &mut CallbackContext,
+    ) {
+        let metric = args
+            .resolved_metric_for_best_model()
+            .unwrap_or_else(|| "loss".into());
+        let key = if metric.starts_with("eval_") {
+            metric.clone()
+        } else {
+            format!("eval_{metric}")
+        };
+        let Some(value) = ctx
+            .metrics
+            .and_then(|m| m.get(&key))
+            .and_then(Value::as_f64)
+        else {
+            eprintln!(
+                "warning: early stopping needs metric {key}, which the evaluation did not report"
+            );
             return;
         };
         let greater = args.resolved_greater_is_better().unwrap_or(false);

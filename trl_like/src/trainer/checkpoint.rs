@@ -19,7 +19,9 @@ const FULL_WEIGHTS_DIR: &str = ".";
 
 /// Complete checkpoints in `output_dir`, oldest first (by step).
 pub fn list_checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(output_dir) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Vec::new();
+    };
     let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -37,7 +39,10 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 /// script — the newest checkpoint of a non-empty `output_dir` unless
 /// `overwrite_output_dir`. A non-empty `output_dir` without checkpoints is an
 /// error (it would be overwritten), as transformers' examples treat it.
-pub fn resolve_resume(args: &SFTConfig, output_dir: &Path) -> Result<Option<PathBuf>, TrainerError> {
+pub fn resolve_resume(
+    args: &SFTConfig,
+    output_dir: &Path,
+) -> Result<Option<PathBuf>, TrainerError> {
     match args.resume_from() {
         Some(ResumeFrom::Path(p)) => {
             if !p.join(STATE_FILE).is_file() {
@@ -66,7 +71,9 @@ pub fn resolve_resume(args: &SFTConfig, output_dir: &Path) -> Result<Option<Path
         eprintln!("found checkpoint {} in output_dir; resuming (pass --overwrite_output_dir to start over)", p.display());
         return Ok(Some(p));
     }
-    let non_empty = std::fs::read_dir(output_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let non_empty = std::fs::read_dir(output_dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
     if non_empty {
         return Err(TrainerError::Checkpoint(format!(
             "output_dir {} already exists and is not empty, but holds no checkpoint to resume from; \
@@ -79,7 +86,11 @@ pub fn resolve_resume(args: &SFTConfig, output_dir: &Path) -> Result<Option<Path
 
 impl<M: PreTrainedModel> SFTTrainer<M> {
     /// Writes `checkpoint-{global_step}` and rotates old ones (transformers' `_save_checkpoint`).
-    pub(super) fn save_checkpoint(&mut self, output_dir: &Path, metrics: Option<&Map<String, Value>>) -> Result<(), TrainerError> {
+    pub(super) fn save_checkpoint(
+        &mut self,
+        output_dir: &Path,
+        metrics: Option<&Map<String, Value>>,
+    ) -> Result<(), TrainerError> {
         let step = self.state.global_step;
         let name = format!("{PREFIX}{step}");
         let final_dir = output_dir.join(&name);
@@ -92,7 +103,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         self.update_best(metrics, &final_dir);
         self.save_model(Some(&tmp_dir))?;
         if !self.args.save_only_model {
-            let optimizer = self.optimizer.as_ref().expect("optimizer exists while training");
+            let optimizer = self
+                .optimizer
+                .as_ref()
+                .expect("optimizer exists while training");
             optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
             let extra = serde_json::to_string_pretty(&self.loop_state).expect("json");
             std::fs::write(tmp_dir.join(LOOP_FILE), extra).map_err(io_err(&tmp_dir))?;
@@ -101,7 +115,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let args = serde_json::to_string_pretty(&self.args).expect("json");
         std::fs::write(tmp_dir.join(ARGS_FILE), args).map_err(io_err(&tmp_dir))?;
         // The state file goes last: its presence marks a complete checkpoint.
-        self.state.save_to_json(&tmp_dir.join(STATE_FILE), &self.control).map_err(io_err(&tmp_dir))?;
+        self.state
+            .save_to_json(&tmp_dir.join(STATE_FILE), &self.control)
+            .map_err(io_err(&tmp_dir))?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
         }
@@ -114,8 +130,15 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
 
     /// Tracks `metric_for_best_model` (transformers' `_determine_best_metric`).
     fn update_best(&mut self, metrics: Option<&Map<String, Value>>, checkpoint: &Path) {
-        let (Some(metrics), Some(metric)) = (metrics, self.args.resolved_metric_for_best_model()) else { return };
-        let key = if metric.starts_with("eval_") { metric } else { format!("eval_{metric}") };
+        let (Some(metrics), Some(metric)) = (metrics, self.args.resolved_metric_for_best_model())
+        else {
+            return;
+        };
+        let key = if metric.starts_with("eval_") {
+            metric
+        } else {
+            format!("eval_{metric}")
+        };
         let Some(value) = metrics.get(&key).and_then(Value::as_f64) else {
             eprintln!("warning: metric_for_best_model {key} is not among the evaluation metrics");
             return;
@@ -126,7 +149,13 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let greater = self.args.resolved_greater_is_better().unwrap_or(false);
         let better = match self.state.best_metric {
             None => true,
-            Some(best) => if greater { value > best } else { value < best },
+            Some(best) => {
+                if greater {
+                    value > best
+                } else {
+                    value < best
+                }
+            }
         };
         if better {
             self.state.best_metric = Some(value);
@@ -137,7 +166,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
 
     /// Deletes the oldest checkpoints beyond `save_total_limit`, never the best one.
     fn rotate_checkpoints(&self, output_dir: &Path) -> Result<(), TrainerError> {
-        let Some(limit) = self.args.save_total_limit else { return Ok(()) };
+        let Some(limit) = self.args.save_total_limit else {
+            return Ok(());
+        };
         let mut all = list_checkpoints(output_dir);
         let best = self.state.best_model_checkpoint.as_ref().map(PathBuf::from);
         // transformers keeps the best by moving it to the end of the deletion order.
@@ -148,7 +179,17 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             }
         }
         // With a limit of 1 and a best checkpoint that is not the newest, keep both.
-        let keep = if limit == 1 && best.is_some() && all.last().map(|(_, p)| Some(p) != best.as_ref()).unwrap_or(false) { 2 } else { limit.max(1) };
+        let keep = if limit == 1
+            && best.is_some()
+            && all
+                .last()
+                .map(|(_, p)| Some(p) != best.as_ref())
+                .unwrap_or(false)
+        {
+            2
+        } else {
+            limit.max(1)
+        };
         let excess = all.len().saturating_sub(keep);
         for (_, path) in all.into_iter().take(excess) {
             std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
@@ -162,7 +203,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let files: Vec<PathBuf> = match &self.peft {
             Some(_) => vec![dir.join("adapter_model.safetensors")],
             None => {
-                let index = dir.join(FULL_WEIGHTS_DIR).join("model.safetensors.index.json");
+                let index = dir
+                    .join(FULL_WEIGHTS_DIR)
+                    .join("model.safetensors.index.json");
                 if index.is_file() {
                     let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
                         .map_err(io_err(dir))?
@@ -178,14 +221,21 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         };
         let mut by_name = std::collections::HashMap::new();
         for f in &files {
-            let tensors = tch::Tensor::read_safetensors(f).map_err(|e| ckpt(format!("cannot read {}: {e}", f.display())))?;
+            let tensors = tch::Tensor::read_safetensors(f)
+                .map_err(|e| ckpt(format!("cannot read {}: {e}", f.display())))?;
             by_name.extend(tensors);
         }
         tch::no_grad(|| -> Result<(), TrainerError> {
             for (name, param) in &self.params {
-                let src = by_name.get(name).ok_or_else(|| ckpt(format!("tensor {name} is missing")))?;
+                let src = by_name
+                    .get(name)
+                    .ok_or_else(|| ckpt(format!("tensor {name} is missing")))?;
                 if src.size() != param.size() {
-                    return Err(ckpt(format!("tensor {name} has shape {:?}, expected {:?}", src.size(), param.size())));
+                    return Err(ckpt(format!(
+                        "tensor {name} has shape {:?}, expected {:?}",
+                        src.size(),
+                        param.size()
+                    )));
                 }
                 let mut p = param.shallow_clone();
                 p.copy_(src);
@@ -195,16 +245,25 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     }
 
     /// Restores weights, optimizer, state and loop counters from `dir`.
-    pub(super) fn load_checkpoint(&mut self, dir: &Path, optimizer: &mut AdamW) -> Result<(), TrainerError> {
+    pub(super) fn load_checkpoint(
+        &mut self,
+        dir: &Path,
+        optimizer: &mut AdamW,
+    ) -> Result<(), TrainerError> {
         let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
-        let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE)).map_err(TrainerError::Checkpoint)?;
+        let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE))
+            .map_err(TrainerError::Checkpoint)?;
         if !dir.join(OPTIMIZER_FILE).is_file() {
-            return Err(ckpt("holds only model weights (save_only_model), so training cannot resume from it".into()));
+            return Err(ckpt(
+                "holds only model weights (save_only_model), so training cannot resume from it"
+                    .into(),
+            ));
         }
         self.load_weights(dir)?;
         optimizer.load(&dir.join(OPTIMIZER_FILE))?;
         if let Ok(text) = std::fs::read_to_string(dir.join(LOOP_FILE)) {
-            self.loop_state = serde_json::from_str::<LoopState>(&text).map_err(|e| ckpt(format!("{LOOP_FILE}: {e}")))?;
+            self.loop_state = serde_json::from_str::<LoopState>(&text)
+                .map_err(|e| ckpt(format!("{LOOP_FILE}: {e}")))?;
         } else {
             self.loop_state.last_logged_step = state.global_step;
         }

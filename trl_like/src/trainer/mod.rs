@@ -13,13 +13,17 @@ pub mod checkpoint;
 pub mod state;
 
 pub use callbacks::{
-    CallbackContext, DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback,
+    CallbackContext, DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback,
+    TrainerCallback,
 };
 pub use state::{TrainerControl, TrainerState};
 
 use crate::config::{SFTConfig, SamplingStrategy};
 use crate::data::tokenize::{tokenize_example, IGNORE_INDEX};
-use crate::data::{collate, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions, TokenizedExample, TruncationMode};
+use crate::data::{
+    collate, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions, TokenizedExample,
+    TruncationMode,
+};
 use crate::modeling::{CausalLMInput, PreTrainedModel};
 use crate::optim::{clip_grad_norm, decay_groups, AdamW, LrScheduler};
 use crate::peft::{LoraConfig, PeftAdapter};
@@ -48,13 +52,19 @@ pub enum TrainerError {
     #[error("{0}")]
     Checkpoint(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
-    move |source| TrainerError::Io { path: path.display().to_string(), source }
+    move |source| TrainerError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Turns a raw record into the text to train on (the tutorial's `formatting_func`).
@@ -154,14 +164,21 @@ pub fn prepare_dataset(
     let mut out = Vec::with_capacity(dataset.len());
     for record in &dataset.records {
         let example = match formatting_func {
-            Some(f) => f(&record.value)
-                .map(Example::Text)
-                .map_err(|message| crate::data::DataError::Record { origin: record.origin.clone(), message }),
+            Some(f) => f(&record.value).map(Example::Text).map_err(|message| {
+                crate::data::DataError::Record {
+                    origin: record.origin.clone(),
+                    message,
+                }
+            }),
             None => formats::to_example(record, format, &args.dataset_text_field),
         };
         let tokenized = example.and_then(|ex| {
-            tokenize_example(tokenizer, &ex, &opts)
-                .map_err(|source| crate::data::DataError::Tokenizer { origin: record.origin.clone(), source })
+            tokenize_example(tokenizer, &ex, &opts).map_err(|source| {
+                crate::data::DataError::Tokenizer {
+                    origin: record.origin.clone(),
+                    source,
+                }
+            })
         });
         match tokenized {
             Ok(t) => {
@@ -178,7 +195,9 @@ pub fn prepare_dataset(
         }
     }
     if out.is_empty() {
-        return Err(TrainerError::Invalid("no usable records in the dataset".into()));
+        return Err(TrainerError::Invalid(
+            "no usable records in the dataset".into(),
+        ));
     }
     Ok((out, stats))
 }
@@ -200,8 +219,14 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         args.validate()?;
         check_supported(&args)?;
         let device = model.device();
-        let (train, stats) =
-            prepare_dataset(train_dataset, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?;
+        let (train, stats) = prepare_dataset(
+            train_dataset,
+            &processing_class,
+            &args,
+            DatasetFormat::Auto,
+            formatting_func.as_ref(),
+            false,
+        )?;
         if stats.truncated > 0 {
             eprintln!(
                 "note: {} of {} training examples were longer than max_length {} and were truncated",
@@ -211,9 +236,17 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             );
         }
         let eval = match eval_dataset {
-            Some(ds) if !ds.is_empty() => {
-                Some(prepare_dataset(ds, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?.0)
-            }
+            Some(ds) if !ds.is_empty() => Some(
+                prepare_dataset(
+                    ds,
+                    &processing_class,
+                    &args,
+                    DatasetFormat::Auto,
+                    formatting_func.as_ref(),
+                    false,
+                )?
+                .0,
+            ),
             _ => None,
         };
         let peft = match peft_config {
@@ -226,7 +259,15 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             }
             None => None,
         };
-        Ok(Self::build(model, args, train, eval, processing_class, peft, callbacks))
+        Ok(Self::build(
+            model,
+            args,
+            train,
+            eval,
+            processing_class,
+            peft,
+            callbacks,
+        ))
     }
 
     /// Like [`new`](Self::new) for a model that already carries adapters
@@ -245,15 +286,37 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ) -> Result<Self, TrainerError> {
         args.validate()?;
         check_supported(&args)?;
-        let (train, _) =
-            prepare_dataset(train_dataset, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?;
+        let (train, _) = prepare_dataset(
+            train_dataset,
+            &processing_class,
+            &args,
+            DatasetFormat::Auto,
+            formatting_func.as_ref(),
+            false,
+        )?;
         let eval = match eval_dataset {
-            Some(ds) if !ds.is_empty() => {
-                Some(prepare_dataset(ds, &processing_class, &args, DatasetFormat::Auto, formatting_func.as_ref(), false)?.0)
-            }
+            Some(ds) if !ds.is_empty() => Some(
+                prepare_dataset(
+                    ds,
+                    &processing_class,
+                    &args,
+                    DatasetFormat::Auto,
+                    formatting_func.as_ref(),
+                    false,
+                )?
+                .0,
+            ),
             _ => None,
         };
-        Ok(Self::build(model, args, train, eval, processing_class, Some(adapter), callbacks))
+        Ok(Self::build(
+            model,
+            args,
+            train,
+            eval,
+            processing_class,
+            Some(adapter),
+            callbacks,
+        ))
     }
 
     fn build(
@@ -275,7 +338,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 adapter.named_parameters()
             }
             // Full fine-tuning: every base weight is trained.
-            None => model.named_parameters().into_iter().map(|(n, t)| (n, t.set_requires_grad(true))).collect(),
+            None => model
+                .named_parameters()
+                .into_iter()
+                .map(|(n, t)| (n, t.set_requires_grad(true)))
+                .collect(),
         };
         let mut trainer = Self {
             model,
@@ -303,7 +370,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         if trainer.args.disable_tqdm {
             trainer.callbacks.push(Box::new(PrinterCallback));
         } else {
-            trainer.callbacks.push(Box::new(ProgressCallback::default()));
+            trainer
+                .callbacks
+                .push(Box::new(ProgressCallback::default()));
         }
         trainer.callbacks.extend(callbacks);
         trainer.fire(Event::InitEnd, Payload::None);
@@ -337,8 +406,17 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     /// Number of trainable parameters and of all parameters, as PEFT's `print_trainable_parameters`.
     pub fn trainable_parameters(&self) -> (i64, i64) {
         let trainable: i64 = self.params.iter().map(|(_, t)| t.numel() as i64).sum();
-        let base: i64 = self.model.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
-        let total = if self.peft.is_some() { base + trainable } else { base };
+        let base: i64 = self
+            .model
+            .named_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
+        let total = if self.peft.is_some() {
+            base + trainable
+        } else {
+            base
+        };
         (trainable, total)
     }
 
@@ -358,7 +436,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                     .chunks(50 * bs)
                     .flat_map(|chunk| {
                         let mut c = chunk.to_vec();
-                        c.sort_by_key(|&i| std::cmp::Reverse(self.train_dataset[i].input_ids.len()));
+                        c.sort_by_key(|&i| {
+                            std::cmp::Reverse(self.train_dataset[i].input_ids.len())
+                        });
                         c
                     })
                     .collect()
@@ -382,12 +462,21 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     }
 
     fn batch_of(&self, indices: &[usize]) -> Batch {
-        let examples: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.train_dataset[i]).collect();
-        collate(&examples, self.pad_token_id(), self.args.pad_to_multiple_of, self.device)
+        let examples: Vec<&TokenizedExample> =
+            indices.iter().map(|&i| &self.train_dataset[i]).collect();
+        collate(
+            &examples,
+            self.pad_token_id(),
+            self.args.pad_to_multiple_of,
+            self.device,
+        )
     }
 
     fn pad_token_id(&self) -> i64 {
-        self.processing_class.pad_token_id().or(self.processing_class.eos_token_id()).unwrap_or(0)
+        self.processing_class
+            .pad_token_id()
+            .or(self.processing_class.eos_token_id())
+            .unwrap_or(0)
     }
 
     /// Runs the training loop; resumes when `resume_from_checkpoint` says so.
@@ -418,8 +507,18 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             num_train_epochs: num_epochs,
             ..TrainerState::default()
         };
-        let groups = decay_groups(self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), self.args.weight_decay);
-        let mut optimizer = AdamW::new(groups, (self.args.adam_beta1, self.args.adam_beta2), self.args.adam_epsilon);
+        let groups = decay_groups(
+            self.params
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            self.args.weight_decay,
+        );
+        let mut optimizer = AdamW::new(
+            groups,
+            (self.args.adam_beta1, self.args.adam_beta2),
+            self.args.adam_epsilon,
+        );
         let warmup = self.args.get_warmup_steps(max_steps);
         let scheduler = LrScheduler::new(
             self.args.lr_scheduler_type.as_str(),
@@ -433,7 +532,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         self.interrupt.store(false, Ordering::SeqCst);
         if let Some(dir) = &resume {
             self.load_checkpoint(dir, &mut optimizer)?;
-            eprintln!("resuming from {} at step {}", dir.display(), self.state.global_step);
+            eprintln!(
+                "resuming from {} at step {}",
+                dir.display(),
+                self.state.global_step
+            );
         }
         self.optimizer = Some(optimizer);
         let logging_dir = output_dir.join("runs");
@@ -475,7 +578,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 if self.interrupt.load(Ordering::SeqCst) && !self.control.should_training_stop {
                     // Finish like a planned end: log, checkpoint, stop.
                     self.control.should_training_stop = true;
-                    self.control.should_save = self.args.save_strategy != crate::config::SaveStrategy::No;
+                    self.control.should_save =
+                        self.args.save_strategy != crate::config::SaveStrategy::No;
                     self.control.should_log = true;
                     self.interrupted_at = Some(self.state.global_step);
                 }
@@ -494,7 +598,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
 
         if self.args.load_best_model_at_end {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
-                eprintln!("loading the best checkpoint {best} (metric {:?})", self.state.best_metric);
+                eprintln!(
+                    "loading the best checkpoint {best} (metric {:?})",
+                    self.state.best_metric
+                );
                 self.load_weights(Path::new(&best))?;
             }
         }
@@ -505,9 +612,18 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let train_loss = self.loop_state.total_loss / self.state.global_step.max(1) as f64;
         let mut metrics = Map::new();
         metrics.insert("train_runtime".into(), json!(round(runtime, 4)));
-        metrics.insert("train_samples_per_second".into(), json!(round(samples / runtime.max(1e-9), 3)));
-        metrics.insert("train_steps_per_second".into(), json!(round(steps / runtime.max(1e-9), 3)));
-        metrics.insert("train_tokens_per_second".into(), json!(round(tokens / runtime.max(1e-9), 3)));
+        metrics.insert(
+            "train_samples_per_second".into(),
+            json!(round(samples / runtime.max(1e-9), 3)),
+        );
+        metrics.insert(
+            "train_steps_per_second".into(),
+            json!(round(steps / runtime.max(1e-9), 3)),
+        );
+        metrics.insert(
+            "train_tokens_per_second".into(),
+            json!(round(tokens / runtime.max(1e-9), 3)),
+        );
         metrics.insert("total_flos".into(), json!(self.state.total_flos));
         metrics.insert("train_loss".into(), json!(train_loss));
         self.log(metrics.clone());
@@ -518,7 +634,13 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
                 .map_err(io_err(&output_dir))?;
         }
-        let history: Vec<Value> = self.state.log_history.iter().cloned().map(Value::Object).collect();
+        let history: Vec<Value> = self
+            .state
+            .log_history
+            .iter()
+            .cloned()
+            .map(Value::Object)
+            .collect();
         for name in ["training_curves.svg", "training_curves.png"] {
             let plot = output_dir.join(name);
             plot_training_curves(&history, &plot).map_err(io_err(&plot))?;
@@ -526,7 +648,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         for t in &mut self.trackers {
             let _ = t.flush();
         }
-        Ok(TrainOutput { global_step: self.state.global_step, training_loss: train_loss, metrics })
+        Ok(TrainOutput {
+            global_step: self.state.global_step,
+            training_loss: train_loss,
+            metrics,
+        })
     }
 
     /// One optimizer step over a window of micro-batches.
@@ -558,7 +684,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         }
         if let Ok(v) = std::env::var("TRL_LIKE_NAN_AT_STEP") {
             // Fault injection for the tests: poison this step's loss.
-            if v.split(',').any(|s| s.trim().parse::<usize>().ok() == Some(self.state.global_step + 1)) {
+            if v.split(',')
+                .any(|s| s.trim().parse::<usize>().ok() == Some(self.state.global_step + 1))
+            {
                 step_loss = f64::NAN;
             }
         }
@@ -569,7 +697,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let finite = step_loss.is_finite() && grad_norm.is_finite();
         if finite {
             self.nonfinite_in_a_row = 0;
-            let optimizer = self.optimizer.as_mut().expect("optimizer is set in train()");
+            let optimizer = self
+                .optimizer
+                .as_mut()
+                .expect("optimizer is set in train()");
             optimizer.step(lr);
         } else {
             // A NaN/inf update would poison the weights (and every later step): skip it.
@@ -592,7 +723,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         self.optimizer.as_ref().expect("optimizer").zero_grad();
         self.state.global_step += 1;
         // transformers: epoch + micro-batches done in this epoch / micro-batches per epoch.
-        let done = (window_idx * self.args.gradient_accumulation_steps.max(1) + window.len()).min(batches_in_epoch);
+        let done = (window_idx * self.args.gradient_accumulation_steps.max(1) + window.len())
+            .min(batches_in_epoch);
         self.state.epoch = Some(epoch as f64 + done as f64 / batches_in_epoch as f64);
         // Non-finite losses stay out of the logged averages (transformers' logging_nan_inf_filter).
         let logged = if finite || !self.args.logging_nan_inf_filter {
@@ -670,11 +802,16 @@ fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
         ("packing", args.packing),
         ("padding_free", args.padding_free),
         ("neftune_noise_alpha", args.neftune_noise_alpha.is_some()),
-        ("loss_type (only nll)", args.loss_type != crate::config::LossType::Nll),
+        (
+            "loss_type (only nll)",
+            args.loss_type != crate::config::LossType::Nll,
+        ),
         ("fp16 (use bf16 or float32)", args.fp16),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
-        return Err(TrainerError::Invalid(format!("{name} is not supported yet; remove it from the config or flags")));
+        return Err(TrainerError::Invalid(format!(
+            "{name} is not supported yet; remove it from the config or flags"
+        )));
     }
     Ok(())
 }
@@ -683,7 +820,11 @@ fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
 /// `var` equals `step`, the process dies on the spot (`abort`, no cleanup — as
 /// close to `kill -9` as a process can do to itself, and deterministic).
 pub(crate) fn crash_point(var: &str, step: usize) {
-    if std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
+    if std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        == Some(step)
+    {
         eprintln!("{var}={step}: aborting on purpose");
         std::process::abort();
     }
@@ -712,10 +853,20 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     /// so the full `[batch, seq, vocab]` fp32 logits never exist. With
     /// `gradient_checkpointing` the decoder layers also run without keeping
     /// activations and are recomputed one at a time during the backward pass.
-    fn forward_backward(&self, batch: &Batch, num_items: Option<i64>, train: bool, backward: bool) -> LossOutput {
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        num_items: Option<i64>,
+        train: bool,
+        backward: bool,
+    ) -> LossOutput {
         let input = CausalLMInput {
             input_ids: &batch.input_ids,
-            attention_mask: if batch.has_padding { Some(&batch.attention_mask) } else { None },
+            attention_mask: if batch.has_padding {
+                Some(&batch.attention_mask)
+            } else {
+                None
+            },
             position_ids: None,
         };
         let num_tokens = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
@@ -727,12 +878,19 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             } else {
                 tch::no_grad(|| self.model.forward_hidden(&input, None, train))
             };
-            let (loss, entropy, accuracy) = self.chunked_loss(&hidden, &batch.labels, denom, backward);
-            return LossOutput { loss, entropy, accuracy, num_tokens };
+            let (loss, entropy, accuracy) =
+                self.chunked_loss(&hidden, &batch.labels, denom, backward);
+            return LossOutput {
+                loss,
+                entropy,
+                accuracy,
+                num_tokens,
+            };
         }
 
         // Activation recompute: keep only each layer's input.
-        let step_seed = tch::Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        let step_seed =
+            tch::Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
         let ctx = self.model.layer_context(&input);
         let mut inputs = Vec::with_capacity(self.model.num_layers());
         let last = tch::no_grad(|| {
@@ -762,7 +920,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         if embedded.requires_grad() {
             (embedded * &grad).sum(Kind::Float).backward();
         }
-        LossOutput { loss, entropy, accuracy, num_tokens }
+        LossOutput {
+            loss,
+            entropy,
+            accuracy,
+            num_tokens,
+        }
     }
 
     /// `lm_head` + cross-entropy over sequence chunks. Returns (loss, entropy,
@@ -770,8 +933,16 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ///
     /// # Shapes
     /// `hidden`: `[batch, seq, hidden]` (after the final norm); `labels`: `[batch, seq]`.
-    fn chunked_loss(&self, hidden: &Tensor, labels: &Tensor, denom: f64, backward: bool) -> (f64, f64, f64) {
-        let (b, t, _) = hidden.size3().expect("hidden states are [batch, seq, hidden]");
+    fn chunked_loss(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        denom: f64,
+        backward: bool,
+    ) -> (f64, f64, f64) {
+        let (b, t, _) = hidden
+            .size3()
+            .expect("hidden states are [batch, seq, hidden]");
         // Positions 0..t-1 predict labels 1..t.
         let positions = t - 1;
         let chunk = (self.loss_chunk_tokens / b.max(1)).max(1);
@@ -788,7 +959,9 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 let logits = self.model.lm_head(&h).to_kind(Kind::Float);
                 let v = logits.size()[2];
                 let flat = logits.reshape([-1, v]);
-                let summed = flat.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, IGNORE_INDEX, 0.0) / denom;
+                let summed =
+                    flat.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, IGNORE_INDEX, 0.0)
+                        / denom;
                 (flat, summed)
             };
             let (flat, chunk_loss) = if backward { run() } else { tch::no_grad(run) };
@@ -798,7 +971,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 let logp = flat.log_softmax(-1, Kind::Float);
                 let per_token = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float);
                 ent_sum += (per_token * &valid_f).sum(Kind::Float).double_value(&[]);
-                correct += flat.argmax(-1, false).eq_tensor(&y).logical_and(&valid).sum(Kind::Float).double_value(&[]);
+                correct += flat
+                    .argmax(-1, false)
+                    .eq_tensor(&y)
+                    .logical_and(&valid)
+                    .sum(Kind::Float)
+                    .double_value(&[]);
                 valid_total += valid_f.sum(Kind::Float).double_value(&[]);
             });
             loss += chunk_loss.double_value(&[]);
@@ -811,14 +989,20 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             (hidden * leaf.grad()).sum(Kind::Float).backward();
         }
         let entropy = ent_sum / valid_total.max(1.0);
-        let accuracy = if valid_total > 0.0 { correct / valid_total } else { 0.0 };
+        let accuracy = if valid_total > 0.0 {
+            correct / valid_total
+        } else {
+            0.0
+        };
         (loss, entropy, accuracy)
     }
 
     /// Runs the evaluation set and logs `eval_loss` & co. (transformers' `evaluate`).
     pub fn evaluate(&mut self) -> Result<Map<String, Value>, TrainerError> {
         let Some(eval) = &self.eval_dataset else {
-            return Err(TrainerError::Invalid("evaluation needs an eval_dataset".into()));
+            return Err(TrainerError::Invalid(
+                "evaluation needs an eval_dataset".into(),
+            ));
         };
         let start = Instant::now();
         let bs = self.args.per_device_eval_batch_size.max(1);
@@ -826,10 +1010,16 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let n = eval.len();
         let (mut loss_sum, mut entropy, mut accuracy) = (0.0, Vec::new(), Vec::new());
         let mut batches = 0usize;
-        let chunks: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(bs).map(|c| c.to_vec()).collect();
+        let chunks: Vec<Vec<usize>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(bs)
+            .map(|c| c.to_vec())
+            .collect();
         for idx in chunks {
-            let examples: Vec<&TokenizedExample> =
-                idx.iter().map(|&i| &self.eval_dataset.as_ref().expect("checked")[i]).collect();
+            let examples: Vec<&TokenizedExample> = idx
+                .iter()
+                .map(|&i| &self.eval_dataset.as_ref().expect("checked")[i])
+                .collect();
             let batch = collate(&examples, pad, self.args.pad_to_multiple_of, self.device);
             let out = self.forward_backward(&batch, None, false, false);
             // transformers repeats each batch's mean loss batch-size times, then averages.
@@ -844,11 +1034,20 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let mut metrics = Map::new();
         metrics.insert("eval_loss".into(), json!(loss_sum / n.max(1) as f64));
         metrics.insert("eval_runtime".into(), json!(round(runtime, 4)));
-        metrics.insert("eval_samples_per_second".into(), json!(round(n as f64 / runtime, 3)));
-        metrics.insert("eval_steps_per_second".into(), json!(round(batches as f64 / runtime, 3)));
+        metrics.insert(
+            "eval_samples_per_second".into(),
+            json!(round(n as f64 / runtime, 3)),
+        );
+        metrics.insert(
+            "eval_steps_per_second".into(),
+            json!(round(batches as f64 / runtime, 3)),
+        );
         metrics.insert("eval_entropy".into(), json!(mean(&entropy)));
         metrics.insert("eval_mean_token_accuracy".into(), json!(mean(&accuracy)));
-        metrics.insert("eval_num_tokens".into(), json!(self.state.num_input_tokens_seen as f64));
+        metrics.insert(
+            "eval_num_tokens".into(),
+            json!(self.state.num_input_tokens_seen as f64),
+        );
         self.log(metrics.clone());
         self.fire(Event::Evaluate, Payload::Metrics(&metrics));
         self.control.should_evaluate = false;
@@ -864,7 +1063,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let mut entry = logs.clone();
         entry.insert("step".into(), json!(self.state.global_step));
         self.state.log_history.push(entry);
-        let scalars: Vec<(String, f64)> = logs.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect();
+        let scalars: Vec<(String, f64)> = logs
+            .iter()
+            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+            .collect();
         for t in &mut self.trackers {
             if let Err(e) = t.log_scalars(self.state.global_step as u64, &scalars) {
                 eprintln!("warning: could not write a tracker log: {e}");
@@ -887,7 +1089,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             logs.insert("learning_rate".into(), json!(self.current_lr));
             logs.insert("entropy".into(), json!(mean(&w.entropy)));
             logs.insert("mean_token_accuracy".into(), json!(mean(&w.accuracy)));
-            logs.insert("num_tokens".into(), json!(self.state.num_input_tokens_seen as f64));
+            logs.insert(
+                "num_tokens".into(),
+                json!(self.state.num_input_tokens_seen as f64),
+            );
             self.loop_state.last_logged_step = self.state.global_step;
             self.log(logs);
         }
@@ -968,15 +1173,17 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     /// Writes the final model: the adapter (PEFT format) or full weights, plus
     /// the tokenizer (transformers' `trainer.save_model(output_dir)`).
     pub fn save_model(&self, dir: Option<&Path>) -> Result<(), TrainerError> {
-        let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
+        let dir = dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         match &self.peft {
             Some(adapter) => adapter.save_pretrained(&dir)?,
             None => self.model.save_pretrained(&dir).map_err(io_err(&dir))?,
         }
-        self.processing_class
-            .save_pretrained(&dir)
-            .map_err(|e| TrainerError::Checkpoint(format!("saving the tokenizer to {}: {e}", dir.display())))?;
+        self.processing_class.save_pretrained(&dir).map_err(|e| {
+            TrainerError::Checkpoint(format!("saving the tokenizer to {}: {e}", dir.display()))
+        })?;
         Ok(())
     }
 }

@@ -72,12 +72,16 @@ impl TrainerState {
             json!({"args": control.as_json(), "attributes": {}}),
         );
         let value = sort_keys(serde_json::to_value(&state).expect("state serialises"));
-        std::fs::write(path, serde_json::to_string_pretty(&value).expect("json") + "\n")
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&value).expect("json") + "\n",
+        )
     }
 
     pub fn load_from_json(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: not a trainer_state.json: {e}", path.display()))
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a trainer_state.json: {e}", path.display()))
     }
 }
 
@@ -87,7 +91,12 @@ fn sort_keys(v: Value) -> Value {
         Value::Object(m) => {
             let mut entries: Vec<(String, Value)> = m.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(entries.into_iter().map(|(k, v)| (k, sort_keys(v))).collect())
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_keys(v)))
+                    .collect(),
+            )
         }
         Value::Array(a) => Value::Array(a.into_iter().map(sort_keys).collect()),
         other => other,
