@@ -958,20 +958,20 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 // Logits in fp32 whatever the model dtype, as transformers upcasts them.
                 let logits = self.model.lm_head(&h).to_kind(Kind::Float);
                 let v = logits.size()[2];
-                let flat = logits.reshape([-1, v]);
+                // cross_entropy = log_softmax + nll_loss; keeping the log-probabilities
+                // lets the entropy below reuse them instead of a second softmax.
+                let logp = logits.reshape([-1, v]).log_softmax(-1, Kind::Float);
                 let summed =
-                    flat.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, IGNORE_INDEX, 0.0)
-                        / denom;
-                (flat, summed)
+                    logp.nll_loss_nd::<Tensor>(&y, None, Reduction::Sum, IGNORE_INDEX) / denom;
+                (logp, summed)
             };
-            let (flat, chunk_loss) = if backward { run() } else { tch::no_grad(run) };
+            let (logp, chunk_loss) = if backward { run() } else { tch::no_grad(run) };
             tch::no_grad(|| {
                 let valid = y.ne(IGNORE_INDEX);
                 let valid_f = valid.to_kind(Kind::Float);
-                let logp = flat.log_softmax(-1, Kind::Float);
                 let per_token = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float);
                 ent_sum += (per_token * &valid_f).sum(Kind::Float).double_value(&[]);
-                correct += flat
+                correct += logp
                     .argmax(-1, false)
                     .eq_tensor(&y)
                     .logical_and(&valid)
