@@ -6,6 +6,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_VERSION := 2.11.0
 TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+C10D_STAMP := $(VENV)/.c10d-headers
 REF_STAMP := $(VENV)/.reference-packages
 
 # tch's build finds libtorch through the venv's python (LIBTORCH_USE_PYTORCH).
@@ -23,11 +24,21 @@ MODEL ?= ./weights/glm-4-9b-hf
 ADAPTER ?= ./output/lora-glm4-9b-alpaca
 DATA ?=
 
-setup: $(TORCH_STAMP)
+setup: $(TORCH_STAMP) $(C10D_STAMP)
 
 $(TORCH_STAMP):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	touch $@
+
+# Headers the c10d shim (trl_like/csrc) compiles against that the torch wheel lacks:
+# gloo's (Debian's libgloo-dev, unpacked into .venv/gloo; only headers are used,
+# gloo itself is inside libtorch) and CUDA's crt/cccl for ProcessGroupNCCL.
+$(C10D_STAMP): | $(TORCH_STAMP)
+	rm -rf $(VENV)/gloo && mkdir -p $(VENV)/gloo
+	cd $(VENV)/gloo && { apt-get download libgloo-dev 2>/dev/null || { apt-get update -qq && apt-get download libgloo-dev; }; }
+	dpkg -x $(VENV)/gloo/libgloo-dev_*.deb $(VENV)/gloo
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
 	touch $@
 
 build: setup
@@ -49,8 +60,11 @@ fuzz: build
 	PROPTEST_CASES=50000 $(CARGO) test --release -p trl_like --test fuzz
 
 # The tutorial: LoRA on GLM-4-9B with the Chinese Alpaca-GPT4 data (downloads what is missing; needs CUDA).
+# NPROC=8 trains data-parallel on 8 GPUs of this machine (torchrun + NCCL; docs/DISTRIBUTED.md).
+NPROC ?= 1
+LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --no-python,)
 train: build
-	$(BIN) sft --config $(CONFIG) $(ARGS)
+	$(LAUNCH) $(BIN) sft --config $(CONFIG) $(ARGS)
 
 # The same pipeline offline on CPU: the embedded tiny GLM-4 learns the project's demo data.
 demo: build

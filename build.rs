@@ -1,1 +1,5 @@
-include!("trl_like/build.rs");
+include!("trl_like/link.rs");
+
+fn main() {
+    link_libtorch();
+}

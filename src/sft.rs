@@ -8,11 +8,13 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tch::{Device, Kind};
 use trl_like::config::{
     DataArguments, IntervalStrategy, ModelConfig, ParseError, SFTConfig, TorchDtype, TrlParser,
 };
 use trl_like::data::{Dataset, DatasetFormat};
+use trl_like::distributed::{Backend, DistEnv, ProcessGroup};
 use trl_like::generation::{generate, GenerationConfig};
 use trl_like::peft::{LoraConfig, TargetModules};
 use trl_like::tokenizer::PaddingSide;
@@ -423,11 +425,48 @@ pub fn parse(raw: &[String]) -> Result<Option<SftSetup>> {
     }
 }
 
-fn pick_device(setup: &SftSetup) -> Result<Device> {
+fn pick_device(setup: &SftSetup, dist: Option<&DistEnv>) -> Result<Device> {
     if setup.args.use_cpu {
         return Ok(Device::Cpu);
     }
-    runtime::parse_device(&setup.app.device)
+    match (dist, setup.app.device.as_str()) {
+        // Under torchrun each process drives the GPU of its LOCAL_RANK, as transformers does.
+        (Some(env), "auto" | "cuda") if tch::Cuda::is_available() => {
+            runtime::parse_device(&format!("cuda:{}", env.local_rank))
+                .with_context(|| format!("LOCAL_RANK={}", env.local_rank))
+        }
+        _ => runtime::parse_device(&setup.app.device),
+    }
+}
+
+/// Joins the torchrun launch this process belongs to, if any (RANK, WORLD_SIZE, … set).
+fn init_process_group(
+    env: Option<&DistEnv>,
+    args: &SFTConfig,
+    device: Device,
+) -> Result<Option<ProcessGroup>> {
+    let Some(env) = env else {
+        return Ok(None);
+    };
+    let backend = Backend::resolve(args.ddp_backend.as_deref(), device)?;
+    if backend == Backend::Nccl && !device.is_cuda() {
+        bail!("--ddp_backend nccl needs CUDA tensors, but this rank trains on the CPU; use --ddp_backend gloo");
+    }
+    if !backend.is_available() {
+        bail!("--ddp_backend {}: this glm4 build has no NCCL support (see docs/DISTRIBUTED.md); use gloo", backend.name());
+    }
+    if env.rank == 0 {
+        eprintln!(
+            "joining {} ranks at {}:{} ({} backend, timeout {} s)",
+            env.world_size,
+            env.master_addr,
+            env.master_port,
+            backend.name(),
+            args.ddp_timeout
+        );
+    }
+    let group = ProcessGroup::init(env, backend, Duration::from_secs(args.ddp_timeout))?;
+    Ok(Some(group))
 }
 
 /// Loads the base model in the dtype the config asks for (fp32 on CPU, where bf16 is very slow).
@@ -570,7 +609,8 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let Some(setup) = parse(raw)? else {
         return Ok(());
     };
-    let device = pick_device(&setup)?;
+    let dist_env = DistEnv::from_env()?;
+    let device = pick_device(&setup, dist_env.as_ref())?;
     let model_dir = PathBuf::from(
         setup
             .model_args
@@ -579,7 +619,15 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
             .unwrap_or_default(),
     );
     check_device_fits(&model_dir, device)?;
-    fetch_tutorial_files(&setup)?;
+    let group = init_process_group(dist_env.as_ref(), &setup.args, device)?;
+    let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
+    // Rank 0 downloads what is missing while the others wait (main_process_first).
+    if is_main {
+        fetch_tutorial_files(&setup)?;
+    }
+    if let Some(g) = &group {
+        g.barrier()?;
+    }
     let tokenizer = crate::load_tokenizer(&model_dir)?;
     let raw_data = load_data(&setup.data_args)?;
     let raw_data = check_records(raw_data, &setup)?;
@@ -611,10 +659,12 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     if let (DatasetFormat::Auto, Some(first)) = (data_format, train.records.first()) {
         data_format = data_format.resolve(first)?;
-        eprintln!(
-            "dataset format: {} (detected; set --dataset_format to override)",
-            data_format.name()
-        );
+        if is_main {
+            eprintln!(
+                "dataset format: {} (detected; set --dataset_format to override)",
+                data_format.name()
+            );
+        }
     }
     let mut trainer = SFTTrainer::new(
         model,
@@ -627,7 +677,16 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         callbacks,
     )?;
     install_interrupt_handler(trainer.interrupt_handle());
+    if let Some(g) = group {
+        trainer.set_process_group(g);
+    }
     trainer.train()?;
+    if trainer.interrupted_at.is_none() {
+        trainer.save_model(None)?;
+    }
+    if !is_main {
+        return Ok(());
+    }
     if let Some(step) = trainer.interrupted_at {
         let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
         eprintln!(
@@ -637,7 +696,6 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         );
         return Ok(());
     }
-    trainer.save_model(None)?;
     eprintln!("\nadapter / model: {}", output_dir.display());
     eprintln!(
         "predictions:     {}",

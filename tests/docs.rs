@@ -87,41 +87,18 @@ fn every_readme_command_runs() {
                     }
                 }
             }
-            "target/release/glm4" => {
-                // Keep outputs out of the work tree.
-                let args: Vec<String> = words[1..]
+            // A launcher line: its glm4 part must run like a plain command (the
+            // launch itself is exercised by tests/distributed.rs).
+            ".venv/bin/torchrun" => {
+                let at = words
                     .iter()
-                    .map(|w| {
-                        if w.starts_with("output/") {
-                            out_dir.join(w).display().to_string()
-                        } else {
-                            w.clone()
-                        }
-                    })
-                    .collect();
-                let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
-                    .args(&args)
-                    .current_dir(root())
-                    .env("HF_HUB_OFFLINE", "1")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                let _ = child.stdin.take().unwrap().write_all(b"quit\n");
-                let res = child.wait_with_output().unwrap();
-                let err = String::from_utf8_lossy(&res.stderr);
-                assert!(
-                    !err.contains("panicked"),
-                    "README command panicked: {cmd}\n{err}"
-                );
-                if !res.status.success() {
-                    let expected = ["does not exist", "CUDA", "HF_HUB_OFFLINE"]
-                        .iter()
-                        .any(|m| err.contains(m));
-                    assert!(expected, "README command failed unexpectedly: {cmd}\n{err}");
-                }
+                    .position(|w| w == "--no-python")
+                    .unwrap_or_else(|| panic!("README: torchrun without --no-python: {cmd}"));
+                assert_eq!(words[at + 1], "target/release/glm4", "{cmd}");
+                assert!(root().join(".venv/bin/torchrun").is_file());
+                run_glm4(&words[at + 2..], cmd, &out_dir);
             }
+            "target/release/glm4" => run_glm4(&words[1..], cmd, &out_dir),
             "cargo" => assert!(root()
                 .join("trl_like/examples/custom_callback.rs")
                 .is_file()),
@@ -130,4 +107,42 @@ fn every_readme_command_runs() {
         }
     }
     let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Runs `glm4 args…`: it succeeds, or fails with one of the messages meant for
+/// a missing model, no CUDA, or no network.
+fn run_glm4(words: &[String], cmd: &str, out_dir: &std::path::Path) {
+    // Keep outputs out of the work tree.
+    let args: Vec<String> = words
+        .iter()
+        .map(|w| {
+            if w.starts_with("output/") {
+                out_dir.join(w).display().to_string()
+            } else {
+                w.clone()
+            }
+        })
+        .collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(&args)
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(b"quit\n");
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !err.contains("panicked"),
+        "README command panicked: {cmd}\n{err}"
+    );
+    if !res.status.success() {
+        let expected = ["does not exist", "CUDA", "HF_HUB_OFFLINE"]
+            .iter()
+            .any(|m| err.contains(m));
+        assert!(expected, "README command failed unexpectedly: {cmd}\n{err}");
+    }
 }

@@ -6,6 +6,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod generation;
 pub mod hub;
 pub mod modeling;

@@ -221,6 +221,10 @@ config_struct! {
         data_seed: Option<u64> = None,
         /// Train on the CPU even when a GPU is available.
         use_cpu: bool = false,
+        /// Process-group backend under torchrun: nccl or gloo; unset picks nccl on CUDA, gloo on CPU.
+        ddp_backend: Option<String> = None,
+        /// Seconds a rendezvous or collective may wait for the other ranks before failing.
+        ddp_timeout: u64 = 1800,
         /// Drop the last batch of an epoch when it is smaller than the batch size.
         dataloader_drop_last: bool = false,
         /// Order of training samples: random, sequential, or group_by_length.
@@ -442,6 +446,20 @@ impl SFTConfig {
             "per_device_train_batch_size",
             self.per_device_train_batch_size,
         )?;
+        if let Some(b) = &self.ddp_backend {
+            if !["nccl", "gloo"].contains(&b.to_ascii_lowercase().as_str()) {
+                return Err(ConfigError::invalid(
+                    "ddp_backend",
+                    format!("{b:?} is not one of nccl, gloo"),
+                ));
+            }
+        }
+        if self.ddp_timeout == 0 {
+            return Err(ConfigError::invalid(
+                "ddp_timeout",
+                "must be at least 1 second",
+            ));
+        }
         check_at_least_one(
             "per_device_eval_batch_size",
             self.per_device_eval_batch_size,

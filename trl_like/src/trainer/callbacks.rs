@@ -175,6 +175,10 @@ impl TrainerCallback for ProgressCallback {
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
     ) {
+        // One bar per run, not per rank.
+        if !state.is_world_process_zero {
+            return;
+        }
         let bar = ProgressBar::new(state.max_steps as u64).with_style(
             ProgressStyle::with_template(
                 "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",

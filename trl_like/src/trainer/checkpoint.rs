@@ -94,13 +94,27 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let step = self.state.global_step;
         let name = format!("{PREFIX}{step}");
         let final_dir = output_dir.join(&name);
+        self.update_best(metrics, &final_dir);
+        if self.is_world_process_zero() {
+            self.write_checkpoint(output_dir, &name)?;
+        }
+        // The other ranks go on only once the checkpoint is complete (they may read it:
+        // load_best_model_at_end). If rank 0 failed to write, it has left and this errs.
+        self.barrier()?;
+        self.fire(super::Event::Save, super::Payload::Checkpoint(&final_dir));
+        self.control.should_save = false;
+        Ok(())
+    }
+
+    /// Rank 0's part of a checkpoint: the files, atomically renamed into place, then rotation.
+    fn write_checkpoint(&mut self, output_dir: &Path, name: &str) -> Result<(), TrainerError> {
+        let step = self.state.global_step;
+        let final_dir = output_dir.join(name);
         let tmp_dir = output_dir.join(format!(".{name}.partial"));
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         }
         std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
-
-        self.update_best(metrics, &final_dir);
         self.save_model(Some(&tmp_dir))?;
         if !self.args.save_only_model {
             let optimizer = self
@@ -122,10 +136,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
         }
         std::fs::rename(&tmp_dir, &final_dir).map_err(io_err(&final_dir))?;
-        self.rotate_checkpoints(output_dir)?;
-        self.fire(super::Event::Save, super::Payload::Checkpoint(&final_dir));
-        self.control.should_save = false;
-        Ok(())
+        self.rotate_checkpoints(output_dir)
     }
 
     /// Tracks `metric_for_best_model` (transformers' `_determine_best_metric`).

@@ -24,6 +24,7 @@ use crate::data::{
     collate, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions, TokenizedExample,
     TruncationMode,
 };
+use crate::distributed::{shard_round_robin, ProcessGroup, ReduceOp};
 use crate::modeling::{CausalLMInput, PreTrainedModel};
 use crate::optim::{clip_grad_norm, decay_groups, AdamW, LrScheduler};
 use crate::peft::{LoraConfig, PeftAdapter};
@@ -49,6 +50,8 @@ pub enum TrainerError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Tracking(#[from] crate::tracking::TrackingError),
+    #[error(transparent)]
+    Distributed(#[from] crate::distributed::DistError),
     #[error("{0}")]
     Checkpoint(String),
     #[error("{path}: {source}")]
@@ -127,6 +130,8 @@ pub struct SFTTrainer<M: PreTrainedModel> {
     nonfinite_in_a_row: usize,
     /// Give up after this many non-finite steps in a row.
     max_nonfinite_steps: usize,
+    /// The data-parallel process group under torchrun (`None`: one process).
+    process_group: Option<ProcessGroup>,
 }
 
 /// Statistics of dataset preparation, for messages and `glm4 preview`.
@@ -365,6 +370,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             interrupt: Arc::new(AtomicBool::new(false)),
             nonfinite_in_a_row: 0,
             max_nonfinite_steps: 5,
+            process_group: None,
         };
         trainer.callbacks.push(Box::new(DefaultFlowCallback));
         if trainer.args.disable_tqdm {
@@ -396,6 +402,78 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     /// gradient norm is NaN/inf (each such step is skipped, not applied). Default 5.
     pub fn set_max_nonfinite_steps(&mut self, n: usize) {
         self.max_nonfinite_steps = n.max(1);
+    }
+
+    /// Trains data-parallel in `group` (one process per rank, launched by
+    /// torchrun; see [`crate::distributed`]): each rank takes its share of every
+    /// epoch's batches, gradients are summed across ranks once per optimizer
+    /// step, metrics are aggregated, and only rank 0 writes files.
+    pub fn set_process_group(&mut self, group: ProcessGroup) {
+        self.process_group = Some(group);
+    }
+
+    pub fn process_group(&self) -> Option<&ProcessGroup> {
+        self.process_group.as_ref()
+    }
+
+    /// This process's rank and the number of ranks (0 and 1 without a process group).
+    pub fn rank_and_world_size(&self) -> (usize, usize) {
+        self.process_group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world_size()))
+    }
+
+    /// transformers' `is_world_process_zero`: the process that writes files and logs.
+    pub fn is_world_process_zero(&self) -> bool {
+        self.rank_and_world_size().0 == 0
+    }
+
+    /// Waits for every rank (no-op in a single process).
+    fn barrier(&self) -> Result<(), TrainerError> {
+        if let Some(g) = &self.process_group {
+            g.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// Data-parallel check at the end of training: every rank must hold
+    /// bit-identical trainable weights (one MIN and one MAX all-reduce of them;
+    /// skipped above [`SYNC_CHECK_MAX_VALUES`], i.e. for large full fine-tunes).
+    fn check_ranks_in_sync(&self) -> Result<(), TrainerError> {
+        let Some(group) = &self.process_group else {
+            return Ok(());
+        };
+        let total: i64 = self.params.iter().map(|(_, t)| t.numel() as i64).sum();
+        if group.world_size() < 2 || total == 0 || total > SYNC_CHECK_MAX_VALUES {
+            return Ok(());
+        }
+        let flat = tch::no_grad(|| {
+            Tensor::cat(
+                &self
+                    .params
+                    .iter()
+                    .map(|(_, t)| t.detach().reshape([-1]).to_kind(Kind::Float))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        });
+        let (mut lo, mut hi) = (flat.copy(), flat);
+        group.all_reduce(&mut lo, ReduceOp::Min)?;
+        group.all_reduce(&mut hi, ReduceOp::Max)?;
+        let differing = lo.ne_tensor(&hi).sum(Kind::Int64).int64_value(&[]);
+        if differing > 0 {
+            return Err(TrainerError::Invalid(format!(
+                "data parallel: the ranks' trainable weights diverged ({differing} of {total} values differ); \
+                 the ranks did not run the same updates"
+            )));
+        }
+        if self.is_world_process_zero() {
+            eprintln!(
+                "data parallel: all {} ranks hold bit-identical trainable weights ({total} values)",
+                group.world_size()
+            );
+        }
+        Ok(())
     }
 
     /// Adds a callback (transformers' `add_callback`).
@@ -448,17 +526,22 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         if self.args.dataloader_drop_last && batches.last().is_some_and(|b| b.len() < bs) {
             batches.pop();
         }
-        batches
+        // Data parallel: every rank draws the same order (same seed and epoch)
+        // and takes every world_size-th batch of it.
+        let (rank, world_size) = self.rank_and_world_size();
+        shard_round_robin(&batches, rank, world_size)
     }
 
+    /// Micro-batches this rank runs per epoch.
     fn num_batches_per_epoch(&self) -> usize {
         let bs = self.args.per_device_train_batch_size.max(1);
         let n = self.train_dataset.len();
-        if self.args.dataloader_drop_last {
+        let global = if self.args.dataloader_drop_last {
             n / bs
         } else {
             n.div_ceil(bs)
-        }
+        };
+        global.div_ceil(self.rank_and_world_size().1)
     }
 
     fn batch_of(&self, indices: &[usize]) -> Batch {
@@ -483,6 +566,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     pub fn train(&mut self) -> Result<TrainOutput, TrainerError> {
         let output_dir = PathBuf::from(&self.args.output_dir);
         let resume = checkpoint::resolve_resume(&self.args, &output_dir)?;
+        // No rank may see another's first files as an "existing output directory".
+        self.barrier()?;
         std::fs::create_dir_all(&output_dir).map_err(io_err(&output_dir))?;
 
         let batches_per_epoch = self.num_batches_per_epoch();
@@ -505,6 +590,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             save_steps: self.args.resolved_save_steps(max_steps),
             train_batch_size: self.args.per_device_train_batch_size,
             num_train_epochs: num_epochs,
+            is_world_process_zero: self.is_world_process_zero(),
+            is_local_process_zero: self
+                .process_group
+                .as_ref()
+                .is_none_or(|g| g.local_rank() == 0),
             ..TrainerState::default()
         };
         let groups = decay_groups(
@@ -538,13 +628,37 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 self.state.global_step
             );
         }
+        if let Some(group) = &self.process_group {
+            // DDP's start: every rank begins from rank 0's trainable weights.
+            let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+            group.broadcast_parameters(&tensors)?;
+        }
         self.optimizer = Some(optimizer);
         let logging_dir = output_dir.join("runs");
         let run_name = self.args.run_name.clone().unwrap_or_default();
-        self.trackers = make_trackers(&self.args.report_to, &logging_dir, &run_name)?;
+        self.trackers = if self.is_world_process_zero() {
+            make_trackers(&self.args.report_to, &logging_dir, &run_name)?
+        } else {
+            Vec::new()
+        };
 
         let (trainable, total) = self.trainable_parameters();
-        eprintln!(
+        let (_, world_size) = self.rank_and_world_size();
+        if world_size > 1 && self.is_world_process_zero() {
+            eprintln!(
+                "data parallel: {} ranks ({} backend), global batch {} x {} x {} = {}",
+                world_size,
+                self.process_group
+                    .as_ref()
+                    .map_or("", |g| g.backend().name()),
+                self.args.per_device_train_batch_size,
+                world_size,
+                ga,
+                self.args.per_device_train_batch_size * world_size * ga
+            );
+        }
+        if self.is_world_process_zero() {
+            eprintln!(
             "***** Running training *****\n  examples = {}, epochs = {}, batch size = {}, accumulation = {}, optimizer steps = {}\n  trainable params: {} || all params: {} || trainable%: {:.4}",
             self.train_dataset.len(),
             num_epochs,
@@ -554,7 +668,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             trainable,
             total,
             100.0 * trainable as f64 / total.max(1) as f64
-        );
+            );
+        }
 
         let start = Instant::now();
         let start_step = self.state.global_step;
@@ -573,9 +688,10 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                     skip_steps -= 1;
                     continue;
                 }
-                self.training_step(window, epoch, window_idx, batches.len(), &scheduler)?;
+                let interrupted =
+                    self.training_step(window, epoch, window_idx, batches.len(), &scheduler)?;
                 self.fire(Event::StepEnd, Payload::None);
-                if self.interrupt.load(Ordering::SeqCst) && !self.control.should_training_stop {
+                if interrupted && !self.control.should_training_stop {
                     // Finish like a planned end: log, checkpoint, stop.
                     self.control.should_training_stop = true;
                     self.control.should_save =
@@ -596,6 +712,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             }
         }
 
+        self.check_ranks_in_sync()?;
         if self.args.load_best_model_at_end {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
                 eprintln!(
@@ -607,7 +724,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         }
         let runtime = start.elapsed().as_secs_f64();
         let steps = (self.state.global_step - start_step) as f64;
-        let samples = steps * (self.args.per_device_train_batch_size * ga) as f64;
+        let samples = steps * (self.args.per_device_train_batch_size * ga * world_size) as f64;
         let tokens = (self.state.num_input_tokens_seen - tokens_at_start) as f64;
         let train_loss = self.loop_state.total_loss / self.state.global_step.max(1) as f64;
         let mut metrics = Map::new();
@@ -628,25 +745,27 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         metrics.insert("train_loss".into(), json!(train_loss));
         self.log(metrics.clone());
         self.fire(Event::TrainEnd, Payload::None);
-        // An interrupted run is not finished: only its checkpoint says where it is.
-        if self.interrupted_at.is_none() {
-            self.state
-                .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
-                .map_err(io_err(&output_dir))?;
-        }
-        let history: Vec<Value> = self
-            .state
-            .log_history
-            .iter()
-            .cloned()
-            .map(Value::Object)
-            .collect();
-        for name in ["training_curves.svg", "training_curves.png"] {
-            let plot = output_dir.join(name);
-            plot_training_curves(&history, &plot).map_err(io_err(&plot))?;
-        }
-        for t in &mut self.trackers {
-            let _ = t.flush();
+        if self.is_world_process_zero() {
+            // An interrupted run is not finished: only its checkpoint says where it is.
+            if self.interrupted_at.is_none() {
+                self.state
+                    .save_to_json(&output_dir.join("trainer_state.json"), &self.control)
+                    .map_err(io_err(&output_dir))?;
+            }
+            let history: Vec<Value> = self
+                .state
+                .log_history
+                .iter()
+                .cloned()
+                .map(Value::Object)
+                .collect();
+            for name in ["training_curves.svg", "training_curves.png"] {
+                let plot = output_dir.join(name);
+                plot_training_curves(&history, &plot).map_err(io_err(&plot))?;
+            }
+            for t in &mut self.trackers {
+                let _ = t.flush();
+            }
         }
         Ok(TrainOutput {
             global_step: self.state.global_step,
@@ -655,7 +774,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         })
     }
 
-    /// One optimizer step over a window of micro-batches.
+    /// One optimizer step over a window of micro-batches. Returns whether an
+    /// interrupt was requested (on any rank: all ranks stop at the same step).
     fn training_step(
         &mut self,
         window: &[Vec<usize>],
@@ -663,21 +783,30 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         window_idx: usize,
         batches_in_epoch: usize,
         scheduler: &LrScheduler,
-    ) -> Result<(), TrainerError> {
+    ) -> Result<bool, TrainerError> {
         self.fire(Event::StepBegin, Payload::None);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
         tch::manual_seed(self.args.seed as i64 + 1_000_003 * self.state.global_step as i64);
         let batches: Vec<Batch> = window.iter().map(|idx| self.batch_of(idx)).collect();
         // transformers' num_items_in_batch: loss tokens of the whole window, so the
-        // step's loss is the token mean over all its examples however they are split.
-        let num_items: i64 = batches.iter().map(|b| b.num_loss_tokens).sum();
+        // step's loss is the token mean over all its examples however they are split
+        // (across ranks too with average_tokens_across_devices).
+        let mut num_items: i64 = batches.iter().map(|b| b.num_loss_tokens).sum();
+        let average_across_ranks = self.args.average_tokens_across_devices;
+        if let (Some(group), true) = (&self.process_group, average_across_ranks) {
+            let mut n = [num_items as f64];
+            group.all_reduce_f64(&mut n, ReduceOp::Sum)?;
+            num_items = n[0] as i64;
+        }
         let mut step_loss = 0.0;
+        let mut step_tokens = 0i64;
+        let (mut entropies, mut accuracies) = (Vec::new(), Vec::new());
         for (i, batch) in batches.iter().enumerate() {
             let out = self.forward_backward(batch, Some(num_items.max(1)), true, true);
             step_loss += out.loss;
-            self.loop_state.window.entropy.push(out.entropy);
-            self.loop_state.window.accuracy.push(out.accuracy);
-            self.state.num_input_tokens_seen += out.num_tokens;
+            entropies.push(out.entropy);
+            accuracies.push(out.accuracy);
+            step_tokens += out.num_tokens;
             if i + 1 < batches.len() {
                 self.fire(Event::SubstepEnd, Payload::None);
             }
@@ -690,7 +819,36 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 step_loss = f64::NAN;
             }
         }
+        let mut interrupted = self.interrupt.load(Ordering::SeqCst);
         let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        if let Some(group) = &self.process_group {
+            let world = group.world_size() as f64;
+            // Each rank's loss is its token sum over the global count, so summing
+            // the gradients gives the single-process gradient of the union batch.
+            // Without average_tokens_across_devices each rank normalised by its
+            // own tokens and the ranks are averaged, as DDP does.
+            let scale = if average_across_ranks {
+                1.0
+            } else {
+                1.0 / world
+            };
+            group.all_reduce_gradients(&tensors, scale)?;
+            // One collective for the step's metrics and the stop flag:
+            // [loss, tokens, interrupt, entropies.., accuracies..].
+            let mut v = vec![step_loss, step_tokens as f64, interrupted as u8 as f64];
+            v.extend(&entropies);
+            v.extend(&accuracies);
+            group.all_reduce_f64(&mut v, ReduceOp::Sum)?;
+            step_loss = v[0] * scale;
+            step_tokens = v[1] as i64;
+            interrupted = v[2] > 0.0;
+            let n = entropies.len();
+            entropies = v[3..3 + n].iter().map(|e| e / world).collect();
+            accuracies = v[3 + n..].iter().map(|a| a / world).collect();
+        }
+        self.loop_state.window.entropy.extend(entropies);
+        self.loop_state.window.accuracy.extend(accuracies);
+        self.state.num_input_tokens_seen += step_tokens;
         let grad_norm = clip_grad_norm(&tensors, self.args.max_grad_norm);
         self.fire(Event::PreOptimizerStep, Payload::None);
         let lr = scheduler.lr_at(self.state.global_step);
@@ -737,7 +895,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         self.loop_state.last_grad_norm = Some(grad_norm);
         // transformers logs the rate this step used.
         self.current_lr = lr;
-        Ok(())
+        Ok(interrupted)
     }
 }
 
@@ -757,6 +915,10 @@ struct LossOutput {
 /// (256 × 151,552 × 4 B = 155 MB for GLM-4) instead of the whole batch's
 /// (2 × 512 tokens: 620 MB, plus their gradient).
 pub const LOSS_CHUNK_TOKENS: i64 = 256;
+
+/// Largest number of trainable values whose cross-rank equality is checked at
+/// the end of a data-parallel run (LoRA adapters are far below it).
+pub const SYNC_CHECK_MAX_VALUES: i64 = 200_000_000;
 
 /// Training events, mapped onto [`TrainerCallback`] methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -819,11 +981,17 @@ fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
 /// Fault injection for the crash/resume tests: when the environment variable
 /// `var` equals `step`, the process dies on the spot (`abort`, no cleanup — as
 /// close to `kill -9` as a process can do to itself, and deterministic).
+/// With `TRL_LIKE_CRASH_RANK` set, only the process of that `RANK` dies.
 pub(crate) fn crash_point(var: &str, step: usize) {
-    if std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        == Some(step)
+    let rank_matches = match std::env::var("TRL_LIKE_CRASH_RANK") {
+        Ok(r) => std::env::var("RANK").ok().as_deref() == Some(r.trim()),
+        Err(_) => true,
+    };
+    if rank_matches
+        && std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            == Some(step)
     {
         eprintln!("{var}={step}: aborting on purpose");
         std::process::abort();
@@ -1008,12 +1176,16 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let bs = self.args.per_device_eval_batch_size.max(1);
         let pad = self.pad_token_id();
         let n = eval.len();
-        let (mut loss_sum, mut entropy, mut accuracy) = (0.0, Vec::new(), Vec::new());
+        let (mut loss_sum, mut entropy_sum, mut accuracy_sum) = (0.0, 0.0, 0.0);
         let mut batches = 0usize;
+        // Data parallel: batch i is evaluated by rank i % world_size, and the sums are combined.
+        let (rank, world_size) = self.rank_and_world_size();
         let chunks: Vec<Vec<usize>> = (0..n)
             .collect::<Vec<_>>()
             .chunks(bs)
-            .map(|c| c.to_vec())
+            .enumerate()
+            .filter(|(i, _)| i % world_size == rank)
+            .map(|(_, c)| c.to_vec())
             .collect();
         for idx in chunks {
             let examples: Vec<&TokenizedExample> = idx
@@ -1024,13 +1196,19 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             let out = self.forward_backward(&batch, None, false, false);
             // transformers repeats each batch's mean loss batch-size times, then averages.
             loss_sum += out.loss * idx.len() as f64;
-            entropy.push(out.entropy);
-            accuracy.push(out.accuracy);
+            entropy_sum += out.entropy;
+            accuracy_sum += out.accuracy;
             batches += 1;
             self.fire(Event::PredictionStep, Payload::None);
         }
+        if let Some(group) = &self.process_group {
+            let mut v = [loss_sum, entropy_sum, accuracy_sum, batches as f64];
+            group.all_reduce_f64(&mut v, ReduceOp::Sum)?;
+            (loss_sum, entropy_sum, accuracy_sum) = (v[0], v[1], v[2]);
+            batches = v[3] as usize;
+        }
         let runtime = start.elapsed().as_secs_f64().max(1e-9);
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let mean = |sum: f64| sum / batches.max(1) as f64;
         let mut metrics = Map::new();
         metrics.insert("eval_loss".into(), json!(loss_sum / n.max(1) as f64));
         metrics.insert("eval_runtime".into(), json!(round(runtime, 4)));
@@ -1042,8 +1220,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             "eval_steps_per_second".into(),
             json!(round(batches as f64 / runtime, 3)),
         );
-        metrics.insert("eval_entropy".into(), json!(mean(&entropy)));
-        metrics.insert("eval_mean_token_accuracy".into(), json!(mean(&accuracy)));
+        metrics.insert("eval_entropy".into(), json!(mean(entropy_sum)));
+        metrics.insert("eval_mean_token_accuracy".into(), json!(mean(accuracy_sum)));
         metrics.insert(
             "eval_num_tokens".into(),
             json!(self.state.num_input_tokens_seen as f64),
@@ -1172,7 +1350,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
 
     /// Writes the final model: the adapter (PEFT format) or full weights, plus
     /// the tokenizer (transformers' `trainer.save_model(output_dir)`).
+    /// Only rank 0 writes (the others return at once), as in transformers.
     pub fn save_model(&self, dir: Option<&Path>) -> Result<(), TrainerError> {
+        if !self.is_world_process_zero() {
+            return Ok(());
+        }
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
