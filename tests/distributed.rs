@@ -316,3 +316,32 @@ fn bad_launch_settings_are_clear_errors() {
     assert!(e.contains("ddp_backend") && e.contains("mpi"), "{e}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn under_torchrun_a_dead_rank_fails_the_launch_without_hanging() {
+    let out = tmp("torchrun-failure");
+    let args = sft_args(&out, 2, &["--max_steps", "6", "--save_steps", "2"]);
+    let child = Command::new(torchrun())
+        .args([
+            "--nproc_per_node=2".to_string(),
+            "--master_addr=127.0.0.1".into(),
+            format!("--master_port={}", free_port()),
+            "--no-python".into(),
+            env!("CARGO_BIN_EXE_glm4").into(),
+        ])
+        .args(&args)
+        .current_dir(root())
+        // Only rank 1 aborts, right after step 3.
+        .env("TRL_LIKE_CRASH_RANK", "1")
+        .env("TRL_LIKE_CRASH_AFTER_STEP", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, err) = wait_at_most(child, Duration::from_secs(180), "torchrun");
+    assert!(!ok, "the launch must fail when a rank dies:\n{err}");
+    assert!(err.contains("aborting on purpose"), "{err}");
+    assert!(out.join("checkpoint-2").join("trainer_state.json").exists());
+    assert!(!out.join("trainer_state.json").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
