@@ -868,6 +868,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 None
             },
             position_ids: None,
+            seq_lens: None,
         };
         let num_tokens = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
         let denom = num_items.unwrap_or(batch.num_loss_tokens).max(1) as f64;
