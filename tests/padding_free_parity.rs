@@ -522,3 +522,44 @@ fn padding_free_and_packing_with_recompute_match_trl() {
     check_setting(&PF_B2_GA2, true);
     check_setting(&PACK_BFD_B2, true);
 }
+
+/// Evaluation collates like training: padding-free batches give the padded
+/// batches' eval loss (the same target tokens, attention kept per sequence),
+/// and `eval_packing` decides whether the eval set is packed.
+#[test]
+fn padding_free_evaluation_and_eval_packing() {
+    let tiny = root().join("weights/tiny-glm");
+    let data = records("pf_b4");
+    let eval_loss = |padding_free: bool, packing: bool, eval_packing: Option<bool>| {
+        let model = GlmForCausalLM::from_pretrained(&tiny, Some(Kind::Float), Device::Cpu).unwrap();
+        let out = std::env::temp_dir().join(format!(
+            "glm4-padding-free-eval-{padding_free}-{packing}-{eval_packing:?}-{}",
+            std::process::id()
+        ));
+        let mut a = args(&PF_B4, &out, false);
+        a.padding_free = padding_free;
+        a.packing = packing;
+        a.eval_packing = eval_packing;
+        a.max_length = Some(64);
+        a.per_device_eval_batch_size = 4;
+        let tokenizer = glm4::load_tokenizer(&tiny).unwrap();
+        let mut trainer =
+            SFTTrainer::new(model, a, &data, Some(&data), tokenizer, None, None, vec![]).unwrap();
+        let eval_len = trainer.eval_dataset.as_ref().unwrap().len();
+        let m = trainer.evaluate().unwrap();
+        (m["eval_loss"].as_f64().unwrap(), eval_len)
+    };
+    let (padded, n) = eval_loss(false, false, None);
+    let (free, n_free) = eval_loss(true, false, None);
+    assert_eq!((n, n_free), (16, 16));
+    assert!(
+        close(free, padded, 1e-6),
+        "padding-free eval_loss {free} vs padded {padded}"
+    );
+    // Packing packs the eval set too unless eval_packing says otherwise.
+    let (_, n_packed) = eval_loss(false, true, None);
+    assert!(n_packed < 16, "{n_packed} eval blocks");
+    let (unpacked, n_unpacked) = eval_loss(false, true, Some(false));
+    assert_eq!(n_unpacked, 16);
+    assert!(close(unpacked, padded, 1e-6), "{unpacked} vs {padded}");
+}
