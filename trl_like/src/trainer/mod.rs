@@ -799,6 +799,7 @@ fn release_free_memory() {
 fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
     let unsupported = [
         ("neftune_noise_alpha", args.neftune_noise_alpha.is_some()),
+        ("shuffle_dataset", args.shuffle_dataset),
         (
             "loss_type (only nll)",
             args.loss_type != crate::config::LossType::Nll,
