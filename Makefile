@@ -91,6 +91,7 @@ fixtures: $(REF_STAMP)
 	$(PYTHON) scripts/make_generation_fixtures.py
 	$(PYTHON) scripts/make_demo_data.py
 	$(PYTHON) scripts/make_trainer_fixtures.py
+	$(PYTHON) scripts/make_packing_fixtures.py
 	$(PYTHON) scripts/make_callback_fixture.py
 
 clean-venv:
@@ -99,8 +100,9 @@ clean-venv:
 # Issue 6's CPU comparison: glm4 bench vs TRL SFTTrainer + PEFT on the same work
 # (small GLM-4, LoRA q/k/v, 64 alpaca_zh records, batch 4, fp32), each side in its
 # own process; prints tokens/s, s/step, peak RSS and the Rust/TRL ratios.
-# Rows with gradient_checkpointing off and on; about 5.5 minutes on 2 quiet cores
-# (BENCH_ARGS="--gc off" halves it; see scripts/bench.py --help).
+# Rows with gradient_checkpointing off and on, each with padded and padding-free
+# batches; about 9 minutes on 2 quiet cores (BENCH_ARGS="--gc off" halves it,
+# "--modes padded,padding_free,packing" adds bfd packing; see scripts/bench.py --help).
 BENCH_ARGS ?=
 bench: build $(REF_STAMP)
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)

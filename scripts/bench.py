@@ -9,9 +9,10 @@ LoRA r 8 / alpha 32 / dropout 0.1 on q/k/v, the first 64 records of
 ../shared/data/alpaca_zh_demo.json rendered by the tutorial's formatting_func
 and tokenized with the tiny tokenizer (both sides train on the same token ids;
 the script checks it), batch 4, max_length 512, sequential batches, 20 measured
-steps after 3 warm-up steps, seed 42, the same number of torch threads; one
-pair of runs with gradient_checkpointing off and one with it on (`--gc off`
-halves the run time: about 2.5 instead of 5.5 minutes on 2 quiet cores).
+steps after 3 warm-up steps, seed 42, the same number of torch threads; pairs
+of runs with gradient_checkpointing off and on (`--gc off` halves the run time),
+each with padded batches and with padding-free ones (`--modes`; `packing` adds
+TRL's bfd packing into 512-token blocks, which changes the batches themselves).
 
 Prints a table (side, tokens/s, s/step, peak RSS) and the Rust/TRL ratios
 against the issue's target (>= 1.3x TRL's tokens/s at <= TRL's peak RSS), and
@@ -32,6 +33,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_SPEEDUP = 1.3
+# Batch layouts: the same flags on both sides.
+MODE_FLAGS = {
+    "padded": [],
+    "padding_free": ["--padding_free", "true"],
+    "packing": ["--packing", "true", "--packing_strategy", "bfd"],
+}
 
 
 def cpu_model():
@@ -72,6 +79,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gc", choices=["off", "on", "both"], default="both", help="gradient_checkpointing rows (default both)")
+    p.add_argument("--modes", default="padded,padding_free",
+                   help="comma-separated batch layouts: padded, padding_free, packing (default padded,padding_free)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "alpaca_zh_demo.json"),
                    help="alpaca JSON file, or 'synthetic' (random ids of exactly 512 tokens)")
     p.add_argument("--num_records", type=int, default=64)
@@ -109,41 +118,51 @@ def main():
           f"{a.steps} steps after {a.warmup} warm-up, data: {'synthetic' if data == 'synthetic' else os.path.basename(data) + f' (first {a.num_records})'}")
 
     gcs = {"off": [False], "on": [True], "both": [False, True]}[a.gc]
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODE_FLAGS:
+            sys.exit(f"--modes: unknown layout {m!r} (padded, padding_free, packing)")
     rows = []
     for gc in gcs:
-        flag = ["--gradient_checkpointing", "true" if gc else "false"]
-        tag = "gc" if gc else "nogc"
-        rust = run_side("glm4 bench", [a.binary, "bench", *common, *flag], os.path.join(a.out, f"rust-{tag}.log"))
-        print(f"  rust   gc={'on ' if gc else 'off'} {rust['tokens_per_second']:8.1f} tok/s  ({rust['process_wall_seconds']} s)", flush=True)
-        trl = run_side("bench_trl.py", [a.python, os.path.join(ROOT, "scripts", "bench_trl.py"), *common, *flag],
-                       os.path.join(a.out, f"trl-{tag}.log"))
-        print(f"  trl    gc={'on ' if gc else 'off'} {trl['tokens_per_second']:8.1f} tok/s  ({trl['process_wall_seconds']} s)", flush=True)
-        if (rust["dataset_tokens"], rust["measured_tokens"]) != (trl["dataset_tokens"], trl["measured_tokens"]):
-            print(f"WARNING: the two sides did not process the same tokens: rust {rust['dataset_tokens']}/{rust['measured_tokens']}, "
-                  f"trl {trl['dataset_tokens']}/{trl['measured_tokens']} (dataset/measured)")
-        rows.append((gc, rust, trl))
+        for mode in modes:
+            flag = ["--gradient_checkpointing", "true" if gc else "false", *MODE_FLAGS[mode]]
+            tag = ("gc" if gc else "nogc") + ("" if mode == "padded" else f"-{mode}")
+            label = f"gc={'on ' if gc else 'off'} {mode:<12}"
+            rust = run_side("glm4 bench", [a.binary, "bench", *common, *flag], os.path.join(a.out, f"rust-{tag}.log"))
+            print(f"  rust   {label} {rust['tokens_per_second']:8.1f} tok/s  ({rust['process_wall_seconds']} s)", flush=True)
+            trl = run_side("bench_trl.py", [a.python, os.path.join(ROOT, "scripts", "bench_trl.py"), *common, *flag],
+                           os.path.join(a.out, f"trl-{tag}.log"))
+            print(f"  trl    {label} {trl['tokens_per_second']:8.1f} tok/s  ({trl['process_wall_seconds']} s)", flush=True)
+            if (rust["dataset_tokens"], rust["measured_tokens"]) != (trl["dataset_tokens"], trl["measured_tokens"]):
+                print(f"WARNING: the two sides did not process the same tokens: rust {rust['dataset_tokens']}/{rust['measured_tokens']}, "
+                      f"trl {trl['dataset_tokens']}/{trl['measured_tokens']} (dataset/measured)")
+            rows.append((gc, mode, rust, trl))
 
     print()
-    head = f"{'side':<34} {'GC':<4} {'tokens/s':>9} {'s/step':>8} {'fwd+bwd s':>10} {'optim s':>8} {'peak RSS MB':>12} {'loss':>7}"
+    head = (f"{'side':<34} {'GC':<4} {'batches':<13} {'tokens/s':>9} {'s/step':>8} {'fwd+bwd s':>10} {'optim s':>8} "
+            f"{'peak RSS MB':>12} {'loss':>7}")
     print(head)
     print("-" * len(head))
-    for gc, rust, trl in rows:
+    for gc, mode, rust, trl in rows:
         for r, label in ((rust, "glm4 (Rust, tch)"), (trl, r_impl(trl))):
             ph = r.get("phase_seconds") or {}
-            print(f"{label:<34} {'on' if gc else 'off':<4} {r['tokens_per_second']:>9.1f} {r['seconds_per_step']:>8.3f} "
+            print(f"{label:<34} {'on' if gc else 'off':<4} {mode:<13} {r['tokens_per_second']:>9.1f} {r['seconds_per_step']:>8.3f} "
                   f"{ph.get('forward_backward', float('nan')):>10.3f} {ph.get('optimizer', float('nan')):>8.4f} "
                   f"{r['peak_rss_mb']:>12.1f} {r['train_loss']:>7.3f}")
     print()
-    verdicts = []
-    for gc, rust, trl in rows:
+    padded_trl = {gc: t for gc, mode, _, t in rows if mode == "padded"}
+    for gc, mode, rust, trl in rows:
         speed = rust["tokens_per_second"] / trl["tokens_per_second"]
         mem = rust["peak_rss_mb"] / trl["peak_rss_mb"]
         met = speed >= TARGET_SPEEDUP and mem <= 1.0
-        verdicts.append(met)
-        print(f"GC {'on ' if gc else 'off'}: Rust/TRL tokens/s = {speed:.2f}x (target >= {TARGET_SPEEDUP}x), "
-              f"peak RSS = {mem:.2f}x (target <= 1.00x) -> {'MET' if met else 'NOT MET'}")
-    if len(rows) == 2:
-        off, on = rows[0][1], rows[1][1]
+        vs_padded = ""
+        if mode != "padded" and gc in padded_trl:
+            vs_padded = f"; vs TRL padded {rust['tokens_per_second'] / padded_trl[gc]['tokens_per_second']:.2f}x"
+        print(f"GC {'on ' if gc else 'off'} {mode:<12}: Rust/TRL tokens/s = {speed:.2f}x (target >= {TARGET_SPEEDUP}x), "
+              f"peak RSS = {mem:.2f}x (target <= 1.00x) -> {'MET' if met else 'NOT MET'}{vs_padded}")
+    padded = [(gc, r) for gc, mode, r, _ in rows if mode == "padded"]
+    if len(padded) == 2:
+        off, on = padded[0][1], padded[1][1]
         delta = on["peak_rss_mb"] - off["peak_rss_mb"]
         print(f"Rust peak RSS with gradient_checkpointing on vs off: {on['peak_rss_mb']:.0f} vs {off['peak_rss_mb']:.0f} MB "
               f"({delta:+.0f} MB)" + ("  <- no measurable effect: recompute not active in this build?" if abs(delta) < 0.02 * off["peak_rss_mb"] else ""))
@@ -151,7 +170,8 @@ def main():
     machine["load_average_at_end"] = load_end
     if load_end is not None and load_end > (machine["nproc"] or 1) + 0.5:
         print(f"note: load average {load_end:.1f} on {machine['nproc']} CPUs — other work was running; numbers are noisy")
-    results = {"machine": machine, "runs": [{"gradient_checkpointing": gc, "rust": r, "trl": t} for gc, r, t in rows]}
+    results = {"machine": machine,
+               "runs": [{"gradient_checkpointing": gc, "batches": mode, "rust": r, "trl": t} for gc, mode, r, t in rows]}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"reports and logs: {os.path.relpath(a.out, ROOT)}/")

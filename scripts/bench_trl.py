@@ -18,7 +18,14 @@ What "the same work" means here:
   clipping at 1.0, sequential batches, no evaluation / saving / logging;
 - tokens/s measured from the end of the last warm-up step to the end of the
   last step (a TrainerCallback; CUDA synchronised), counting attention-mask
-  tokens (`include_num_input_tokens_seen="non_padding"`);
+  tokens (`include_num_input_tokens_seen="non_padding"`); padding-free batches
+  have no attention mask and no padding, and transformers would then count the
+  tokens that differ from the pad id (eos here, which every record ends with),
+  so those count every token of the row ("all");
+- `--padding_free` / `--packing`: TRL's own options. TRL refuses padding_free
+  without packing when max_length is set (it would not cap the concatenated
+  row), so that run passes max_length=None; the records are truncated to
+  `--seq_len` already, as glm4 truncates them.
 - peak RSS from getrusage (ru_maxrss); on CUDA also torch.cuda.max_memory_allocated /
   max_memory_reserved and the same nvidia-smi sampling glm4 uses.
 """
@@ -57,6 +64,9 @@ def parse_args(argv):
     p.add_argument("--data", default="synthetic")
     p.add_argument("--num_records", "--num-records", type=int, default=None)
     p.add_argument("--gradient_checkpointing", "--gradient-checkpointing", default="false")
+    p.add_argument("--padding_free", "--padding-free", default="false")
+    p.add_argument("--packing", default="false")
+    p.add_argument("--packing_strategy", "--packing-strategy", choices=["bfd", "bfd_split", "wrapped"], default="bfd")
     p.add_argument("--learning_rate", "--learning-rate", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num_threads", "--num-threads", type=int, default=None)
@@ -65,7 +75,7 @@ def parse_args(argv):
     p.add_argument("--trainer", choices=["auto", "trl", "transformers"], default="auto",
                    help="TRL SFTTrainer (auto: when importable) or transformers' Trainer")
     a = p.parse_args(argv)
-    for name in ("random_init", "gradient_checkpointing", "json"):
+    for name in ("random_init", "gradient_checkpointing", "padding_free", "packing", "json"):
         v = str(getattr(a, name)).lower()
         if v not in ("true", "false", "1", "0", "yes", "no"):
             p.error(f"--{name} {v!r} is not true or false")
@@ -179,7 +189,9 @@ def make_records(a, cfg, tokenizer):
             labels = list(ids)
         else:
             sys.exit(f"error: {a.data}: only alpaca records or {{\"input_ids\": [...]}} are supported here")
-        records.append({"input_ids": ids[: a.seq_len], "labels": labels[: a.seq_len]})
+        # Truncated as glm4 does it; bfd_split and wrapped packing keep every token instead.
+        keep = None if a.packing and a.packing_strategy != "bfd" else a.seq_len
+        records.append({"input_ids": ids[:keep], "labels": labels[:keep]})
     return records
 
 
@@ -318,13 +330,15 @@ def main(argv=None):
             self.ends.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen))
 
     timing = Timing()
+    padding_free = a.padding_free or (a.packing and a.packing_strategy in ("bfd", "bfd_split"))
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     common = dict(
         output_dir=out_dir, max_steps=a.warmup + a.steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, learning_rate=a.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, bf16=dtype == torch.bfloat16, gradient_checkpointing=a.gradient_checkpointing,
         logging_strategy="no", eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-        seed=a.seed, use_cpu=device == "cpu", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        seed=a.seed, use_cpu=device == "cpu", dataloader_num_workers=0,
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
     )
     import dataclasses
 
@@ -340,7 +354,13 @@ def main(argv=None):
 
         fields = {f.name for f in dataclasses.fields(SFTConfig)}
         extra = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in fields else {}
-        args = SFTConfig(max_length=a.seq_len, pad_to_multiple_of=None, **common, **extra)
+        if a.packing:
+            shape = dict(max_length=a.seq_len, packing=True, packing_strategy=a.packing_strategy, padding_free=a.padding_free)
+        elif a.padding_free:
+            shape = dict(max_length=None, padding_free=True)
+        else:
+            shape = dict(max_length=a.seq_len)
+        args = SFTConfig(pad_to_multiple_of=None, **shape, **common, **extra)
         trainer_cls = SFTTrainer if extra else sequential(SFTTrainer)
         trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(records),
                               processing_class=tokenizer, peft_config=lora, callbacks=[timing])
@@ -348,6 +368,8 @@ def main(argv=None):
     else:
         from transformers import Trainer, TrainingArguments
 
+        if a.padding_free or a.packing:
+            sys.exit("error: --padding_free / --packing need TRL (transformers' Trainer has no such collator)")
         fields = {f.name for f in dataclasses.fields(TrainingArguments)}
         extra = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in fields else {}
         args = TrainingArguments(remove_unused_columns=False, **common, **extra)
@@ -369,7 +391,7 @@ def main(argv=None):
         implementation = f"transformers {transformers.__version__} Trainer + PEFT (no TRL)"
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    lens = [len(r["input_ids"]) for r in records]
+    lens = [len(r["input_ids"]) for r in (trainer.train_dataset if use_trl else records)]
     setup_s = time.time() - t_setup
     t_train = time.time()
     # transformers prints its end-of-training metrics on stdout; keep stdout for the report.
@@ -416,12 +438,15 @@ def main(argv=None):
         "batch_size": a.batch_size,
         "seq_len": a.seq_len,
         "data": a.data,
-        "num_records": len(records),
+        "num_records": len(lens),
         "dataset_tokens": sum(lens),
         "mean_record_tokens": round(sum(lens) / max(1, len(lens)), 1),
         "lora_r": a.lora_r,
         "lora_target_modules": a.lora_target_modules,
         "gradient_checkpointing": a.gradient_checkpointing,
+        "padding_free": padding_free,
+        "packing": a.packing,
+        "packing_strategy": a.packing_strategy if a.packing else None,
         "warmup_steps": a.warmup,
         "measured_steps": measured,
         "measured_tokens": tokens,

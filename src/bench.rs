@@ -40,7 +40,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind};
-use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
+use trl_like::config::{
+    IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy,
+};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
 use trl_like::trainer::{
@@ -72,6 +74,11 @@ glm4 bench: LoRA training-step throughput and peak memory on any GLM-4 shape (no
                                   (alpaca, sharegpt, messages, text or {\"input_ids\": [...]}) (default synthetic)
   --num_records N                 use the first N records of --data PATH (default all)
   --gradient_checkpointing B      true|false (default false)
+  --padding_free B                true|false: each batch as one unpadded row, positions restarting per
+                                  sequence, attention kept within each (default false)
+  --packing B                     true|false: pack records into seq_len blocks (TRL's packing; bfd implies
+                                  padding-free batches) (default false)
+  --packing_strategy S            bfd, bfd_split or wrapped (default bfd)
   --learning_rate X               (default 5e-4, the tutorial's)
   --seed N                        model init, LoRA init, synthetic data (default 42)
   --num_threads N                 CPU threads for libtorch (default: libtorch's own choice)
@@ -99,6 +106,9 @@ pub struct BenchArgs {
     pub data: String,
     pub num_records: Option<usize>,
     pub gradient_checkpointing: bool,
+    pub padding_free: bool,
+    pub packing: bool,
+    pub packing_strategy: PackingStrategy,
     pub learning_rate: f64,
     pub seed: u64,
     pub num_threads: Option<i32>,
@@ -125,6 +135,9 @@ impl Default for BenchArgs {
             data: "synthetic".into(),
             num_records: None,
             gradient_checkpointing: false,
+            padding_free: false,
+            packing: false,
+            packing_strategy: PackingStrategy::Bfd,
             learning_rate: 5e-4,
             seed: 42,
             num_threads: None,
@@ -228,6 +241,14 @@ pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
             }
             "gradient_checkpointing" => {
                 a.gradient_checkpointing = parse_bool(&name, &take(&mut i)?)?
+            }
+            "padding_free" => a.padding_free = parse_bool(&name, &take(&mut i)?)?,
+            "packing" => a.packing = parse_bool(&name, &take(&mut i)?)?,
+            "packing_strategy" => {
+                let v = take(&mut i)?;
+                a.packing_strategy = v
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--packing_strategy: {e}"))?;
             }
             "learning_rate" => a.learning_rate = parse_num(&name, &take(&mut i)?)?,
             "seed" => a.seed = parse_num(&name, &take(&mut i)?)?,
@@ -551,6 +572,21 @@ impl GpuMemoryMonitor {
     }
 }
 
+/// Token slots the model computes over one epoch of sequential batches, and the
+/// share of them that is padding: a padded batch costs `rows × longest`, a
+/// padding-free one only its tokens.
+fn token_slots(lens: &[usize], batch_size: usize, padding_free: bool) -> (usize, f64) {
+    let tokens: usize = lens.iter().sum();
+    let slots: usize = if padding_free {
+        tokens
+    } else {
+        lens.chunks(batch_size.max(1))
+            .map(|b| b.len() * b.iter().copied().max().unwrap_or(0))
+            .sum()
+    };
+    (slots, 1.0 - tokens as f64 / slots.max(1) as f64)
+}
+
 /// Results of one benchmark run (what `--json` prints).
 #[allow(clippy::too_many_arguments)]
 fn report(
@@ -560,6 +596,7 @@ fn report(
     kind: Kind,
     trainable: i64,
     tokens_per_record: (usize, usize, f64),
+    slots: (usize, f64),
     timings: &Timings,
     setup_s: f64,
     train_s: f64,
@@ -632,6 +669,11 @@ fn report(
         ("lora_dropout", json!(a.lora_dropout)),
         ("lora_target_modules", json!(a.lora_target_modules)),
         ("gradient_checkpointing", json!(a.gradient_checkpointing)),
+        ("padding_free", json!(a.padding_free)),
+        ("packing", json!(a.packing)),
+        ("packing_strategy", json!(a.packing.then(|| a.packing_strategy.as_str()))),
+        ("token_slots_per_epoch", json!(slots.0)),
+        ("padding_fraction", json!(round(slots.1, 4))),
         ("warmup_steps", json!(a.warmup)),
         ("measured_steps", json!(measured_steps)),
         ("measured_tokens", json!(tokens)),
@@ -689,6 +731,19 @@ fn print_report(r: &Value) {
             .unwrap_or_default(),
         r["gradient_checkpointing"],
         r["num_threads"]
+    );
+    println!(
+        "  batches            {}{}, {:.1} % of the token slots are padding",
+        if r["padding_free"].as_bool() == Some(true) {
+            "padding-free"
+        } else {
+            "padded"
+        },
+        r["packing_strategy"]
+            .as_str()
+            .map(|s| format!(", packed ({s})"))
+            .unwrap_or_default(),
+        100.0 * r["padding_fraction"].as_f64().unwrap_or(f64::NAN)
     );
     println!(
         "  measured steps     {} (after {} warm-up)",
@@ -827,6 +882,9 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
         bf16: Some(kind == Kind::BFloat16),
         max_length: Some(a.seq_len),
         gradient_checkpointing: a.gradient_checkpointing,
+        padding_free: a.padding_free,
+        packing: a.packing,
+        packing_strategy: a.packing_strategy,
         logging_strategy: IntervalStrategy::No,
         eval_strategy: IntervalStrategy::No,
         save_strategy: SaveStrategy::No,
@@ -867,6 +925,12 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
         total_tokens,
         total_tokens as f64 / lens.len().max(1) as f64,
     );
+    let slots = token_slots(&lens, a.batch_size, trainer.args.uses_padding_free());
+    // Packing with bfd implies padding-free batches: report what ran.
+    let a = BenchArgs {
+        padding_free: trainer.args.uses_padding_free(),
+        ..a
+    };
     if let Some(path) = &a.dump_dataset {
         let records: Vec<Value> = trainer
             .train_dataset
@@ -891,6 +955,7 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
         kind,
         trainable,
         record_stats,
+        slots,
         &timings.borrow(),
         setup_s,
         train_s,
@@ -939,6 +1004,29 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(!b.json && !b.random_init);
+        let c = parse_args(&args(
+            "--model_config tiny --padding_free true --packing=true --packing_strategy bfd_split",
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(c.padding_free && c.packing);
+        assert_eq!(c.packing_strategy, PackingStrategy::BfdSplit);
+        let e = parse_args(&args("--model_config tiny --packing_strategy best"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--packing_strategy") && e.contains("bfd_split"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn padding_share_of_the_token_slots() {
+        // Batches [4, 2] and [3]: padded 8 + 3 slots for 9 tokens.
+        let (slots, pad) = token_slots(&[4, 2, 3], 2, false);
+        assert_eq!(slots, 11);
+        assert!((pad - 2.0 / 11.0).abs() < 1e-12);
+        assert_eq!(token_slots(&[4, 2, 3], 2, true), (9, 0.0));
     }
 
     #[test]

@@ -62,6 +62,56 @@ fn tiny_random_init_reports_json() {
     );
 }
 
+/// Padded, padding-free and packed runs over the same records: the same real
+/// tokens per step for padded and padding-free (the same batches, without the
+/// padding), and the report says which layout ran.
+#[test]
+fn padding_free_and_packing_report_their_layout() {
+    let run = |extra: &[&str]| -> Value {
+        let mut a = vec![
+            "--model_config",
+            "tiny",
+            "--random_init",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch_size",
+            "4",
+            "--seq_len",
+            "64",
+            "--device",
+            "cpu",
+            "--data",
+            "data/demo_alpaca.json",
+            "--num_records",
+            "16",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let out = glm4(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str(text(&out.stdout).trim()).unwrap()
+    };
+    let padded = run(&[]);
+    let free = run(&["--padding_free", "true"]);
+    let packed = run(&["--packing", "true"]);
+    assert_eq!(padded["padding_free"], false);
+    assert!(
+        padded["padding_fraction"].as_f64().unwrap() > 0.05,
+        "{padded}"
+    );
+    assert_eq!(free["padding_free"], true);
+    assert_eq!(free["padding_fraction"].as_f64(), Some(0.0));
+    assert_eq!(free["measured_tokens"], padded["measured_tokens"]);
+    assert_eq!(free["dataset_tokens"], padded["dataset_tokens"]);
+    // bfd packing implies padding-free batches of 64-token blocks.
+    assert_eq!(packed["packing_strategy"], "bfd");
+    assert_eq!(packed["padding_free"], true);
+    assert!(packed["num_records"].as_u64().unwrap() < 16, "{packed}");
+    assert_eq!(packed["dataset_tokens"], padded["dataset_tokens"]);
+}
+
 #[test]
 fn bad_preset_is_a_clear_error() {
     let out = glm4(&["--model_config", "glm-5-huge", "--random_init"]);

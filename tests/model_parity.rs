@@ -43,6 +43,7 @@ fn check_logits(arch: &str) {
         input_ids: ids,
         attention_mask: Some(mask),
         position_ids: None,
+        seq_lens: None,
     };
     let logits = tch::no_grad(|| model.forward(&input, None, false));
     assert_eq!(logits.size(), expected.size());
@@ -63,6 +64,7 @@ fn check_logits(arch: &str) {
         input_ids: &row0,
         attention_mask: None,
         position_ids: None,
+        seq_lens: None,
     };
     let logits = tch::no_grad(|| model.forward(&input, None, false));
     let diff = max_abs_diff(&logits, &fx["logits_nopad"]);
@@ -135,6 +137,7 @@ fn kv_cache_matches_full_recompute() {
                 input_ids: &ids,
                 attention_mask: None,
                 position_ids: None,
+                seq_lens: None,
             },
             None,
             false,
@@ -149,6 +152,7 @@ fn kv_cache_matches_full_recompute() {
                 input_ids: &prefix,
                 attention_mask: None,
                 position_ids: None,
+                seq_lens: None,
             },
             Some(&mut cache),
             false,
@@ -160,6 +164,7 @@ fn kv_cache_matches_full_recompute() {
                     input_ids: &tok,
                     attention_mask: None,
                     position_ids: None,
+                    seq_lens: None,
                 },
                 Some(&mut cache),
                 false,

@@ -58,6 +58,7 @@ fn peft_saved_adapter_gives_peft_logits() {
         input_ids: &fx["input_ids"],
         attention_mask: Some(&fx["attention_mask"]),
         position_ids: None,
+        seq_lens: None,
     };
     let logits = tch::no_grad(|| model.forward(&input, None, false));
     let diff = masked_diff(&logits, &fx["logits"], &fx["attention_mask"]);
@@ -97,6 +98,7 @@ fn merge_and_unload_matches_peft() {
         input_ids: &fx["input_ids"],
         attention_mask: Some(&fx["attention_mask"]),
         position_ids: None,
+        seq_lens: None,
     };
     let logits = tch::no_grad(|| model.forward(&input, None, false));
     let diff = masked_diff(&logits, &fx["merged_logits"], &fx["attention_mask"]);

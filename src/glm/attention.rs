@@ -16,6 +16,33 @@ pub enum AttentionMask {
     Causal,
     /// Dense boolean mask `[batch, 1, q_len, kv_len]`, true = may attend.
     Dense(Tensor),
+    /// A padding-free row `[1, total]` of sequences of these lengths back to back:
+    /// causal attention within each, none across. Runs SDPA with `is_causal`
+    /// per sequence (sequences of equal length share one call), so no
+    /// `total × total` mask is built and the fast kernels stay usable.
+    Segments(Vec<i64>),
+}
+
+impl AttentionMask {
+    /// The mask for [`CausalLMInput::seq_lens`](trl_like::modeling::CausalLMInput):
+    /// checks that they describe the `[batch, seq]` input (one row, positive
+    /// lengths summing to `seq`). These come from the collator, never from user
+    /// input, so a mismatch is a bug in the caller.
+    pub fn segments(lens: &[i64], batch: i64, seq: i64, has_cache: bool) -> Self {
+        assert!(
+            batch == 1 && lens.iter().all(|&l| l > 0) && lens.iter().sum::<i64>() == seq,
+            "seq_lens {lens:?} do not describe a padding-free [1, {seq}] row (batch {batch})"
+        );
+        assert!(
+            !has_cache,
+            "seq_lens (padding-free rows) are for training passes without a KV cache"
+        );
+        if lens.len() == 1 {
+            AttentionMask::Causal
+        } else {
+            AttentionMask::Segments(lens.to_vec())
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -85,12 +112,81 @@ impl Attention {
             AttentionMask::Dense(m) => {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa)
             }
+            AttentionMask::Segments(lens) => segment_attention(&q, &k, &v, lens, scale, gqa),
         };
         let out = out
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward_t(&out, train)
     }
+}
+
+/// Causal attention within each segment of a padding-free row, none across.
+///
+/// Segments of the same length are stacked along the batch dimension and go
+/// through one `is_causal` SDPA call; the outputs are put back in row order.
+/// Every query sees exactly the keys it would see if its sequence ran alone,
+/// so the result matches separate forward passes.
+///
+/// # Shapes
+/// `q`: `[1, heads, total, head_dim]`, `k`/`v`: `[1, kv_heads, total, head_dim]`,
+/// `lens` summing to `total` → `[1, heads, total, head_dim]`.
+fn segment_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[i64],
+    scale: f64,
+    gqa: bool,
+) -> Tensor {
+    let starts: Vec<i64> = lens
+        .iter()
+        .scan(0, |acc, &l| {
+            let s = *acc;
+            *acc += l;
+            Some(s)
+        })
+        .collect();
+    // Segment indices by length, in order of first appearance.
+    let mut groups: Vec<(i64, Vec<usize>)> = Vec::new();
+    for (i, &len) in lens.iter().enumerate() {
+        match groups.iter_mut().find(|(l, _)| *l == len) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((len, vec![i])),
+        }
+    }
+    let mut pieces: Vec<Option<Tensor>> = (0..lens.len()).map(|_| None).collect();
+    for (len, members) in &groups {
+        let gather = |t: &Tensor| {
+            let parts: Vec<Tensor> = members
+                .iter()
+                .map(|&i| t.narrow(2, starts[i], *len))
+                .collect();
+            if parts.len() == 1 {
+                parts.into_iter().next().expect("one part")
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        };
+        let out = Tensor::scaled_dot_product_attention::<Tensor>(
+            &gather(q),
+            &gather(k),
+            &gather(v),
+            None,
+            0.0,
+            true,
+            scale,
+            gqa,
+        );
+        for (j, &i) in members.iter().enumerate() {
+            pieces[i] = Some(out.narrow(0, j as i64, 1));
+        }
+    }
+    let pieces: Vec<Tensor> = pieces
+        .into_iter()
+        .map(|p| p.expect("every segment is in a group"))
+        .collect();
+    Tensor::cat(&pieces, 2)
 }
 
 /// Builds the mask for `q_len` new queries after `past_len` cached positions.

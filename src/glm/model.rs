@@ -69,8 +69,13 @@ impl GlmModel {
                 .expand([batch, seq], false),
         };
         let (cos, sin) = self.rotary.cos_sin(&position_ids);
-        let padding = input.attention_mask.map(|m| m.to_device(device));
-        let mask = build_mask(padding.as_ref(), past, seq, device);
+        let mask = match input.seq_lens {
+            Some(lens) => AttentionMask::segments(lens, batch, seq, cache.is_some()),
+            None => {
+                let padding = input.attention_mask.map(|m| m.to_device(device));
+                build_mask(padding.as_ref(), past, seq, device)
+            }
+        };
         for layer in &self.layers {
             hidden = layer.forward(
                 &hidden,
@@ -269,12 +274,14 @@ impl Checkpointable for GlmForCausalLM {
                 .expand([batch, seq], false),
         };
         let (cos, sin) = self.model.rotary.cos_sin(&position_ids);
-        let padding = input.attention_mask.map(|m| m.to_device(device));
-        GlmLayerContext {
-            cos,
-            sin,
-            mask: build_mask(padding.as_ref(), 0, seq, device),
-        }
+        let mask = match input.seq_lens {
+            Some(lens) => AttentionMask::segments(lens, batch, seq, false),
+            None => {
+                let padding = input.attention_mask.map(|m| m.to_device(device));
+                build_mask(padding.as_ref(), 0, seq, device)
+            }
+        };
+        GlmLayerContext { cos, sin, mask }
     }
 
     fn num_layers(&self) -> usize {

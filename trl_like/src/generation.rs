@@ -185,6 +185,7 @@ pub fn generate(
             input_ids: &step_ids,
             attention_mask: if has_padding { Some(&mask) } else { None },
             position_ids: Some(&positions),
+            seq_lens: None,
         };
         let hidden = model.forward_hidden(&input, Some(&mut cache), false);
         let last = hidden.narrow(1, hidden.size()[1] - 1, 1);

@@ -64,6 +64,13 @@ pub struct CausalLMInput<'a> {
     /// `[batch, seq]`, int64; `None` = `past_seq..past_seq+seq` for every row
     /// (what transformers uses when none are given).
     pub position_ids: Option<&'a Tensor>,
+    /// Padding-free batches (TRL's `padding_free`, packing): `input_ids` is one
+    /// row `[1, total]` holding several sequences back to back, of these lengths
+    /// (summing to `total`). Each token attends only to earlier tokens of its own
+    /// sequence; `position_ids` normally restart at 0 for each. `None` = every
+    /// row is one sequence. Only for a forward pass without a KV cache; a padding
+    /// mask is not used with it (such a row has no padding).
+    pub seq_lens: Option<&'a [i64]>,
 }
 
 /// A decoder-only language model: the `AutoModelForCausalLM` of this crate.

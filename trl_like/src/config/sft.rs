@@ -253,12 +253,13 @@ config_struct! {
         truncation_mode: TruncationMode = TruncationMode::KeepStart,
         /// Shuffle the training set once while preparing it.
         shuffle_dataset: bool = false,
-        /// Pack several samples into each max_length block (less padding).
+        /// Pack several samples into each max_length block (less padding); with bfd or bfd_split the
+        /// batches are padding-free too, and attention stays within each sample.
         packing: bool = false,
         /// How packing fills blocks.
         packing_strategy: PackingStrategy = PackingStrategy::Bfd,
-        /// Flatten each batch into one unpadded sequence (needs attention that understands
-        /// sequence boundaries).
+        /// Lay each batch's samples back to back in one unpadded row: positions restart and attention
+        /// stays within each sample (no compute spent on padding).
         padding_free: bool = false,
         /// Pad batches to a multiple of this length; none (or "auto" off AWS Neuron) pads to the
         /// longest sample.
@@ -400,6 +401,19 @@ impl SFTConfig {
         } else {
             self.train_sampling_strategy
         }
+    }
+
+    /// Whether batches are collated padding-free (one row, positions restarting
+    /// per sequence): `padding_free`, or `packing` with a bfd strategy, which
+    /// implies it in TRL (sft_trainer.py: `args.padding_free or (args.packing and
+    /// args.packing_strategy in {"bfd", "bfd_split"})`).
+    pub fn uses_padding_free(&self) -> bool {
+        self.padding_free
+            || (self.packing
+                && matches!(
+                    self.packing_strategy,
+                    PackingStrategy::Bfd | PackingStrategy::BfdSplit
+                ))
     }
 
     /// Whether `report_to` names this integration (or "all").
@@ -601,6 +615,14 @@ impl SFTConfig {
         if let Some(n) = self.pad_to_multiple_of {
             check_at_least_one("pad_to_multiple_of", n)?;
         }
+        let packs_eval = self.eval_packing.unwrap_or(self.packing);
+        if (self.packing || packs_eval) && self.max_length.is_none() {
+            // TRL: "When packing is enabled, `max_length` can't be `None`."
+            return Err(ConfigError::invalid(
+                "max_length",
+                "must be set when packing (or eval_packing) is on: it is the length of the packed blocks",
+            ));
+        }
         Ok(())
     }
 
@@ -742,6 +764,33 @@ mod tests {
             (42, -1, 8)
         );
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn packing_needs_max_length_and_bfd_implies_padding_free() {
+        let c = SFTConfig {
+            packing: true,
+            max_length: None,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_length") && e.contains("packing"), "{e}");
+        let c = SFTConfig {
+            packing: true,
+            ..Default::default()
+        };
+        assert!(c.uses_padding_free());
+        let c = SFTConfig {
+            packing: true,
+            packing_strategy: PackingStrategy::Wrapped,
+            ..Default::default()
+        };
+        assert!(!c.uses_padding_free());
+        assert!(SFTConfig {
+            padding_free: true,
+            ..Default::default()
+        }
+        .uses_padding_free());
     }
 
     #[test]

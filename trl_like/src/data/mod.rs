@@ -1,14 +1,16 @@
 //! Datasets as the tutorial uses them through 🤗 `datasets`: JSON / JSONL
 //! files of records, a deterministic `train_test_split`, conversion of the
 //! common instruction formats to chat conversations, tokenization with TRL's
-//! rules, and the padding collator.
+//! rules, packing, and the (padding or padding-free) collator.
 
 pub mod collator;
 pub mod formats;
+pub mod packing;
 pub mod tokenize;
 
-pub use collator::{collate, Batch};
+pub use collator::{collate, collate_padding_free, collate_with, Batch};
 pub use formats::{DatasetFormat, Example};
+pub use packing::pack_examples;
 pub use tokenize::{TokenizeOptions, TokenizedExample, TruncationMode};
 
 use serde_json::Value;

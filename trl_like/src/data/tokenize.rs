@@ -48,6 +48,9 @@ pub struct TokenizedExample {
     pub labels: Vec<i64>,
     /// Tokens cut by truncation (0 when the example fit).
     pub truncated_tokens: usize,
+    /// A packed example (TRL's `seq_lengths` column): the lengths of the
+    /// sequences laid back to back in `input_ids`. `None` = one sequence.
+    pub seq_lengths: Option<Vec<usize>>,
 }
 
 impl TokenizedExample {
@@ -133,6 +136,7 @@ pub fn tokenize_example(
         input_ids,
         labels,
         truncated_tokens,
+        seq_lengths: None,
     })
 }
 

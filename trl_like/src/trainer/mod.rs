@@ -10,19 +10,21 @@
 
 pub mod callbacks;
 pub mod checkpoint;
+mod packing;
 pub mod state;
 
 pub use callbacks::{
     CallbackContext, DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback,
     TrainerCallback,
 };
+pub use packing::prepare_and_pack;
 pub use state::{TrainerControl, TrainerState};
 
 use crate::config::{SFTConfig, SamplingStrategy};
 use crate::data::tokenize::{tokenize_example, IGNORE_INDEX};
 use crate::data::{
-    collate, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions, TokenizedExample,
-    TruncationMode,
+    collate_with, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions,
+    TokenizedExample, TruncationMode,
 };
 use crate::distributed::{shard_round_robin, ProcessGroup, ReduceOp};
 use crate::modeling::{CausalLMInput, PreTrainedModel};
@@ -224,13 +226,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         args.validate()?;
         check_supported(&args)?;
         let device = model.device();
-        let (train, stats) = prepare_dataset(
+        let (train, stats) = prepare_and_pack(
             train_dataset,
             &processing_class,
             &args,
-            DatasetFormat::Auto,
             formatting_func.as_ref(),
-            false,
+            args.packing,
         )?;
         if stats.truncated > 0 {
             eprintln!(
@@ -242,13 +243,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         }
         let eval = match eval_dataset {
             Some(ds) if !ds.is_empty() => Some(
-                prepare_dataset(
+                prepare_and_pack(
                     ds,
                     &processing_class,
                     &args,
-                    DatasetFormat::Auto,
                     formatting_func.as_ref(),
-                    false,
+                    args.eval_packing.unwrap_or(args.packing),
                 )?
                 .0,
             ),
@@ -291,23 +291,21 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ) -> Result<Self, TrainerError> {
         args.validate()?;
         check_supported(&args)?;
-        let (train, _) = prepare_dataset(
+        let (train, _) = prepare_and_pack(
             train_dataset,
             &processing_class,
             &args,
-            DatasetFormat::Auto,
             formatting_func.as_ref(),
-            false,
+            args.packing,
         )?;
         let eval = match eval_dataset {
             Some(ds) if !ds.is_empty() => Some(
-                prepare_dataset(
+                prepare_and_pack(
                     ds,
                     &processing_class,
                     &args,
-                    DatasetFormat::Auto,
                     formatting_func.as_ref(),
-                    false,
+                    args.eval_packing.unwrap_or(args.packing),
                 )?
                 .0,
             ),
@@ -547,10 +545,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     fn batch_of(&self, indices: &[usize]) -> Batch {
         let examples: Vec<&TokenizedExample> =
             indices.iter().map(|&i| &self.train_dataset[i]).collect();
-        collate(
+        collate_with(
             &examples,
             self.pad_token_id(),
             self.args.pad_to_multiple_of,
+            self.args.uses_padding_free(),
             self.device,
         )
     }
@@ -961,9 +960,8 @@ fn release_free_memory() {
 /// Refuses settings this trainer would otherwise silently ignore.
 fn check_supported(args: &SFTConfig) -> Result<(), TrainerError> {
     let unsupported = [
-        ("packing", args.packing),
-        ("padding_free", args.padding_free),
         ("neftune_noise_alpha", args.neftune_noise_alpha.is_some()),
+        ("shuffle_dataset", args.shuffle_dataset),
         (
             "loss_type (only nll)",
             args.loss_type != crate::config::LossType::Nll,
@@ -1035,7 +1033,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             } else {
                 None
             },
-            position_ids: None,
+            position_ids: batch.position_ids.as_ref(),
+            seq_lens: batch.seq_lens.as_deref(),
         };
         let num_tokens = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
         let denom = num_items.unwrap_or(batch.num_loss_tokens).max(1) as f64;
@@ -1192,7 +1191,13 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 .iter()
                 .map(|&i| &self.eval_dataset.as_ref().expect("checked")[i])
                 .collect();
-            let batch = collate(&examples, pad, self.args.pad_to_multiple_of, self.device);
+            let batch = collate_with(
+                &examples,
+                pad,
+                self.args.pad_to_multiple_of,
+                self.args.uses_padding_free(),
+                self.device,
+            );
             let out = self.forward_backward(&batch, None, false, false);
             // transformers repeats each batch's mean loss batch-size times, then averages.
             loss_sum += out.loss * idx.len() as f64;
