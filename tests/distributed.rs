@@ -131,8 +131,8 @@ fn assert_close(a: &[f64], b: &[f64], what: &str) {
 
 /// `world × batch × accumulation` under torchrun against one process with
 /// `world × batch` per step and the same accumulation.
-fn check_union(name: &str, world: usize, batch: usize, ga: &str) {
-    let extra = [
+fn check_union(name: &str, world: usize, batch: usize, ga: &str, more: &[&str]) {
+    let mut extra = vec![
         "--max_steps",
         "4",
         "--gradient_accumulation_steps",
@@ -140,6 +140,7 @@ fn check_union(name: &str, world: usize, batch: usize, ga: &str) {
         "--save_strategy",
         "no",
     ];
+    extra.extend_from_slice(more);
     let one = tmp(&format!("{name}-one"));
     ok(
         &single(&sft_args(&one, world * batch, &extra)),
@@ -189,12 +190,17 @@ fn check_union(name: &str, world: usize, batch: usize, ga: &str) {
 
 #[test]
 fn two_ranks_equal_one_process_with_the_union_batch() {
-    check_union("b2", 2, 2, "1");
+    check_union("b2", 2, 2, "1", &[]);
+}
+
+#[test]
+fn two_padding_free_ranks_equal_one_padding_free_process() {
+    check_union("pf", 2, 2, "1", &["--padding_free", "true"]);
 }
 
 #[test]
 fn two_ranks_with_accumulation_equal_one_process() {
-    check_union("b1ga2", 2, 1, "2");
+    check_union("b1ga2", 2, 1, "2", &[]);
 }
 
 /// Starts rank `rank` of `world` by hand (what torchrun would set), without the agent store.
