@@ -37,7 +37,7 @@ impl AttentionMask {
             !has_cache,
             "seq_lens (padding-free rows) are for training passes without a KV cache"
         );
-        if lens.len() == 1 {
+        if lens.len() <= 1 {
             AttentionMask::Causal
         } else {
             AttentionMask::Segments(lens.to_vec())
