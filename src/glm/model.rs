@@ -159,7 +159,11 @@ impl GlmForCausalLM {
         tch::manual_seed(seed);
         let std = self.config.initializer_range;
         let _guard = tch::no_grad_guard();
-        for (name, mut var) in self.vs.variables() {
+        // In name order: `variables()` is a HashMap, whose order changes from
+        // process to process, and so would the weights each draw lands in.
+        let mut vars: Vec<(String, tch::Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut var) in vars {
             if name.ends_with("norm.weight") {
                 let _ = var.fill_(1.0);
             } else if name.ends_with(".bias") {
