@@ -21,6 +21,9 @@ use trl_like::modeling::{CausalLM, CausalLMInput, Checkpointable};
 use trl_like::peft::PeftAdapter;
 use trl_like::trainer::SFTTrainer;
 
+mod common;
+use common::{check_log_history, close};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -28,10 +31,6 @@ fn root() -> PathBuf {
 fn fixture(path: &str) -> Value {
     let p = root().join("tests/fixtures/trainer").join(path);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn close(a: f64, b: f64, tol: f64) -> bool {
-    (a - b).abs() <= tol * (1.0 + b.abs())
 }
 
 fn ints(v: &Value) -> Vec<i64> {
@@ -422,56 +421,11 @@ fn check_setting(s: &Setting, recompute: bool) {
 
     trainer.train().unwrap();
     let expected = fixture(&format!("{setting}/log_history.json"));
-    let expected = expected.as_array().unwrap();
-    let got = &trainer.state.log_history;
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "{setting}: number of log entries"
-    );
-    let mut worst: f64 = 0.0;
-    for (step, (g, e)) in got.iter().zip(expected).enumerate().take(4) {
-        for key in ["loss", "grad_norm", "learning_rate"] {
-            let (gv, ev) = (g[key].as_f64().unwrap(), e[key].as_f64().unwrap());
-            worst = worst.max((gv - ev).abs() / (1.0 + ev.abs()));
-            assert!(
-                close(gv, ev, 1e-5),
-                "{setting} step {}: {key} {gv} vs TRL {ev}",
-                step + 1
-            );
-        }
-        let (gv, ev) = (
-            g["entropy"].as_f64().unwrap(),
-            e["entropy"].as_f64().unwrap(),
-        );
-        assert!(
-            close(gv, ev, 1e-4),
-            "{setting} step {}: entropy {gv} vs TRL {ev}",
-            step + 1
-        );
-        for key in ["num_tokens", "mean_token_accuracy"] {
-            assert_eq!(
-                g[key].as_f64(),
-                e[key].as_f64(),
-                "{setting} step {}: {key}",
-                step + 1
-            );
-        }
-        let (ge, ee) = (g["epoch"].as_f64().unwrap(), e["epoch"].as_f64().unwrap());
-        assert!(
-            close(ge, ee, 1e-12),
-            "{setting} step {}: epoch {ge} vs TRL {ee}",
-            step + 1
-        );
-        assert_eq!(g["step"], e["step"]);
-    }
-    let (gl, el) = (
-        got[4]["train_loss"].as_f64().unwrap(),
-        expected[4]["train_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        close(gl, el, 1e-5),
-        "{setting}: train_loss {gl} vs TRL {el}"
+    let worst = check_log_history(
+        setting,
+        &trainer.state.log_history,
+        expected.as_array().unwrap(),
+        |ours, trl| close(ours, trl, 1e-12),
     );
 
     let final_dir = root()

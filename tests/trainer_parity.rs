@@ -15,6 +15,9 @@ use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::PeftAdapter;
 use trl_like::trainer::SFTTrainer;
 
+mod common;
+use common::{check_log_history, close};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -75,10 +78,6 @@ fn args(batch: usize, accumulation: usize, output_dir: &Path, recompute: bool) -
 /// Records in the dataset TRL trained on (the first 16 of data/demo_alpaca.json).
 const TRL_RECORDS: f64 = 16.0;
 
-fn close(a: f64, b: f64, tol: f64) -> bool {
-    (a - b).abs() <= tol * (1.0 + b.abs())
-}
-
 fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bool) {
     let tiny = root().join("weights/tiny-glm");
     let mut model = GlmForCausalLM::from_pretrained(&tiny, Some(Kind::Float), Device::Cpu).unwrap();
@@ -113,55 +112,12 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bo
     trainer.train().unwrap();
 
     let expected = fixture(setting, "log_history.json");
-    let expected = expected.as_array().unwrap();
-    let got = &trainer.state.log_history;
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "{setting}: number of log entries"
-    );
-    for (step, (g, e)) in got.iter().zip(expected).enumerate().take(4) {
-        for key in ["loss", "grad_norm", "learning_rate"] {
-            let (gv, ev) = (g[key].as_f64().unwrap(), e[key].as_f64().unwrap());
-            assert!(
-                close(gv, ev, 1e-5),
-                "{setting} step {}: {key} {gv} vs TRL {ev}",
-                step + 1
-            );
-        }
-        let (gv, ev) = (
-            g["entropy"].as_f64().unwrap(),
-            e["entropy"].as_f64().unwrap(),
-        );
-        assert!(
-            close(gv, ev, 1e-4),
-            "{setting} step {}: entropy {gv} vs TRL {ev}",
-            step + 1
-        );
-        for key in ["num_tokens", "mean_token_accuracy"] {
-            assert_eq!(
-                g[key].as_f64(),
-                e[key].as_f64(),
-                "{setting} step {}: {key}",
-                step + 1
-            );
-        }
-        // TRL's run had 16 records; ours holds only the ones its 4 steps consumed.
-        let (ge, ee) = (g["epoch"].as_f64().unwrap(), e["epoch"].as_f64().unwrap());
-        assert!(
-            close(ge * n_records as f64, ee * TRL_RECORDS, 1e-12),
-            "{setting} step {}: epoch {ge} vs TRL {ee}",
-            step + 1
-        );
-        assert_eq!(g["step"], e["step"]);
-    }
-    let (gl, el) = (
-        got[4]["train_loss"].as_f64().unwrap(),
-        expected[4]["train_loss"].as_f64().unwrap(),
-    );
-    assert!(
-        close(gl, el, 1e-5),
-        "{setting}: train_loss {gl} vs TRL {el}"
+    // TRL's run had 16 records; ours holds only the ones its 4 steps consumed.
+    check_log_history(
+        setting,
+        &trainer.state.log_history,
+        expected.as_array().unwrap(),
+        |ours, trl| close(ours * n_records as f64, trl * TRL_RECORDS, 1e-12),
     );
 
     // The trained adapter equals PEFT's after the same four steps.

@@ -1,0 +1,69 @@
+//! Checks shared by the trainer parity tests (tests/trainer_parity.rs,
+//! tests/padding_free_parity.rs): our `log_history` against TRL's.
+
+use serde_json::{Map, Value};
+
+/// `a` within `tol` of `b`, relative to `1 + |b|`.
+pub fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+/// The first four optimizer steps of `got` against TRL's `expected`: loss,
+/// grad_norm and learning rate within 1e-5, entropy within 1e-4, num_tokens
+/// and token accuracy exactly, the step, and the epoch through `epoch_matches(ours, trl)`;
+/// then the final `train_loss` (entry 4). Returns the worst relative error of
+/// loss / grad_norm / learning rate.
+pub fn check_log_history(
+    setting: &str,
+    got: &[Map<String, Value>],
+    expected: &[Value],
+    epoch_matches: impl Fn(f64, f64) -> bool,
+) -> f64 {
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{setting}: number of log entries"
+    );
+    let mut worst: f64 = 0.0;
+    for (step, (g, e)) in got.iter().zip(expected).enumerate().take(4) {
+        let step = step + 1;
+        for key in ["loss", "grad_norm", "learning_rate"] {
+            let (gv, ev) = (g[key].as_f64().unwrap(), e[key].as_f64().unwrap());
+            worst = worst.max((gv - ev).abs() / (1.0 + ev.abs()));
+            assert!(
+                close(gv, ev, 1e-5),
+                "{setting} step {step}: {key} {gv} vs TRL {ev}"
+            );
+        }
+        let (gv, ev) = (
+            g["entropy"].as_f64().unwrap(),
+            e["entropy"].as_f64().unwrap(),
+        );
+        assert!(
+            close(gv, ev, 1e-4),
+            "{setting} step {step}: entropy {gv} vs TRL {ev}"
+        );
+        for key in ["num_tokens", "mean_token_accuracy"] {
+            assert_eq!(
+                g[key].as_f64(),
+                e[key].as_f64(),
+                "{setting} step {step}: {key}"
+            );
+        }
+        let (ge, ee) = (g["epoch"].as_f64().unwrap(), e["epoch"].as_f64().unwrap());
+        assert!(
+            epoch_matches(ge, ee),
+            "{setting} step {step}: epoch {ge} vs TRL {ee}"
+        );
+        assert_eq!(g["step"], e["step"]);
+    }
+    let (gl, el) = (
+        got[4]["train_loss"].as_f64().unwrap(),
+        expected[4]["train_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        close(gl, el, 1e-5),
+        "{setting}: train_loss {gl} vs TRL {el}"
+    );
+    worst
+}
