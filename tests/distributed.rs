@@ -162,6 +162,14 @@ fn check_union(name: &str, world: usize, batch: usize, ga: &str, more: &[&str]) 
         assert_eq!(a.len(), 4, "{key}");
         assert_close(&a, &b, &format!("{name}: {key}"));
     }
+    // Evaluation splits the same eval batches across the ranks and sums them back.
+    for key in ["eval_loss", "eval_mean_token_accuracy", "eval_entropy"] {
+        let (a, b) = (per_step(&h1, key), per_step(&h2, key));
+        if more.contains(&"--eval_strategy") {
+            assert_eq!(a.len(), 2, "{name}: evaluations at steps 2 and 4");
+        }
+        assert_close(&a, &b, &format!("{name}: {key}"));
+    }
     // Entropy and token accuracy are per-micro-batch means averaged over the
     // ranks (TRL gathers them the same way), so they are logged but need not
     // equal the union batch's means.
@@ -190,7 +198,13 @@ fn check_union(name: &str, world: usize, batch: usize, ga: &str, more: &[&str]) 
 
 #[test]
 fn two_ranks_equal_one_process_with_the_union_batch() {
-    check_union("b2", 2, 2, "1", &[]);
+    check_union(
+        "b2",
+        2,
+        2,
+        "1",
+        &["--eval_strategy", "steps", "--eval_steps", "2"],
+    );
 }
 
 #[test]
