@@ -12,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef TRL_C10D_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -76,6 +77,8 @@ extern "C" {
 // Creates the store and the process group. `backend` is "gloo" or "nccl".
 // `is_server`: this process hosts the TCPStore (rank 0 without torchrun's
 // agent store). `prefix` namespaces this group's keys in the store.
+// `cuda_device`: the GPU this rank drives (NCCL only; it becomes the current
+// device and the group's bound device, so barriers need not guess it).
 // Returns an opaque handle, or null with `*error` set.
 void* trl_c10d_new(
     const char* backend,
@@ -86,6 +89,7 @@ void* trl_c10d_new(
     int is_server,
     const char* prefix,
     int64_t timeout_ms,
+    int cuda_device,
     char** error) {
   Group* group = nullptr;
   guarded(error, [&] {
@@ -111,9 +115,11 @@ void* trl_c10d_new(
       pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
     } else if (name == "nccl") {
 #ifdef TRL_C10D_WITH_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_device));
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
       pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
+      pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device)));
 #else
       throw std::runtime_error(
           "this build has no NCCL support (the c10d shim was compiled without the CUDA/NCCL "

@@ -190,6 +190,7 @@ extern "C" {
         is_server: c_int,
         prefix: *const c_char,
         timeout_ms: i64,
+        cuda_device: c_int,
         error: *mut *mut c_char,
     ) -> *mut c_void;
     fn trl_c10d_has_nccl() -> c_int;
@@ -251,6 +252,7 @@ impl ProcessGroup {
     /// Rendezvous through the TCPStore at `MASTER_ADDR:MASTER_PORT` and create
     /// the group. Blocks until all `world_size` ranks have joined or `timeout`
     /// passes (transformers' `ddp_timeout`).
+    /// An NCCL group drives `cuda:LOCAL_RANK` (made the current device).
     pub fn init(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<Self, DistError> {
         let fail = |message: String| DistError::Collective {
             op: "init_process_group",
@@ -278,6 +280,7 @@ impl ProcessGroup {
                 is_server as c_int,
                 prefix.as_ptr(),
                 timeout.as_millis().min(i64::MAX as u128) as i64,
+                env.local_rank as c_int,
                 &mut error,
             )
         };
