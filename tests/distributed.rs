@@ -365,3 +365,52 @@ fn under_torchrun_a_dead_rank_fails_the_launch_without_hanging() {
     assert!(!out.join("trainer_state.json").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Ctrl-C reaching one rank only (here SIGINT to rank 1) stops both after the
+/// same step: one checkpoint, written by rank 0, and both exit 0.
+#[test]
+fn an_interrupt_on_one_rank_stops_all_ranks_after_the_same_step() {
+    let out = tmp("interrupt");
+    let args = sft_args(
+        &out,
+        2,
+        &[
+            "--max_steps",
+            "100000",
+            "--save_steps",
+            "1000000",
+            "--logging_steps",
+            "1000",
+        ],
+    );
+    let port = free_port();
+    let r0 = spawn_rank(0, 2, port, &args, &[]);
+    let r1 = spawn_rank(1, 2, port, &args, &[]);
+    // Let them train a little, then interrupt rank 1 alone.
+    std::thread::sleep(Duration::from_secs(4));
+    Command::new("kill")
+        .args(["-INT", &r1.id().to_string()])
+        .status()
+        .unwrap();
+    let (ok1, err1) = wait_at_most(r1, Duration::from_secs(120), "rank 1");
+    let (ok0, err0) = wait_at_most(r0, Duration::from_secs(120), "rank 0");
+    assert!(ok1, "rank 1:\n{err1}");
+    assert!(ok0, "rank 0:\n{err0}");
+    assert!(
+        err1.contains("interrupt: finishing the current step"),
+        "{err1}"
+    );
+    assert!(err0.contains("interrupted: stopped after step"), "{err0}");
+    let ckpts: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpts.len(), 1, "{ckpts:?}");
+    assert!(err0.contains(&format!(
+        "stopped after step {}",
+        &ckpts[0]["checkpoint-".len()..]
+    )));
+    assert!(!out.join("trainer_state.json").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
