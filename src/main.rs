@@ -228,6 +228,15 @@ fn cmd_env() -> Result<()> {
         println!("  cuda:{i}: {name}");
     }
     println!("CPU threads: {}", tch::get_num_threads());
+    let nccl = trl_like::distributed::Backend::Nccl.is_available();
+    println!(
+        "c10d backends (torchrun): gloo{}",
+        if nccl {
+            ", nccl"
+        } else {
+            " (this build has no NCCL)"
+        }
+    );
     Ok(())
 }
 

@@ -50,6 +50,7 @@ fn env_reports_libtorch_and_cuda() {
     let text = stdout(&out);
     assert!(text.contains("libtorch version: 2.11.0"), "{text}");
     assert!(text.contains("CUDA available:"), "{text}");
+    assert!(text.contains("c10d backends (torchrun): gloo"), "{text}");
 }
 
 /// `glm4 generate --json` on a plain prompt gives transformers' greedy ids,
