@@ -74,12 +74,24 @@ pub struct AdamW {
     flat: HashMap<usize, FlatMoments>,
 }
 
-/// One group's first and second moments, concatenated in parameter order.
+/// One group's first and second moments, concatenated in parameter order, in
+/// buckets of consecutive parameters of at most [`FLAT_BUCKET_VALUES`] values
+/// (so the update's temporaries stay small for full fine-tuning too).
 #[derive(Debug)]
 struct FlatMoments {
+    buckets: Vec<FlatBucket>,
+}
+
+#[derive(Debug)]
+struct FlatBucket {
+    /// The group's parameters `params[range]`.
+    range: std::ops::Range<usize>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
+
+/// Values per flat bucket: 32 Mi (128 MB in fp32).
+const FLAT_BUCKET_VALUES: i64 = 32 << 20;
 
 const SUFFIX_EXP_AVG: &str = ".exp_avg";
 const SUFFIX_EXP_AVG_SQ: &str = ".exp_avg_sq";
@@ -477,37 +489,56 @@ impl FlatMoments {
     /// Concatenates the group's moments (zeros where a parameter has no state
     /// yet) and makes every parameter's state a view of the new buffers.
     fn adopt(group: &ParamGroup, state: &mut HashMap<String, ParamState>) -> Self {
-        let gather = |pick: fn(&ParamState) -> &Tensor| {
-            let parts: Vec<Tensor> = group
-                .params
-                .iter()
-                .map(|(name, p)| match state.get(name) {
-                    Some(st) => pick(st).reshape([-1]),
-                    None => p.zeros_like().reshape([-1]),
-                })
-                .collect();
-            Tensor::cat(&parts, 0)
-        };
-        let moments = FlatMoments {
-            exp_avg: gather(|st| &st.exp_avg),
-            exp_avg_sq: gather(|st| &st.exp_avg_sq),
-        };
-        let mut offset = 0;
-        for (name, p) in &group.params {
+        // Consecutive parameters up to FLAT_BUCKET_VALUES (a larger one alone).
+        let mut ranges = Vec::new();
+        let (mut start, mut values) = (0, 0i64);
+        for (i, (_, p)) in group.params.iter().enumerate() {
             let n = p.numel() as i64;
-            let view = |t: &Tensor| t.narrow(0, offset, n).view(p.size().as_slice());
-            let step = state.get(name).map_or(0, |s| s.step);
-            state.insert(
-                name.clone(),
-                ParamState {
-                    step,
-                    exp_avg: view(&moments.exp_avg),
-                    exp_avg_sq: view(&moments.exp_avg_sq),
-                },
-            );
-            offset += n;
+            if i > start && values + n > FLAT_BUCKET_VALUES {
+                ranges.push(start..i);
+                (start, values) = (i, 0);
+            }
+            values += n;
         }
-        moments
+        ranges.push(start..group.params.len());
+        let buckets = ranges
+            .into_iter()
+            .map(|range| {
+                let params = &group.params[range.clone()];
+                let gather = |pick: fn(&ParamState) -> &Tensor| {
+                    let parts: Vec<Tensor> = params
+                        .iter()
+                        .map(|(name, p)| match state.get(name) {
+                            Some(st) => pick(st).reshape([-1]),
+                            None => p.zeros_like().reshape([-1]),
+                        })
+                        .collect();
+                    Tensor::cat(&parts, 0)
+                };
+                let bucket = FlatBucket {
+                    range,
+                    exp_avg: gather(|st| &st.exp_avg),
+                    exp_avg_sq: gather(|st| &st.exp_avg_sq),
+                };
+                let mut offset = 0;
+                for (name, p) in params {
+                    let n = p.numel() as i64;
+                    let view = |t: &Tensor| t.narrow(0, offset, n).view(p.size().as_slice());
+                    let step = state.get(name).map_or(0, |s| s.step);
+                    state.insert(
+                        name.clone(),
+                        ParamState {
+                            step,
+                            exp_avg: view(&bucket.exp_avg),
+                            exp_avg_sq: view(&bucket.exp_avg_sq),
+                        },
+                    );
+                    offset += n;
+                }
+                bucket
+            })
+            .collect();
+        FlatMoments { buckets }
     }
 }
 
@@ -524,14 +555,6 @@ fn flat_step(
         Kind::BFloat16 | Kind::Half => Kind::Float,
         k => k,
     };
-    let grad = Tensor::cat(
-        &group
-            .params
-            .iter()
-            .map(|(_, p)| p.grad().reshape([-1]))
-            .collect::<Vec<_>>(),
-        0,
-    );
     let mut step = 0;
     for (name, p) in &group.params {
         let st = state.get_mut(name).expect("adopted");
@@ -541,24 +564,34 @@ fn flat_step(
             mul_python_scalar_(&mut p.shallow_clone(), 1.0 - lr * group.weight_decay);
         }
     }
-    let _ = moments.exp_avg.lerp_(&grad, 1.0 - beta1);
-    mul_python_scalar_(&mut moments.exp_avg_sq, beta2);
-    let scaled_grad = grad.to_kind(opmath) * (1.0 - beta2);
-    let _ = moments.exp_avg_sq.addcmul_(&scaled_grad, &grad);
     let bias_correction1 = 1.0 - beta1.powf(step as f64);
     let bias_correction2 = 1.0 - beta2.powf(step as f64);
     let step_size = lr / bias_correction1;
-    let mut denom = moments.exp_avg_sq.sqrt() / bias_correction2.powf(0.5);
-    let _ = denom.g_add_scalar_(eps);
-    let scaled_exp_avg = moments.exp_avg.to_kind(opmath) * (-step_size);
-    let mut offset = 0;
-    for (_, p) in &group.params {
-        let n = p.numel() as i64;
-        let _ = p.view([-1]).addcdiv_(
-            &scaled_exp_avg.narrow(0, offset, n),
-            &denom.narrow(0, offset, n),
+    for bucket in &mut moments.buckets {
+        let params = &group.params[bucket.range.clone()];
+        let grad = Tensor::cat(
+            &params
+                .iter()
+                .map(|(_, p)| p.grad().reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
         );
-        offset += n;
+        let _ = bucket.exp_avg.lerp_(&grad, 1.0 - beta1);
+        mul_python_scalar_(&mut bucket.exp_avg_sq, beta2);
+        let scaled_grad = grad.to_kind(opmath) * (1.0 - beta2);
+        let _ = bucket.exp_avg_sq.addcmul_(&scaled_grad, &grad);
+        let mut denom = bucket.exp_avg_sq.sqrt() / bias_correction2.powf(0.5);
+        let _ = denom.g_add_scalar_(eps);
+        let scaled_exp_avg = bucket.exp_avg.to_kind(opmath) * (-step_size);
+        let mut offset = 0;
+        for (_, p) in params {
+            let n = p.numel() as i64;
+            let _ = p.view([-1]).addcdiv_(
+                &scaled_exp_avg.narrow(0, offset, n),
+                &denom.narrow(0, offset, n),
+            );
+            offset += n;
+        }
     }
 }
 
@@ -679,6 +712,72 @@ mod tests {
     /// Gives `t` the gradient `g` through autograd (`(t * g).sum().backward()`).
     fn set_grad(t: &Tensor, g: &Tensor) {
         (t * g).sum(None::<Kind>).backward();
+    }
+
+    /// Parameters beyond FLAT_BUCKET_VALUES split into several flat buckets,
+    /// and the bucketed update still equals the per-tensor loop bit for bit.
+    #[test]
+    fn large_groups_update_in_several_flat_buckets() {
+        tch::manual_seed(3);
+        let big = FLAT_BUCKET_VALUES * 5 / 8;
+        let sizes = [big, big, 1000];
+        let init: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| Tensor::randn([n], tch::kind::FLOAT_CPU))
+            .collect();
+        let grads: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| Tensor::randn([n], tch::kind::FLOAT_CPU))
+            .collect();
+        let leaves: Vec<Vec<Tensor>> = (0..2)
+            .map(|_| {
+                init.iter()
+                    .map(|t| t.copy().set_requires_grad(true))
+                    .collect()
+            })
+            .collect();
+        let named = |ps: &[Tensor]| -> Vec<(String, Tensor)> {
+            ps.iter()
+                .enumerate()
+                .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
+                .collect()
+        };
+        let group = |params| ParamGroup {
+            name: "g".into(),
+            params,
+            weight_decay: 0.01,
+        };
+        let mut flat = AdamW::new(vec![group(named(&leaves[0]))], (0.9, 0.999), 1e-8);
+        let mut per_tensor = AdamW::new(
+            named(&leaves[1])
+                .into_iter()
+                .map(|p| group(vec![p]))
+                .collect(),
+            (0.9, 0.999),
+            1e-8,
+        );
+        for (opt, ps) in [(&mut flat, &leaves[0]), (&mut per_tensor, &leaves[1])] {
+            for (p, g) in ps.iter().zip(&grads) {
+                set_grad(p, g);
+            }
+            opt.step(1e-3);
+        }
+        let ranges: Vec<_> = flat.flat[&0]
+            .buckets
+            .iter()
+            .map(|b| b.range.clone())
+            .collect();
+        assert_eq!(ranges, [0..1, 1..3]);
+        assert!(
+            per_tensor.flat.is_empty(),
+            "one-parameter groups take the plain loop"
+        );
+        for (a, b) in leaves[0].iter().zip(&leaves[1]) {
+            assert!(
+                a.equal(b),
+                "bucketed flat update differs from the per-tensor loop"
+            );
+        }
     }
 
     fn bits(t: &Tensor) -> Vec<u32> {
