@@ -22,7 +22,7 @@ use trl_like::peft::PeftAdapter;
 use trl_like::trainer::SFTTrainer;
 
 mod common;
-use common::{check_log_history, close};
+use common::{check_final_adapter, check_log_history, close};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -428,25 +428,11 @@ fn check_setting(s: &Setting, recompute: bool) {
         |ours, trl| close(ours, trl, 1e-12),
     );
 
-    let final_dir = root()
-        .join("tests/fixtures/trainer")
-        .join(setting)
-        .join("adapter_final/adapter_model.safetensors");
-    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(final_dir)
-        .unwrap()
-        .into_iter()
-        .collect();
-    let ours = trainer.peft.as_ref().unwrap().named_parameters();
-    assert_eq!(ours.len(), reference.len());
-    let mut worst_weight: f64 = 0.0;
-    for (name, t) in ours {
-        let diff = (&t - &reference[&name]).abs().max().double_value(&[]);
-        worst_weight = worst_weight.max(diff);
-        assert!(
-            diff < 1e-5,
-            "{setting}: {name} differs from PEFT's by {diff}"
-        );
-    }
+    let worst_weight = check_final_adapter(
+        &root(),
+        setting,
+        trainer.peft.as_ref().unwrap().named_parameters(),
+    );
     eprintln!(
         "{setting} (recompute {recompute}): worst relative loss/grad_norm/lr error {worst:.2e}, worst adapter weight difference {worst_weight:.2e}"
     );

@@ -9,14 +9,14 @@
 use glm4::glm::GlmForCausalLM;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::PeftAdapter;
 use trl_like::trainer::SFTTrainer;
 
 mod common;
-use common::{check_log_history, close};
+use common::{check_final_adapter, check_log_history, close};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -121,23 +121,11 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bo
     );
 
     // The trained adapter equals PEFT's after the same four steps.
-    let final_dir = root()
-        .join("tests/fixtures/trainer")
-        .join(setting)
-        .join("adapter_final/adapter_model.safetensors");
-    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(final_dir)
-        .unwrap()
-        .into_iter()
-        .collect();
-    let ours = trainer.peft.as_ref().unwrap().named_parameters();
-    assert_eq!(ours.len(), reference.len());
-    for (name, t) in ours {
-        let diff = (&t - &reference[&name]).abs().max().double_value(&[]);
-        assert!(
-            diff < 1e-5,
-            "{setting}: {name} differs from PEFT's by {diff}"
-        );
-    }
+    check_final_adapter(
+        &root(),
+        setting,
+        trainer.peft.as_ref().unwrap().named_parameters(),
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

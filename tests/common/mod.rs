@@ -2,6 +2,9 @@
 //! tests/padding_free_parity.rs): our `log_history` against TRL's.
 
 use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::Tensor;
 
 /// `a` within `tol` of `b`, relative to `1 + |b|`.
 pub fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -65,5 +68,30 @@ pub fn check_log_history(
         close(gl, el, 1e-5),
         "{setting}: train_loss {gl} vs TRL {el}"
     );
+    worst
+}
+
+/// Our trained adapter against PEFT's after the same steps
+/// (`tests/fixtures/trainer/{setting}/adapter_final`): every tensor within
+/// 1e-5. Returns the largest difference.
+pub fn check_final_adapter(root: &Path, setting: &str, ours: Vec<(String, Tensor)>) -> f64 {
+    let file = root
+        .join("tests/fixtures/trainer")
+        .join(setting)
+        .join("adapter_final/adapter_model.safetensors");
+    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(file)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ours.len(), reference.len());
+    let mut worst: f64 = 0.0;
+    for (name, t) in ours {
+        let diff = (&t - &reference[&name]).abs().max().double_value(&[]);
+        worst = worst.max(diff);
+        assert!(
+            diff < 1e-5,
+            "{setting}: {name} differs from PEFT's by {diff}"
+        );
+    }
     worst
 }
