@@ -903,16 +903,12 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
             _ => None,
         },
     };
-    let mut trainer = SFTTrainer::new(
-        model,
-        args,
-        &dataset,
-        None,
-        tokenizer,
-        Some(lora),
-        None,
-        vec![Box::new(callback)],
-    )?;
+    let mut trainer = SFTTrainer::builder(model, args)
+        .train_dataset(&dataset)
+        .processing_class(tokenizer)
+        .peft_config(Some(lora))
+        .callbacks(vec![Box::new(callback)])
+        .build()?;
     let (trainable, _) = trainer.trainable_parameters();
     let lens: Vec<usize> = trainer
         .train_dataset

@@ -666,16 +666,15 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
             );
         }
     }
-    let mut trainer = SFTTrainer::new(
-        model,
-        setup.args.clone(),
-        &train,
-        eval,
-        tokenizer,
-        peft_config(&setup.model_args)?,
-        None,
-        callbacks,
-    )?;
+    let mut builder = SFTTrainer::builder(model, setup.args.clone())
+        .train_dataset(&train)
+        .processing_class(tokenizer)
+        .peft_config(peft_config(&setup.model_args)?)
+        .callbacks(callbacks);
+    if let Some(eval) = eval {
+        builder = builder.eval_dataset(eval);
+    }
+    let mut trainer = builder.build()?;
     install_interrupt_handler(trainer.interrupt_handle());
     if let Some(g) = group {
         trainer.set_process_group(g);

@@ -339,17 +339,13 @@ fn check_setting(s: &Setting, recompute: bool) {
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&out);
-    let mut trainer = SFTTrainer::from_peft_model(
-        model,
-        adapter,
-        args(s, &out, recompute),
-        &records(setting),
-        None,
-        tokenizer,
-        None,
-        vec![],
-    )
-    .unwrap();
+    let data = records(setting);
+    let mut trainer = SFTTrainer::builder(model, args(s, &out, recompute))
+        .peft_model(adapter)
+        .train_dataset(&data)
+        .processing_class(tokenizer)
+        .build()
+        .unwrap();
     if recompute {
         // Several loss chunks per row, too.
         trainer.set_loss_chunk_tokens(16);
@@ -483,8 +479,12 @@ fn padding_free_evaluation_and_eval_packing() {
         a.max_length = Some(64);
         a.per_device_eval_batch_size = 4;
         let tokenizer = glm4::load_tokenizer(&tiny).unwrap();
-        let mut trainer =
-            SFTTrainer::new(model, a, &data, Some(&data), tokenizer, None, None, vec![]).unwrap();
+        let mut trainer = SFTTrainer::builder(model, a)
+            .train_dataset(&data)
+            .eval_dataset(&data)
+            .processing_class(tokenizer)
+            .build()
+            .unwrap();
         let eval_len = trainer.eval_dataset.as_ref().unwrap().len();
         let m = trainer.evaluate().unwrap();
         (m["eval_loss"].as_f64().unwrap(), eval_len)

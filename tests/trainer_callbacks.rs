@@ -114,17 +114,15 @@ fn events_fire_in_transformers_order() {
         0.0,
         TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
     );
-    let mut trainer = SFTTrainer::new(
-        model,
-        args,
-        &dataset(&texts[..6]),
-        Some(&dataset(&texts[6..8])),
-        tokenizer,
-        Some(lora),
-        None,
-        vec![Box::new(Recorder(log.clone()))],
-    )
-    .unwrap();
+    let (train, eval) = (dataset(&texts[..6]), dataset(&texts[6..8]));
+    let mut trainer = SFTTrainer::builder(model, args)
+        .train_dataset(&train)
+        .eval_dataset(&eval)
+        .processing_class(tokenizer)
+        .peft_config(Some(lora))
+        .callbacks(vec![Box::new(Recorder(log.clone()))])
+        .build()
+        .unwrap();
     trainer.train().unwrap();
     let got = log.lock().unwrap().clone();
     assert_eq!(got, expected, "callback events differ from transformers'");

@@ -94,17 +94,12 @@ fn check_setting(setting: &str, batch: usize, accumulation: usize, recompute: bo
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&out);
-    let mut trainer = SFTTrainer::from_peft_model(
-        model,
-        adapter,
-        args(batch, accumulation, &out, recompute),
-        &dataset,
-        None,
-        tokenizer,
-        None,
-        vec![],
-    )
-    .unwrap();
+    let mut trainer = SFTTrainer::builder(model, args(batch, accumulation, &out, recompute))
+        .peft_model(adapter)
+        .train_dataset(&dataset)
+        .processing_class(tokenizer)
+        .build()
+        .unwrap();
     if recompute {
         // Several loss chunks per sequence, too.
         trainer.set_loss_chunk_tokens(16 * batch as i64);

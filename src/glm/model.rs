@@ -103,6 +103,8 @@ pub struct GlmForCausalLM {
     pub vs: nn::VarStore,
     /// The directory the weights came from (empty for random init).
     pub name_or_path: String,
+    /// Recompute layer activations in training passes (gradient checkpointing).
+    pub activation_checkpointing: bool,
 }
 
 /// GLM-4-0414 (`model_type: "glm4"`): same type, chosen by the config.
@@ -129,6 +131,7 @@ impl GlmForCausalLM {
             lm_head,
             vs,
             name_or_path: String::new(),
+            activation_checkpointing: false,
         }
     }
 
@@ -312,6 +315,14 @@ impl Checkpointable for GlmForCausalLM {
 
     fn final_norm(&self, hidden: &Tensor) -> Tensor {
         self.model.norm.forward(hidden)
+    }
+
+    fn activation_checkpointing(&self) -> bool {
+        self.activation_checkpointing
+    }
+
+    fn set_activation_checkpointing(&mut self, on: bool) {
+        self.activation_checkpointing = on;
     }
 }
 

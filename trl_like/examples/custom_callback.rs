@@ -80,16 +80,13 @@ fn main() -> anyhow::Result<()> {
         ..SFTConfig::default()
     };
     let lora = LoraConfig::new(16, 32.0, 0.0, TargetModules::AllLinear);
-    let mut trainer = SFTTrainer::new(
-        model,
-        args,
-        &train,
-        Some(&test),
-        tokenizer,
-        Some(lora),
-        None,
-        vec![Box::new(StopAtLoss { target: 2.0 })],
-    )?;
+    let mut trainer = SFTTrainer::builder(model, args)
+        .train_dataset(&train)
+        .eval_dataset(&test)
+        .processing_class(tokenizer)
+        .peft_config(Some(lora))
+        .callbacks(vec![Box::new(StopAtLoss { target: 2.0 })])
+        .build()?;
     let out = trainer.train()?;
     println!(
         "stopped at step {} with train_loss {:.3}",

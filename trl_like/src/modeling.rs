@@ -124,9 +124,10 @@ pub trait PreTrainedModel: CausalLM + crate::peft::LoraModel + Checkpointable {
 }
 
 /// Layer-by-layer access to a model, for activation recompute (gradient
-/// checkpointing): the trainer runs the stack without keeping activations,
-/// then recomputes one layer at a time during the backward pass.
-pub trait Checkpointable {
+/// checkpointing, torchtune's `set_activation_checkpointing`): with it on, a
+/// training pass runs the stack without keeping activations and recomputes
+/// one layer at a time during the backward pass ([`Checkpointable::forward_for_loss`]).
+pub trait Checkpointable: CausalLM {
     /// What every layer needs besides the hidden states (rotary tables, mask).
     type LayerContext;
     /// Token embeddings. # Shapes `[batch, seq]` → `[batch, seq, hidden]`.
@@ -144,4 +145,78 @@ pub trait Checkpointable {
     ) -> Tensor;
     /// The norm after the last layer.
     fn final_norm(&self, hidden: &Tensor) -> Tensor;
+
+    /// Whether training passes recompute activations instead of keeping them.
+    fn activation_checkpointing(&self) -> bool;
+    /// Turns activation recompute on or off (transformers' `gradient_checkpointing_enable`).
+    fn set_activation_checkpointing(&mut self, on: bool);
+
+    /// Runs the model on `input` and hands the final hidden states (after the
+    /// last norm, `[batch, seq, hidden]`) to `head`, which computes the loss
+    /// and, when `backward`, backpropagates it into them; the gradients then
+    /// reach every trainable weight. Without `backward` nothing keeps a graph.
+    ///
+    /// With [`activation_checkpointing`](Self::activation_checkpointing) and
+    /// `backward`, only each layer's input is kept: the layers are recomputed
+    /// one at a time, last to first, with the dropout masks of the first pass.
+    fn forward_for_loss<R>(
+        &self,
+        input: &CausalLMInput,
+        train: bool,
+        backward: bool,
+        head: impl FnOnce(&Tensor) -> R,
+    ) -> R
+    where
+        Self: Sized,
+    {
+        if !(backward && self.activation_checkpointing()) {
+            let hidden = if backward {
+                self.forward_hidden(input, None, train)
+            } else {
+                tch::no_grad(|| self.forward_hidden(input, None, train))
+            };
+            return head(&hidden);
+        }
+        recompute_layers(self, input, train, head)
+    }
+}
+
+/// The recompute pass of [`Checkpointable::forward_for_loss`].
+fn recompute_layers<M: Checkpointable, R>(
+    model: &M,
+    input: &CausalLMInput,
+    train: bool,
+    head: impl FnOnce(&Tensor) -> R,
+) -> R {
+    let step_seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+    let ctx = model.layer_context(input);
+    let mut inputs = Vec::with_capacity(model.num_layers());
+    let last = tch::no_grad(|| {
+        let mut h = model.embed(input.input_ids);
+        for i in 0..model.num_layers() {
+            inputs.push(h.shallow_clone());
+            // The same dropout masks in this pass and in the recompute.
+            tch::manual_seed(step_seed.wrapping_add(i as i64));
+            h = model.layer_forward(i, &h, &ctx, train);
+        }
+        h
+    });
+    let last = last.detach().set_requires_grad(true);
+    let normed = model.final_norm(&last);
+    let out = head(&normed);
+    let mut grad = last.grad();
+    for i in (0..model.num_layers()).rev() {
+        let x = inputs[i].detach().set_requires_grad(true);
+        tch::manual_seed(step_seed.wrapping_add(i as i64));
+        let y = model.layer_forward(i, &x, &ctx, train);
+        (y * &grad).sum(Kind::Float).backward();
+        grad = x.grad();
+        inputs[i] = Tensor::new();
+    }
+    // Full fine-tuning also trains the embedding matrix.
+    let embedded = model.embed(input.input_ids);
+    if embedded.requires_grad() {
+        (embedded * &grad).sum(Kind::Float).backward();
+    }
+    out
 }

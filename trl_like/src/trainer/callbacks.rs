@@ -349,3 +349,102 @@ impl TrainerCallback for EarlyStoppingCallback {
         }
     }
 }
+
+/// Training events, mapped onto [`TrainerCallback`] methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    InitEnd,
+    TrainBegin,
+    TrainEnd,
+    EpochBegin,
+    EpochEnd,
+    StepBegin,
+    SubstepEnd,
+    PreOptimizerStep,
+    OptimizerStep,
+    StepEnd,
+    Evaluate,
+    PredictionStep,
+    Save,
+    Log,
+}
+
+/// What an event carries to the callbacks (into [`CallbackContext`]).
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    None,
+    Logs(&'a Map<String, Value>),
+    Metrics(&'a Map<String, Value>),
+    Checkpoint(&'a Path),
+}
+
+/// A trainer's callbacks, called in order for each event (transformers' `CallbackHandler`).
+#[derive(Default)]
+pub struct CallbackHandler {
+    callbacks: Vec<Box<dyn TrainerCallback>>,
+}
+
+impl CallbackHandler {
+    pub fn new(callbacks: Vec<Box<dyn TrainerCallback>>) -> Self {
+        Self { callbacks }
+    }
+
+    /// Adds a callback after the existing ones (transformers' `add_callback`).
+    pub fn add(&mut self, callback: Box<dyn TrainerCallback>) {
+        self.callbacks.push(callback);
+    }
+
+    /// The callbacks' names, in calling order.
+    pub fn names(&self) -> Vec<&str> {
+        self.callbacks.iter().map(|c| c.name()).collect()
+    }
+
+    /// transformers' `call_event`: resets the per-step flags the event owns,
+    /// then calls every callback's method for `event` with `payload` in `ctx`.
+    pub fn call_event<'a>(
+        &mut self,
+        event: Event,
+        payload: Payload<'a>,
+        args: &SFTConfig,
+        state: &TrainerState,
+        control: &mut TrainerControl,
+        ctx: &mut CallbackContext<'a>,
+    ) {
+        match payload {
+            Payload::None => {}
+            Payload::Logs(l) => ctx.logs = Some(l),
+            Payload::Metrics(m) => ctx.metrics = Some(m),
+            Payload::Checkpoint(p) => ctx.checkpoint_dir = Some(p),
+        }
+        match event {
+            // The handler resets per-step flags before the callbacks run, as transformers does.
+            Event::StepBegin => {
+                control.should_log = false;
+                control.should_evaluate = false;
+                control.should_save = false;
+            }
+            Event::EpochBegin => control.should_epoch_stop = false,
+            Event::TrainBegin => control.should_training_stop = false,
+            _ => {}
+        }
+        for cb in self.callbacks.iter_mut() {
+            let method = match event {
+                Event::InitEnd => TrainerCallback::on_init_end,
+                Event::TrainBegin => TrainerCallback::on_train_begin,
+                Event::TrainEnd => TrainerCallback::on_train_end,
+                Event::EpochBegin => TrainerCallback::on_epoch_begin,
+                Event::EpochEnd => TrainerCallback::on_epoch_end,
+                Event::StepBegin => TrainerCallback::on_step_begin,
+                Event::SubstepEnd => TrainerCallback::on_substep_end,
+                Event::PreOptimizerStep => TrainerCallback::on_pre_optimizer_step,
+                Event::OptimizerStep => TrainerCallback::on_optimizer_step,
+                Event::StepEnd => TrainerCallback::on_step_end,
+                Event::Evaluate => TrainerCallback::on_evaluate,
+                Event::PredictionStep => TrainerCallback::on_prediction_step,
+                Event::Save => TrainerCallback::on_save,
+                Event::Log => TrainerCallback::on_log,
+            };
+            method(cb.as_mut(), args, state, control, ctx);
+        }
+    }
+}

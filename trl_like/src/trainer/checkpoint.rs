@@ -3,7 +3,8 @@
 //! tokenizer. Each is written under a temporary name and renamed when
 //! complete, so a crash never leaves a half checkpoint that looks finished.
 
-use super::{io_err, LoopState, SFTTrainer, TrainerError};
+use super::step::LoopState;
+use super::{io_err, Trainer, TrainerError, TrainingHooks};
 use crate::config::{ResumeFrom, SFTConfig};
 use crate::modeling::PreTrainedModel;
 use crate::optim::AdamW;
@@ -84,11 +85,12 @@ pub fn resolve_resume(
     Ok(None)
 }
 
-impl<M: PreTrainedModel> SFTTrainer<M> {
+impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     /// Writes `checkpoint-{global_step}` and rotates old ones (transformers' `_save_checkpoint`).
     pub(super) fn save_checkpoint(
         &mut self,
         output_dir: &Path,
+        optimizer: &AdamW,
         metrics: Option<&Map<String, Value>>,
     ) -> Result<(), TrainerError> {
         let step = self.state.global_step;
@@ -96,7 +98,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         let final_dir = output_dir.join(&name);
         self.update_best(metrics, &final_dir);
         if self.is_world_process_zero() {
-            self.write_checkpoint(output_dir, &name)?;
+            self.write_checkpoint(output_dir, &name, optimizer)?;
         }
         // The other ranks go on only once the checkpoint is complete (they may read it:
         // load_best_model_at_end). If rank 0 failed to write, it has left and this errs.
@@ -107,7 +109,12 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     }
 
     /// Rank 0's part of a checkpoint: the files, atomically renamed into place, then rotation.
-    fn write_checkpoint(&mut self, output_dir: &Path, name: &str) -> Result<(), TrainerError> {
+    fn write_checkpoint(
+        &mut self,
+        output_dir: &Path,
+        name: &str,
+        optimizer: &AdamW,
+    ) -> Result<(), TrainerError> {
         let step = self.state.global_step;
         let final_dir = output_dir.join(name);
         let tmp_dir = output_dir.join(format!(".{name}.partial"));
@@ -117,15 +124,11 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         self.save_model(Some(&tmp_dir))?;
         if !self.args.save_only_model {
-            let optimizer = self
-                .optimizer
-                .as_ref()
-                .expect("optimizer exists while training");
             optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
             let extra = serde_json::to_string_pretty(&self.loop_state).expect("json");
             std::fs::write(tmp_dir.join(LOOP_FILE), extra).map_err(io_err(&tmp_dir))?;
         }
-        super::crash_point("TRL_LIKE_CRASH_DURING_SAVE", step);
+        super::fault::crash_point("TRL_LIKE_CRASH_DURING_SAVE", step);
         let args = serde_json::to_string_pretty(&self.args).expect("json");
         std::fs::write(tmp_dir.join(ARGS_FILE), args).map_err(io_err(&tmp_dir))?;
         // The state file goes last: its presence marks a complete checkpoint.
@@ -275,6 +278,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         if let Ok(text) = std::fs::read_to_string(dir.join(LOOP_FILE)) {
             self.loop_state = serde_json::from_str::<LoopState>(&text)
                 .map_err(|e| ckpt(format!("{LOOP_FILE}: {e}")))?;
+            self.loop_state.window.upgrade_legacy_names();
         } else {
             self.loop_state.last_logged_step = state.global_step;
         }

@@ -1,0 +1,117 @@
+//! The causal-LM loss of SFT: `lm_head` + cross-entropy over sequence chunks,
+//! with the statistics TRL logs beside the loss (entropy of the predicted
+//! distributions and token accuracy), from one `log_softmax` per chunk.
+
+use crate::data::tokenize::IGNORE_INDEX;
+use crate::modeling::CausalLM;
+use tch::{Kind, Reduction, Tensor};
+
+/// Tokens per loss chunk: the fp32 logits of one chunk are `chunk × vocab`
+/// (256 × 151,552 × 4 B = 155 MB for GLM-4) instead of the whole batch's
+/// (2 × 512 tokens: 620 MB, plus their gradient).
+pub const LOSS_CHUNK_TOKENS: i64 = 256;
+
+/// What [`chunked_lm_loss`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LmLoss {
+    /// Summed token losses / `denom`.
+    pub loss: f64,
+    /// Mean entropy of the predicted distributions at the positions that take loss.
+    pub entropy: f64,
+    /// Share of loss tokens whose argmax prediction is the label.
+    pub accuracy: f64,
+}
+
+/// transformers' `ForCausalLMLoss` (shifted labels, `-100` ignored, logits in
+/// fp32) divided by `denom`, computed `chunk_tokens` positions at a time so
+/// the whole `[batch, seq, vocab]` logits never exist. With `backward`, each
+/// chunk backpropagates into a detached copy of `hidden` and the summed
+/// gradient then flows into `hidden`'s graph once.
+///
+/// # Shapes
+/// `hidden`: `[batch, seq, hidden]` (after the final norm); `labels`: `[batch, seq]`.
+pub fn chunked_lm_loss<M: CausalLM + ?Sized>(
+    model: &M,
+    hidden: &Tensor,
+    labels: &Tensor,
+    denom: f64,
+    backward: bool,
+    chunk_tokens: i64,
+) -> LmLoss {
+    let (b, t, _) = hidden
+        .size3()
+        .expect("hidden states are [batch, seq, hidden]");
+    // Positions 0..t-1 predict labels 1..t.
+    let positions = t - 1;
+    let chunk = (chunk_tokens / b.max(1)).max(1);
+    let leaf = hidden.detach().set_requires_grad(backward);
+    let mut stats = ChunkStats::default();
+    let mut start = 0;
+    while start < positions {
+        let len = chunk.min(positions - start);
+        let h = leaf.narrow(1, start, len);
+        let y = labels.narrow(1, start + 1, len).reshape([-1]);
+        let run = || {
+            // Logits in fp32 whatever the model dtype, as transformers upcasts them.
+            let logits = model.lm_head(&h).to_kind(Kind::Float);
+            let v = logits.size()[2];
+            // cross_entropy = log_softmax + nll_loss; keeping the log-probabilities
+            // lets the entropy below reuse them instead of a second softmax.
+            let logp = logits.reshape([-1, v]).log_softmax(-1, Kind::Float);
+            let summed = logp.nll_loss_nd::<Tensor>(&y, None, Reduction::Sum, IGNORE_INDEX) / denom;
+            (logp, summed)
+        };
+        let (logp, chunk_loss) = if backward { run() } else { tch::no_grad(run) };
+        stats.add(&logp, &y);
+        stats.loss += chunk_loss.double_value(&[]);
+        if backward {
+            chunk_loss.backward();
+        }
+        start += len;
+    }
+    // A sequence of one token has no position to predict: nothing reached the leaf.
+    if backward && hidden.requires_grad() && leaf.grad().defined() {
+        (hidden * leaf.grad()).sum(Kind::Float).backward();
+    }
+    stats.finish()
+}
+
+/// Running sums over the chunks of one batch.
+#[derive(Default)]
+struct ChunkStats {
+    loss: f64,
+    entropy_sum: f64,
+    correct: f64,
+    valid: f64,
+}
+
+impl ChunkStats {
+    /// Adds one chunk's entropy and accuracy counts (`logp`: `[tokens, vocab]`).
+    fn add(&mut self, logp: &Tensor, y: &Tensor) {
+        tch::no_grad(|| {
+            let valid = y.ne(IGNORE_INDEX);
+            let valid_f = valid.to_kind(Kind::Float);
+            let per_token = -(logp.exp() * logp).sum_dim_intlist(-1, false, Kind::Float);
+            self.entropy_sum += (per_token * &valid_f).sum(Kind::Float).double_value(&[]);
+            self.correct += logp
+                .argmax(-1, false)
+                .eq_tensor(y)
+                .logical_and(&valid)
+                .sum(Kind::Float)
+                .double_value(&[]);
+            self.valid += valid_f.sum(Kind::Float).double_value(&[]);
+        });
+    }
+
+    fn finish(self) -> LmLoss {
+        LmLoss {
+            loss: self.loss,
+            entropy: self.entropy_sum / self.valid.max(1.0),
+            accuracy: if self.valid > 0.0 {
+                self.correct / self.valid
+            } else {
+                0.0
+            },
+        }
+    }
+}
