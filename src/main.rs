@@ -1,6 +1,8 @@
 //! `glm4`: fine-tune and run GLM-4 from Rust. Thin CLI over the `glm4` and
 //! `trl_like` crates; every subcommand mirrors a script of the Python tutorial.
 
+mod logger;
+
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use glm4::glm::{GlmConfig, GlmForCausalLM};
@@ -192,6 +194,7 @@ struct ChatArgs {
 }
 
 fn main() {
+    logger::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Env => cmd_env(),

@@ -130,6 +130,35 @@ struct Kwargs<'a> {
 }
 
 impl<'a> Kwargs<'a> {
+    /// `get_wsd_schedule`'s keywords (`num_decay_steps` required).
+    fn warmup_stable_decay(&self, warmup: i64, total: i64) -> Result<Schedule, OptimError> {
+        let kw = self;
+        kw.only(&[
+            "num_decay_steps",
+            "num_stable_steps",
+            "warmup_type",
+            "decay_type",
+            "min_lr_ratio",
+            "num_cycles",
+        ])?;
+        let num_decay_steps = kw
+            .int("num_decay_steps")?
+            .ok_or_else(|| kw.err("missing required keyword argument `num_decay_steps`".into()))?;
+        // transformers warns when both are known and uses num_stable_steps.
+        let num_stable_steps = match kw.int("num_stable_steps")? {
+            Some(s) => s,
+            None => total - warmup - num_decay_steps,
+        };
+        Ok(Schedule::WarmupStableDecay {
+            num_stable_steps,
+            num_decay_steps,
+            warmup_type: kw.wsd_shape("warmup_type", WsdShape::Linear)?,
+            decay_type: kw.wsd_shape("decay_type", WsdShape::Cosine)?,
+            min_lr_ratio: kw.float_or("min_lr_ratio", 0.0)?,
+            num_cycles: kw.float_or("num_cycles", 0.5)?,
+        })
+    }
+
     fn err(&self, message: String) -> OptimError {
         OptimError::SchedulerKwargs {
             scheduler: self.scheduler.to_string(),
@@ -335,32 +364,7 @@ impl LrScheduler {
                     warmup_lr_rate: kw.float("warmup_lr_rate")?,
                 }
             }
-            "warmup_stable_decay" => {
-                kw.only(&[
-                    "num_decay_steps",
-                    "num_stable_steps",
-                    "warmup_type",
-                    "decay_type",
-                    "min_lr_ratio",
-                    "num_cycles",
-                ])?;
-                let num_decay_steps = kw.int("num_decay_steps")?.ok_or_else(|| {
-                    kw.err("missing required keyword argument `num_decay_steps`".into())
-                })?;
-                // transformers warns when both are known and uses num_stable_steps.
-                let num_stable_steps = match kw.int("num_stable_steps")? {
-                    Some(s) => s,
-                    None => total - warmup - num_decay_steps,
-                };
-                Schedule::WarmupStableDecay {
-                    num_stable_steps,
-                    num_decay_steps,
-                    warmup_type: kw.wsd_shape("warmup_type", WsdShape::Linear)?,
-                    decay_type: kw.wsd_shape("decay_type", WsdShape::Cosine)?,
-                    min_lr_ratio: kw.float_or("min_lr_ratio", 0.0)?,
-                    num_cycles: kw.float_or("num_cycles", 0.5)?,
-                }
-            }
+            "warmup_stable_decay" => kw.warmup_stable_decay(warmup, total)?,
             _ => {
                 return Err(OptimError::UnknownScheduler {
                     name: name.to_string(),
@@ -446,27 +450,7 @@ impl LrScheduler {
                     0.5 * (1.0 + (PI * py_mod(num_cycles * progress, 1.0)).cos()),
                 )
             }
-            Schedule::Polynomial { lr_end, power } => {
-                let lr_init = self.base_lr;
-                if s < warmup {
-                    warmup_ratio(s, warmup)
-                } else if s > total {
-                    lr_end / lr_init // as LambdaLR multiplies by lr_init
-                } else {
-                    let lr_range = lr_init - lr_end;
-                    let decay_steps = total - warmup;
-                    if decay_steps == 0 {
-                        // Python divides by zero here (warmup == total, at the
-                        // last step); the schedule has reached lr_end.
-                        return lr_end / lr_init;
-                    }
-                    // int / int in Python is the correctly rounded quotient,
-                    // as is the f64 division of these exactly represented ints.
-                    let pct_remaining = 1.0 - (s - warmup) as f64 / decay_steps as f64;
-                    let decay = lr_range * pct_remaining.powf(power) + lr_end;
-                    decay / lr_init
-                }
-            }
+            Schedule::Polynomial { lr_end, power } => self.polynomial(s, lr_end, power),
             Schedule::InverseSqrt { timescale } => {
                 if s < warmup {
                     return warmup_ratio(s, warmup);
@@ -490,56 +474,99 @@ impl LrScheduler {
                 num_cycles,
                 min_lr_rate,
                 warmup_lr_rate,
-            } => {
-                // This lambda converts everything to float up front.
-                let (cs, nw, nt) = (s as f64, warmup as f64, total as f64);
-                if cs < nw {
-                    return match warmup_lr_rate {
-                        None => (cs + 1.0) / py_max(1.0, nw),
-                        Some(w) => w + (1.0 - w) * cs / py_max(1.0, nw - 1.0),
-                    };
-                }
-                let progress = (cs - nw + 1.0) / py_max(1.0, nt - nw);
-                let factor = 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos());
-                let factor = factor * (1.0 - min_lr_rate) + min_lr_rate;
-                py_max(0.0, factor)
-            }
-            Schedule::WarmupStableDecay {
-                num_stable_steps,
-                num_decay_steps,
-                warmup_type,
-                decay_type,
-                min_lr_ratio,
+            } => cosine_warmup_with_min_lr(
+                (s as f64, warmup as f64, total as f64),
                 num_cycles,
-            } => {
-                if s < warmup {
-                    let progress = warmup_ratio(s, warmup);
-                    let factor = match warmup_type {
-                        WsdShape::Linear => progress,
-                        WsdShape::Cosine => 0.5 * (1.0 - (PI * progress).cos()),
-                        WsdShape::OneMinusSqrt => 1.0 - (1.0 - progress).sqrt(),
-                    };
-                    let factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio;
-                    return py_max(0.0, factor);
-                }
-                if s < warmup + num_stable_steps {
-                    return 1.0;
-                }
-                if s < warmup + num_stable_steps + num_decay_steps {
-                    let progress =
-                        (s - warmup - num_stable_steps) as f64 / num_decay_steps.max(1) as f64;
-                    let factor = match decay_type {
-                        WsdShape::Linear => 1.0 - progress,
-                        WsdShape::Cosine => 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos()),
-                        WsdShape::OneMinusSqrt => 1.0 - progress.sqrt(),
-                    };
-                    let factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio;
-                    return py_max(0.0, factor);
-                }
-                min_lr_ratio
-            }
+                min_lr_rate,
+                warmup_lr_rate,
+            ),
+            Schedule::WarmupStableDecay { .. } => self.warmup_stable_decay(s),
         }
     }
+
+    /// `get_polynomial_decay_schedule_with_warmup`'s lambda.
+    fn polynomial(&self, s: i64, lr_end: f64, power: f64) -> f64 {
+        let (warmup, total) = (self.num_warmup_steps, self.num_training_steps);
+        let lr_init = self.base_lr;
+        if s < warmup {
+            warmup_ratio(s, warmup)
+        } else if s > total {
+            lr_end / lr_init // as LambdaLR multiplies by lr_init
+        } else {
+            let lr_range = lr_init - lr_end;
+            let decay_steps = total - warmup;
+            if decay_steps == 0 {
+                // Python divides by zero here (warmup == total, at the
+                // last step); the schedule has reached lr_end.
+                return lr_end / lr_init;
+            }
+            // int / int in Python is the correctly rounded quotient,
+            // as is the f64 division of these exactly represented ints.
+            let pct_remaining = 1.0 - (s - warmup) as f64 / decay_steps as f64;
+            let decay = lr_range * pct_remaining.powf(power) + lr_end;
+            decay / lr_init
+        }
+    }
+
+    /// `get_wsd_schedule`'s lambda: warm up, hold, decay, then stay at `min_lr_ratio`.
+    fn warmup_stable_decay(&self, s: i64) -> f64 {
+        let Schedule::WarmupStableDecay {
+            num_stable_steps,
+            num_decay_steps,
+            warmup_type,
+            decay_type,
+            min_lr_ratio,
+            num_cycles,
+        } = self.schedule
+        else {
+            unreachable!("called for the warmup_stable_decay schedule only")
+        };
+        let warmup = self.num_warmup_steps;
+        if s < warmup {
+            let progress = warmup_ratio(s, warmup);
+            let factor = match warmup_type {
+                WsdShape::Linear => progress,
+                WsdShape::Cosine => 0.5 * (1.0 - (PI * progress).cos()),
+                WsdShape::OneMinusSqrt => 1.0 - (1.0 - progress).sqrt(),
+            };
+            let factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio;
+            return py_max(0.0, factor);
+        }
+        if s < warmup + num_stable_steps {
+            return 1.0;
+        }
+        if s < warmup + num_stable_steps + num_decay_steps {
+            let progress = (s - warmup - num_stable_steps) as f64 / num_decay_steps.max(1) as f64;
+            let factor = match decay_type {
+                WsdShape::Linear => 1.0 - progress,
+                WsdShape::Cosine => 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos()),
+                WsdShape::OneMinusSqrt => 1.0 - progress.sqrt(),
+            };
+            let factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio;
+            return py_max(0.0, factor);
+        }
+        min_lr_ratio
+    }
+}
+
+/// `get_cosine_with_min_lr_schedule_with_warmup_lr_rate`'s lambda, which
+/// converts the step counts to float up front (`(step, warmup, total)`).
+fn cosine_warmup_with_min_lr(
+    (cs, nw, nt): (f64, f64, f64),
+    num_cycles: f64,
+    min_lr_rate: f64,
+    warmup_lr_rate: Option<f64>,
+) -> f64 {
+    if cs < nw {
+        return match warmup_lr_rate {
+            None => (cs + 1.0) / py_max(1.0, nw),
+            Some(w) => w + (1.0 - w) * cs / py_max(1.0, nw - 1.0),
+        };
+    }
+    let progress = (cs - nw + 1.0) / py_max(1.0, nt - nw);
+    let factor = 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos());
+    let factor = factor * (1.0 - min_lr_rate) + min_lr_rate;
+    py_max(0.0, factor)
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             .collect();
         for t in &mut self.trackers {
             if let Err(e) = t.log_scalars(self.state.global_step as u64, &scalars) {
-                eprintln!("warning: could not write a tracker log: {e}");
+                log::warn!("could not write a tracker log: {e}");
             }
         }
         self.fire(Event::Log, Payload::Logs(&logs));

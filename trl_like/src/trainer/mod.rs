@@ -301,7 +301,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     ) -> Result<(), TrainerError> {
         if let Some(dir) = checkpoint {
             self.load_checkpoint(dir, &mut run.optimizer)?;
-            eprintln!(
+            log::info!(
                 "resuming from {} at step {}",
                 dir.display(),
                 self.state.global_step
@@ -335,13 +335,13 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
                 .as_ref()
                 .map_or("", |g| g.backend().name());
             let bs = self.args.per_device_train_batch_size;
-            eprintln!(
+            log::info!(
                 "data parallel: {world_size} ranks ({backend} backend), global batch {bs} x {world_size} x {ga} = {}",
                 bs * world_size * ga
             );
         }
         let (trainable, total) = self.trainable_parameters();
-        eprintln!(
+        log::info!(
             "***** Running training *****\n  examples = {}, epochs = {}, batch size = {}, accumulation = {}, optimizer steps = {}\n  trainable params: {} || all params: {} || trainable%: {:.4}",
             self.train_dataset.len(),
             plan.num_epochs,
@@ -411,7 +411,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             return Ok(());
         }
         if let Some(best) = self.state.best_model_checkpoint.clone() {
-            eprintln!(
+            log::info!(
                 "loading the best checkpoint {best} (metric {:?})",
                 self.state.best_metric
             );
@@ -513,7 +513,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         for (tag, text) in ctx.text_logs {
             for t in &mut self.trackers {
                 if let Err(e) = t.log_text(step, &tag, &text) {
-                    eprintln!("warning: could not write a tracker text log: {e}");
+                    log::warn!("could not write a tracker text log: {e}");
                 }
             }
         }

@@ -124,7 +124,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             )));
         }
         if self.is_world_process_zero() {
-            eprintln!(
+            log::info!(
                 "data parallel: all {} ranks hold bit-identical trainable weights ({total} values)",
                 group.world_size()
             );

@@ -280,7 +280,7 @@ fn prepare_datasets(
         args.packing,
     )?;
     if stats.truncated > 0 {
-        eprintln!(
+        log::info!(
             "note: {} of {} training examples were longer than max_length {} and were truncated",
             stats.truncated,
             train.len(),
@@ -357,7 +357,7 @@ pub fn prepare_dataset(
                 out.push(t);
             }
             Err(e) if skip_bad_records => {
-                eprintln!("warning: skipping {e}");
+                log::warn!("skipping {e}");
                 stats.skipped += 1;
             }
             Err(e) => return Err(e.into()),

@@ -167,8 +167,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         let step = self.state.global_step + 1;
         self.loop_state.nonfinite_in_a_row += 1;
         let in_a_row = self.loop_state.nonfinite_in_a_row;
-        eprintln!(
-            "warning: step {step}: loss {loss} / grad_norm {grad_norm} is not finite; the update is skipped ({in_a_row} in a row)"
+        log::warn!("step {step}: loss {loss} / grad_norm {grad_norm} is not finite; the update is skipped ({in_a_row} in a row)"
         );
         if in_a_row >= self.max_nonfinite_steps {
             return Err(TrainerError::Invalid(format!(
