@@ -534,7 +534,10 @@ impl Merge {
                 cmd = cmd.args(field_args(spec, g.preprocess, g.values.get(spec.name)));
             }
         }
+        // An application's Args struct brings its doc comment as `about`: not ours to show.
         A::augment_args(cmd.next_help_heading(None::<&str>))
+            .about(None::<&str>)
+            .long_about(None::<&str>)
     }
 
     fn help<A: Args>(&self) -> String {
@@ -766,13 +769,17 @@ impl Merge {
                 ));
             }
         }
-        let app = A::augment_args(Command::new("app"));
+        let mut app = A::augment_args(Command::new("app").disable_help_flag(true));
+        app.build(); // settles each arg's number of values
         let mut heading: Option<Option<String>> = None;
         for arg in app.get_arguments().filter(|a| !a.is_hide_set()) {
             let Some(long) = arg.get_long() else { continue };
             let h = arg.get_help_heading().map(str::to_string);
             if heading.as_ref() != Some(&h) {
-                out.push_str(&header(h.as_deref().unwrap_or("Other options")));
+                out.push_str(&format!(
+                    "\n## {}\n\n| flag (not a YAML key) | value | default | meaning |\n|---|---|---|---|\n",
+                    h.as_deref().unwrap_or("Other options")
+                ));
                 heading = Some(h);
             }
             let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
