@@ -30,6 +30,8 @@
 use crate::glm::{GlmConfig, GlmForCausalLM};
 use crate::runtime;
 use anyhow::{bail, Context, Result};
+use clap::builder::BoolishValueParser;
+use clap::ArgAction;
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
@@ -55,224 +57,148 @@ pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
 /// The tokenizer every benchmark uses (committed with the repository).
 const TINY_DIR: &str = "weights/tiny-glm";
 
-pub const BENCH_HELP: &str = "\
-glm4 bench: LoRA training-step throughput and peak memory on any GLM-4 shape (no weights needed)
-
-  --model_config NAME|PATH        glm-4-9b, small, tiny, or a config.json / model directory (required)
-  --random_init                   random weights (needed for glm-4-9b and small, which have none here)
-  --steps N                       measured optimizer steps (default 20)
-  --warmup N                      steps run before measuring (default 3)
-  --batch_size N                  sequences per step (default 4)
-  --seq_len N                     synthetic sequence length, and max_length for real data (default 512)
-  --lora_r N                      LoRA rank (default 8)
-  --lora_alpha X                  LoRA alpha (default 32, the tutorial's)
-  --lora_dropout X                LoRA dropout (default 0.1, the tutorial's)
-  --lora_target_modules M [M ..]  modules with adapters, or all-linear (default q_proj k_proj v_proj)
-  --dtype float32|bfloat16        base weights' dtype (default float32 on CPU, bfloat16 on CUDA)
-  --device cpu|cuda|cuda:N|auto   (default auto)
-  --data synthetic|PATH.json      random ids of exactly seq_len, or records of a JSON/JSONL file
-                                  (alpaca, sharegpt, messages, text or {\"input_ids\": [...]}) (default synthetic)
-  --num_records N                 use the first N records of --data PATH (default all)
-  --gradient_checkpointing B      true|false (default false)
-  --padding_free B                true|false: each batch as one unpadded row, positions restarting per
-                                  sequence, attention kept within each (default false)
-  --packing B                     true|false: pack records into seq_len blocks (TRL's packing; bfd implies
-                                  padding-free batches) (default false)
-  --packing_strategy S            bfd, bfd_split or wrapped (default bfd)
-  --learning_rate X               (default 5e-4, the tutorial's)
-  --seed N                        model init, LoRA init, synthetic data (default 42)
-  --num_threads N                 CPU threads for libtorch (default: libtorch's own choice)
-  --peak_tflops X                 peak for MFU (default 989 on CUDA: H100/H200 dense bf16)
-  --dump_dataset PATH             write the tokenized training records as JSON ({\"input_ids\", \"labels\"} each),
-                                  so another implementation can train on exactly the same ids
-  --json                          print one JSON object on stdout instead of the report
-";
-
-/// `glm4 bench` options.
-#[derive(Debug, Clone)]
+/// `glm4 bench` options (`--name value`, `--name=value`, snake or kebab case).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "glm4 bench",
+    about = "LoRA training-step throughput and peak memory on any GLM-4 shape (no weights needed)"
+)]
 pub struct BenchArgs {
+    /// glm-4-9b, small, tiny, or a config.json / model directory.
+    #[arg(long = "model_config", aliases = ["model-config", "model", "config"], value_name = "NAME|PATH")]
     pub model_config: String,
+    /// Random weights (needed for glm-4-9b and small, which have none here).
+    #[arg(long = "random_init", alias = "random-init", value_name = "BOOL", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(),
+        hide_possible_values = true)]
     pub random_init: bool,
+    /// Measured optimizer steps.
+    #[arg(long, aliases = ["max_steps", "max-steps"], value_name = "N", default_value_t = 20)]
     pub steps: usize,
+    /// Steps run before measuring.
+    #[arg(long, aliases = ["warmup_steps", "warmup-steps"], value_name = "N", default_value_t = 3)]
     pub warmup: usize,
+    /// Sequences per step.
+    #[arg(long = "batch_size", aliases = ["batch-size", "per_device_train_batch_size", "per-device-train-batch-size"],
+          value_name = "N", default_value_t = 4)]
     pub batch_size: usize,
+    /// Synthetic sequence length, and max_length for real data.
+    #[arg(long = "seq_len", aliases = ["seq-len", "max_length", "max-length", "max_seq_length", "max-seq-length"],
+          value_name = "N", default_value_t = 512)]
     pub seq_len: usize,
+    /// LoRA rank.
+    #[arg(
+        long = "lora_r",
+        alias = "lora-r",
+        value_name = "N",
+        default_value_t = 8
+    )]
     pub lora_r: i64,
+    /// LoRA alpha (the tutorial's).
+    #[arg(
+        long = "lora_alpha",
+        alias = "lora-alpha",
+        value_name = "X",
+        default_value_t = 32.0
+    )]
     pub lora_alpha: f64,
+    /// LoRA dropout (the tutorial's).
+    #[arg(
+        long = "lora_dropout",
+        alias = "lora-dropout",
+        value_name = "X",
+        default_value_t = 0.1
+    )]
     pub lora_dropout: f64,
+    /// Modules with adapters (space- or comma-separated), or all-linear.
+    #[arg(long = "lora_target_modules", alias = "lora-target-modules", value_name = "M",
+          num_args = 1.., value_delimiter = ',', default_values = ["q_proj", "k_proj", "v_proj"])]
     pub lora_target_modules: Vec<String>,
+    /// Base weights' dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).
+    #[arg(
+        long,
+        alias = "torch_dtype",
+        alias = "torch-dtype",
+        value_name = "DTYPE"
+    )]
     pub dtype: Option<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: String,
+    /// synthetic (random ids of exactly seq_len) or a JSON/JSONL file of records
+    /// (alpaca, sharegpt, messages, text or {"input_ids": [...]}).
+    #[arg(long, aliases = ["data_files", "data-files"], value_name = "synthetic|PATH", default_value = "synthetic")]
     pub data: String,
+    /// Use the first N records of --data PATH (default: all).
+    #[arg(long = "num_records", aliases = ["num-records", "max_samples", "max-samples"], value_name = "N")]
     pub num_records: Option<usize>,
+    /// Recompute each layer's activations in the backward pass.
+    #[arg(long = "gradient_checkpointing", alias = "gradient-checkpointing", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new(),
+        hide_possible_values = true)]
     pub gradient_checkpointing: bool,
+    /// Each batch as one unpadded row, positions restarting per sequence, attention kept within each.
+    #[arg(long = "padding_free", alias = "padding-free", value_name = "BOOL", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(),
+        hide_possible_values = true)]
     pub padding_free: bool,
+    /// Pack records into seq_len blocks (TRL's packing; bfd implies padding-free batches).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(),
+        hide_possible_values = true)]
     pub packing: bool,
+    /// bfd, bfd_split or wrapped.
+    #[arg(long = "packing_strategy", alias = "packing-strategy", value_name = "S", default_value = "bfd",
+          value_parser = |s: &str| s.parse::<PackingStrategy>())]
     pub packing_strategy: PackingStrategy,
+    /// Learning rate (the tutorial's).
+    #[arg(
+        long = "learning_rate",
+        alias = "learning-rate",
+        value_name = "X",
+        default_value_t = 5e-4
+    )]
     pub learning_rate: f64,
+    /// Model init, LoRA init, synthetic data.
+    #[arg(long, value_name = "N", default_value_t = 42)]
     pub seed: u64,
+    /// CPU threads for libtorch (default: libtorch's own choice).
+    #[arg(long = "num_threads", alias = "num-threads", value_name = "N")]
     pub num_threads: Option<i32>,
+    /// Peak TFLOP/s for MFU (default 989 on CUDA: H100/H200 dense bf16).
+    #[arg(long = "peak_tflops", alias = "peak-tflops", value_name = "X")]
     pub peak_tflops: Option<f64>,
+    /// Write the tokenized training records as JSON ({"input_ids", "labels"} each),
+    /// so another implementation can train on exactly the same ids.
+    #[arg(long = "dump_dataset", alias = "dump-dataset", value_name = "PATH")]
     pub dump_dataset: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of the report.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(),
+        hide_possible_values = true)]
     pub json: bool,
 }
 
-impl Default for BenchArgs {
-    fn default() -> Self {
-        Self {
-            model_config: String::new(),
-            random_init: false,
-            steps: 20,
-            warmup: 3,
-            batch_size: 4,
-            seq_len: 512,
-            lora_r: 8,
-            lora_alpha: 32.0,
-            lora_dropout: 0.1,
-            lora_target_modules: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-            dtype: None,
-            device: "auto".into(),
-            data: "synthetic".into(),
-            num_records: None,
-            gradient_checkpointing: false,
-            padding_free: false,
-            packing: false,
-            packing_strategy: PackingStrategy::Bfd,
-            learning_rate: 5e-4,
-            seed: 42,
-            num_threads: None,
-            peak_tflops: None,
-            dump_dataset: None,
-            json: false,
+impl BenchArgs {
+    /// The checks clap's types cannot express.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
         }
-    }
-}
-
-fn parse_bool(flag: &str, v: &str) -> Result<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => bail!("--{flag} {v:?} is not true or false"),
-    }
-}
-
-/// A switch: bare (`--json`), or with an explicit `true`/`false` (inline or next).
-fn switch(name: &str, inline: &Option<String>, raw: &[String], i: &mut usize) -> Result<bool> {
-    match (inline, raw.get(*i + 1)) {
-        (Some(v), _) => parse_bool(name, v),
-        (None, Some(v)) if parse_bool(name, v).is_ok() => {
-            *i += 1;
-            parse_bool(name, v)
+        if self.batch_size == 0 || self.seq_len < 2 {
+            bail!("--batch_size must be at least 1 and --seq_len at least 2");
         }
-        _ => Ok(true),
-    }
-}
-
-fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T> {
-    v.parse()
-        .map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not a valid number"))
-}
-
-/// Parses `glm4 bench` arguments (`--name value`, `--name=value`, snake or kebab case).
-/// `Ok(None)` means `--help` was asked for.
-pub fn parse_args(raw: &[String]) -> Result<Option<BenchArgs>> {
-    let mut a = BenchArgs::default();
-    let mut have_config = false;
-    let mut i = 0;
-    while i < raw.len() {
-        let arg = &raw[i];
-        let Some(body) = arg.strip_prefix("--") else {
-            bail!("unexpected argument {arg:?} (options start with --; see `glm4 bench --help`)");
-        };
-        let (name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n.replace('-', "_"), Some(v.to_string())),
-            None => (body.replace('-', "_"), None),
-        };
-        // A value: the inline one, else the next argument (which must not be an option).
-        let take = |i: &mut usize| -> Result<String> {
-            if let Some(v) = &inline {
-                return Ok(v.clone());
-            }
-            match raw.get(*i + 1) {
-                Some(v) if !v.starts_with("--") => {
-                    *i += 1;
-                    Ok(v.clone())
-                }
-                _ => bail!("--{name} expects a value"),
-            }
-        };
-        match name.as_str() {
-            "help" | "h" => return Ok(None),
-            "model_config" | "model" | "config" => {
-                a.model_config = take(&mut i)?;
-                have_config = true;
-            }
-            "random_init" => a.random_init = switch(&name, &inline, raw, &mut i)?,
-            "steps" | "max_steps" => a.steps = parse_num(&name, &take(&mut i)?)?,
-            "warmup" | "warmup_steps" => a.warmup = parse_num(&name, &take(&mut i)?)?,
-            "batch_size" | "per_device_train_batch_size" => {
-                a.batch_size = parse_num(&name, &take(&mut i)?)?
-            }
-            "seq_len" | "max_length" | "max_seq_length" => {
-                a.seq_len = parse_num(&name, &take(&mut i)?)?
-            }
-            "lora_r" => a.lora_r = parse_num(&name, &take(&mut i)?)?,
-            "lora_alpha" => a.lora_alpha = parse_num(&name, &take(&mut i)?)?,
-            "lora_dropout" => a.lora_dropout = parse_num(&name, &take(&mut i)?)?,
-            "lora_target_modules" => {
-                let mut modules = Vec::new();
-                if let Some(v) = &inline {
-                    modules.extend(v.split(',').map(str::to_string));
-                }
-                while let Some(v) = raw.get(i + 1).filter(|v| !v.starts_with("--")) {
-                    modules.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
-                    i += 1;
-                }
-                if modules.is_empty() {
-                    bail!("--lora_target_modules expects module names or all-linear");
-                }
-                a.lora_target_modules = modules;
-            }
-            "dtype" | "torch_dtype" => a.dtype = Some(take(&mut i)?),
-            "device" => a.device = take(&mut i)?,
-            "data" | "data_files" => a.data = take(&mut i)?,
-            "num_records" | "max_samples" => {
-                a.num_records = Some(parse_num(&name, &take(&mut i)?)?)
-            }
-            "gradient_checkpointing" => {
-                a.gradient_checkpointing = parse_bool(&name, &take(&mut i)?)?
-            }
-            "padding_free" => a.padding_free = parse_bool(&name, &take(&mut i)?)?,
-            "packing" => a.packing = parse_bool(&name, &take(&mut i)?)?,
-            "packing_strategy" => {
-                let v = take(&mut i)?;
-                a.packing_strategy = v
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--packing_strategy: {e}"))?;
-            }
-            "learning_rate" => a.learning_rate = parse_num(&name, &take(&mut i)?)?,
-            "seed" => a.seed = parse_num(&name, &take(&mut i)?)?,
-            "num_threads" => a.num_threads = Some(parse_num(&name, &take(&mut i)?)?),
-            "peak_tflops" => a.peak_tflops = Some(parse_num(&name, &take(&mut i)?)?),
-            "dump_dataset" => a.dump_dataset = Some(PathBuf::from(take(&mut i)?)),
-            "json" => a.json = switch(&name, &inline, raw, &mut i)?,
-            other => bail!("unknown option --{other} (see `glm4 bench --help`)"),
+        if self.num_threads.is_some_and(|n| n < 1) {
+            bail!("--num_threads must be at least 1");
         }
-        i += 1;
+        if self.lora_target_modules.iter().all(|m| m.is_empty()) {
+            bail!("--lora_target_modules expects module names or all-linear");
+        }
+        Ok(())
     }
-    if !have_config {
-        bail!("--model_config is required: glm-4-9b, small, tiny, or a path to a config.json (see `glm4 bench --help`)");
-    }
-    if a.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    if a.batch_size == 0 || a.seq_len < 2 {
-        bail!("--batch_size must be at least 1 and --seq_len at least 2");
-    }
-    if a.num_threads.is_some_and(|n| n < 1) {
-        bail!("--num_threads must be at least 1");
-    }
-    Ok(Some(a))
 }
 
 /// A path in the repository: relative to the working directory, else to the
@@ -788,11 +714,8 @@ fn print_report(r: &Value) {
 }
 
 /// `glm4 bench ...`.
-pub fn run_bench(raw: &[String]) -> Result<()> {
-    let Some(a) = parse_args(raw)? else {
-        print!("{BENCH_HELP}");
-        return Ok(());
-    };
+pub fn run_bench(a: BenchArgs) -> Result<()> {
+    a.validate()?;
     let t_setup = Instant::now();
     if let Some(n) = a.num_threads {
         tch::set_num_threads(n);
@@ -971,49 +894,53 @@ pub fn run_bench(raw: &[String]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
+    fn parse_args(s: &str) -> Result<BenchArgs, clap::Error> {
+        use clap::Parser;
+        BenchArgs::try_parse_from(std::iter::once("bench").chain(s.split_whitespace()))
     }
 
     #[test]
     fn parses_flags_lists_and_bare_switches() {
-        let a = parse_args(&args(
+        let a = parse_args(
             "--model_config small --random_init --steps 5 --lora-target-modules q_proj v_proj --json --seq_len=64 --gradient_checkpointing true",
-        ))
-        .unwrap()
+        )
         .unwrap();
         assert!(a.random_init && a.json && a.gradient_checkpointing);
         assert_eq!((a.steps, a.seq_len), (5, 64));
         assert_eq!(a.lora_target_modules, ["q_proj", "v_proj"]);
-        assert!(parse_args(&args("--model_config tiny --bogus 1"))
+        let c = parse_args("--model_config tiny --lora_target_modules q_proj,k_proj").unwrap();
+        assert_eq!(c.lora_target_modules, ["q_proj", "k_proj"]);
+        assert!(parse_args("--model_config tiny --bogus 1")
             .unwrap_err()
             .to_string()
             .contains("--bogus"));
-        assert!(parse_args(&args("--steps 3"))
+        assert!(parse_args("--steps 3")
             .unwrap_err()
             .to_string()
             .contains("--model_config"));
-        assert!(parse_args(&args("--help")).unwrap().is_none());
-        let b = parse_args(&args(
-            "--model_config tiny --json false --random_init=false",
-        ))
-        .unwrap()
-        .unwrap();
+        let h = parse_args("--help").unwrap_err();
+        assert_eq!(h.kind(), clap::error::ErrorKind::DisplayHelp);
+        let b = parse_args("--model_config tiny --json false --random_init=false").unwrap();
         assert!(!b.json && !b.random_init);
-        let c = parse_args(&args(
+        let c = parse_args(
             "--model_config tiny --padding_free true --packing=true --packing_strategy bfd_split",
-        ))
-        .unwrap()
+        )
         .unwrap();
         assert!(c.padding_free && c.packing);
         assert_eq!(c.packing_strategy, PackingStrategy::BfdSplit);
-        let e = parse_args(&args("--model_config tiny --packing_strategy best"))
+        let e = parse_args("--model_config tiny --packing_strategy best")
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("--packing_strategy") && e.contains("bfd_split"),
             "{e}"
         );
+        let d = parse_args("--model_config tiny --max_steps 2 --max-seq-length 32").unwrap();
+        assert_eq!((d.steps, d.seq_len, d.batch_size), (2, 32, 4));
+        assert!(parse_args("--model_config tiny --steps 0")
+            .unwrap()
+            .validate()
+            .is_err());
     }
 
     #[test]

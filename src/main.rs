@@ -38,6 +38,8 @@ enum Command {
     /// Interactive multi-turn chat (the tutorial's chat_cli.py); reads one turn per line when piped.
     Chat(ChatArgs),
     /// Supervised fine-tuning (the tutorial's train script): `glm4 sft [--config F.yaml] [--FIELD VALUE ...]`.
+    // The flags are a clap command built at run time from the config field tables
+    // and the tutorial's defaults (trl_like's TrlParser), so they pass through here.
     #[command(disable_help_flag = true)]
     Sft {
         /// TRL arguments: every SFTConfig / ModelConfig / data field as --name VALUE (see `glm4 sft --help`).
@@ -53,12 +55,7 @@ enum Command {
     /// Fold a LoRA adapter into the base weights and save a plain transformers checkpoint (PEFT's merge_and_unload).
     Merge(MergeArgs),
     /// Training throughput and peak memory on any GLM-4 shape without weights: `glm4 bench --model_config glm-4-9b --random_init ...`.
-    #[command(disable_help_flag = true)]
-    Bench {
-        /// Benchmark options (see `glm4 bench --help`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    Bench(glm4::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -204,7 +201,7 @@ fn main() {
         Command::Sft { args } => glm4::sft::run_sft(&args),
         Command::Preview { args } => glm4::preview::run_preview(&args),
         Command::Merge(a) => cmd_merge(a),
-        Command::Bench { args } => glm4::bench::run_bench(&args),
+        Command::Bench(a) => glm4::bench::run_bench(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

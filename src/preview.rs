@@ -2,44 +2,36 @@
 //! prints "the actual data format fed to the model" — with token counts, which
 //! tokens carry loss, and length statistics.
 
-use crate::sft::{load_data, parse};
-use anyhow::{Context, Result};
+use crate::sft::{load_data, parse_with};
+use anyhow::Result;
 use serde_json::json;
 use trl_like::data::tokenize::IGNORE_INDEX;
 use trl_like::data::{Dataset, DatasetFormat};
 use trl_like::trainer::prepare_dataset;
 
-/// Splits off `--num_examples N` and `--json`.
-fn preview_options(raw: &[String]) -> Result<(usize, bool, Vec<String>)> {
-    let (mut n, mut as_json, mut rest) = (3usize, false, Vec::new());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i].replace('-', "_").trim_start_matches('_') {
-            "num_examples" => {
-                let v = raw.get(i + 1).context("--num_examples expects a value")?;
-                n = v
-                    .parse()
-                    .with_context(|| format!("--num_examples {v:?} is not a whole number"))?;
-                i += 2;
-            }
-            "json" => {
-                as_json = true;
-                i += 1;
-            }
-            _ => {
-                rest.push(raw[i].clone());
-                i += 1;
-            }
-        }
-    }
-    Ok((n, as_json, rest))
+/// `glm4 preview`'s own options, on top of the `glm4 sft` flags.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "glm4 preview options")]
+pub struct PreviewFlags {
+    /// How many records to show, from the start of the data.
+    #[arg(
+        long = "num_examples",
+        alias = "num-examples",
+        value_name = "N",
+        default_value_t = 3,
+        value_parser = crate::sft::whole_number
+    )]
+    pub num_examples: usize,
+    /// Print one JSON object per record ({"text", "input_ids", "labels"}) on stdout.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set, hide_possible_values = true)]
+    pub json: bool,
 }
 
 pub fn run_preview(raw: &[String]) -> Result<()> {
-    let (n, as_json, rest) = preview_options(raw)?;
-    let Some(setup) = parse(&rest)? else {
+    let Some((setup, flags)) = parse_with::<PreviewFlags>(raw)? else {
         return Ok(());
     };
+    let (n, as_json) = (flags.num_examples, flags.json);
     let model_dir = std::path::PathBuf::from(
         setup
             .model_args

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::{Device, Kind};
 use trl_like::config::{
-    DataArguments, IntervalStrategy, ModelConfig, ParseError, SFTConfig, TorchDtype, TrlParser,
+    DataArguments, IntervalStrategy, ModelConfig, NoArgs, ParseError, SFTConfig, TorchDtype,
+    TrlParser,
 };
 use trl_like::data::{Dataset, DatasetFormat};
 use trl_like::distributed::{Backend, DistEnv, ProcessGroup};
@@ -60,7 +61,7 @@ pub fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
 /// The two questions the tutorial's callback asks at every checkpoint.
 pub const TUTORIAL_PROMPTS: [&str; 2] = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"];
 
-/// Options of `glm4 sft` that are not TRL fields (taken out before the TRL parser runs).
+/// Options of `glm4 sft` that are not TRL fields, as the run uses them.
 #[derive(Debug, Clone)]
 pub struct AppOptions {
     /// Questions for the prediction callback (one user message each).
@@ -84,70 +85,78 @@ impl Default for AppOptions {
     }
 }
 
-/// Splits `glm4 sft` arguments into application options and TRL arguments.
-pub fn split_app_options(args: &[String]) -> Result<(AppOptions, Vec<String>)> {
-    let mut app = AppOptions::default();
-    let mut rest = Vec::new();
-    let mut prompts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].replace('-', "_");
-        let value = |i: usize| -> Result<String> {
-            args.get(i + 1)
-                .cloned()
-                .with_context(|| format!("{} expects a value", args[i]))
-        };
-        match a.trim_start_matches('_') {
-            "predict_prompt" => {
-                prompts.push(value(i)?);
-                i += 2;
-            }
-            "predict_max_new_tokens" => {
-                let v = value(i)?;
-                app.predict_max_new_tokens = v.parse().with_context(|| {
-                    format!("--predict_max_new_tokens {v:?} is not a whole number")
-                })?;
-                i += 2;
-            }
-            "predict_tools" => {
-                let v = value(i)?;
-                let text =
-                    std::fs::read_to_string(&v).with_context(|| format!("--predict_tools {v}"))?;
-                app.predict_tools = Some(
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("--predict_tools {v}: not JSON"))?,
-                );
-                i += 2;
-            }
-            "no_predict" => {
-                app.predict = false;
-                i += 1;
-            }
-            "device" => {
-                app.device = value(i)?;
-                i += 2;
-            }
-            _ => {
-                rest.push(args[i].clone());
-                i += 1;
-            }
-        }
-    }
-    if !prompts.is_empty() {
-        app.predict_prompts = prompts;
-    }
-    Ok((app, rest))
+/// The `glm4 sft` options besides the TRL fields: parsed by the same clap
+/// command as the fields (see [`parse`]) and listed under their own heading.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "glm4 options (besides the TRL fields above)")]
+pub struct AppFlags {
+    /// A question for the prediction callback (repeatable; default: the tutorial's two).
+    #[arg(
+        long = "predict_prompt",
+        alias = "predict-prompt",
+        value_name = "TEXT",
+        action = clap::ArgAction::Append,
+        default_values = TUTORIAL_PROMPTS
+    )]
+    pub predict_prompt: Vec<String>,
+    /// A JSON list of tools, put on a system message before the second prompt.
+    #[arg(long = "predict_tools", alias = "predict-tools", value_name = "FILE")]
+    pub predict_tools: Option<PathBuf>,
+    /// Answer length at each checkpoint.
+    #[arg(
+        long = "predict_max_new_tokens",
+        alias = "predict-max-new-tokens",
+        value_name = "N",
+        default_value_t = 512,
+        value_parser = whole_number
+    )]
+    pub predict_max_new_tokens: usize,
+    /// Do not generate answers at checkpoints.
+    #[arg(long = "no_predict", alias = "no-predict")]
+    pub no_predict: bool,
+    /// Where to train: auto, cpu, cuda or cuda:N (auto: CUDA when available, unless --use_cpu).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: String,
 }
 
-/// Help for the application options, appended to TRL's `--help`.
-pub const APP_HELP: &str = "\
-glm4 options (besides the TRL fields above):
-  --predict_prompt TEXT          a question for the prediction callback (repeatable; default: the tutorial's two)
-  --predict_tools FILE           a JSON list of tools, put on a system message before the second prompt
-  --predict_max_new_tokens N     answer length at each checkpoint (default 512)
-  --no_predict                   do not generate answers at checkpoints
-  --device auto|cpu|cuda|cuda:N  where to train (default: CUDA when available, unless --use_cpu)
-";
+/// A count given on the command line.
+pub fn whole_number(s: &str) -> Result<usize, String> {
+    s.parse()
+        .map_err(|_| "expected a whole number (0, 1, 2, ...)".to_string())
+}
+
+impl AppFlags {
+    /// The options the run uses; reads the `--predict_tools` file.
+    pub fn resolve(self) -> Result<AppOptions> {
+        let predict_tools = match &self.predict_tools {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--predict_tools {}", path.display()))?;
+                Some(
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("--predict_tools {}: not JSON", path.display()))?,
+                )
+            }
+        };
+        Ok(AppOptions {
+            predict_prompts: self.predict_prompt,
+            predict_tools,
+            predict_max_new_tokens: self.predict_max_new_tokens,
+            predict: !self.no_predict,
+            device: self.device,
+        })
+    }
+}
+
+/// The `glm4 sft` options plus a subcommand's own (`glm4 preview`'s), in one clap command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SftFlags<E: clap::Args> {
+    #[command(flatten)]
+    pub app: AppFlags,
+    #[command(flatten)]
+    pub extra: E,
+}
 
 /// The tutorial's `SavePredictCallback`: at every checkpoint, answer the test
 /// questions with the current adapter (a left-padded batch, greedy), print the
@@ -408,17 +417,28 @@ pub struct SftSetup {
 
 /// Parses `glm4 sft` arguments; `Ok(None)` after printing `--help`.
 pub fn parse(raw: &[String]) -> Result<Option<SftSetup>> {
-    let (app, rest) = split_app_options(raw)?;
+    Ok(parse_with::<NoArgs>(raw)?.map(|(setup, _)| setup))
+}
+
+/// Parses `glm4 sft` arguments plus a subcommand's own options `E`, all in
+/// one clap command (one `--help`); `Ok(None)` after printing `--help`.
+pub fn parse_with<E: clap::Args>(raw: &[String]) -> Result<Option<(SftSetup, E)>> {
     let (m, d, s) = tutorial_defaults();
-    match TrlParser::new(m, d, s).parse_args_and_config(&rest) {
-        Ok((model_args, data_args, args)) => Ok(Some(SftSetup {
-            model_args,
-            data_args,
-            args,
-            app,
-        })),
+    match TrlParser::new(m, d, s).parse_with::<SftFlags<E>>(raw) {
+        Ok((parsed, flags)) => {
+            for (k, v) in &parsed.env {
+                std::env::set_var(k, v);
+            }
+            let setup = SftSetup {
+                model_args: parsed.model,
+                data_args: parsed.data,
+                args: parsed.sft,
+                app: flags.app.resolve()?,
+            };
+            Ok(Some((setup, flags.extra)))
+        }
         Err(ParseError::Help(text)) => {
-            println!("{text}\n{APP_HELP}");
+            println!("{text}");
             Ok(None)
         }
         Err(e) => Err(e.into()),
@@ -722,9 +742,6 @@ pub fn flags_markdown() -> String {
          Each setting is a YAML key (in the file given with `--config`) and a flag; flags override the file,\n\
          the file overrides these defaults (the tutorial's, on top of TRL 1.16's).\n",
     );
-    out.push_str(&TrlParser::new(m, d, s).help_markdown());
-    out.push_str("\n## glm4 options\n\n```text\n");
-    out.push_str(APP_HELP);
-    out.push_str("```\n");
+    out.push_str(&TrlParser::new(m, d, s).help_markdown_with::<AppFlags>());
     out
 }

@@ -844,6 +844,106 @@ fn never_panics_on_odd_input() {
     }
 }
 
+#[test]
+fn yaml_nan_and_inf_are_refused_by_name_not_read_as_none() {
+    // serde_json cannot hold NaN/inf: they used to arrive as null, i.e. "none".
+    for (text, key, shown) in [
+        ("learning_rate: .nan\n", "learning_rate", ".nan"),
+        ("max_grad_norm: .inf\n", "max_grad_norm", ".inf"),
+        ("eval_steps: -.inf\n", "eval_steps", "-.inf"), // optional: was silently unset
+        ("max_length: .nan\n", "max_length", ".nan"),   // optional integer
+    ] {
+        let c = yaml(text);
+        let e = parse(&["--config", c.to_str().unwrap()]).unwrap_err();
+        match &e {
+            ParseError::InvalidValue {
+                origin: Origin::ConfigFile(p),
+                field,
+                value,
+                ..
+            } => {
+                assert_eq!((p, field.as_str(), value.as_str()), (&c, key, shown), "{e}");
+            }
+            other => panic!("{text}: {other}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(c.to_str().unwrap()) && msg.contains(key) && msg.contains(shown),
+            "{msg}"
+        );
+        assert!(!msg.contains("none"), "{msg}");
+    }
+    let e = parse(&["--config", yaml("learning_rate: .nan\n").to_str().unwrap()]).unwrap_err();
+    assert!(e.to_string().contains("finite number"), "{e}");
+    // A string field keeps the spelling.
+    let (_, _, s) = parse_ok(&["--config", yaml("run_name: .inf\n").to_str().unwrap()]);
+    assert_eq!(s.run_name.as_deref(), Some(".inf"));
+}
+
+#[test]
+fn origin_says_where_each_value_came_from() {
+    let c = yaml("lora_r: 32\nlearning_rate: 1.0e-4\n");
+    let parsed = tutorial_parser()
+        .parse(&args(&[
+            "--config",
+            c.to_str().unwrap(),
+            "--learning-rate",
+            "3e-4",
+            "--no_bf16",
+            "--max_seq_length",
+            "64",
+        ]))
+        .unwrap();
+    assert_eq!(parsed.sft.learning_rate, 3e-4);
+    assert_eq!(
+        parsed.origin("learning_rate"),
+        Origin::Cli("--learning_rate".into())
+    );
+    assert_eq!(parsed.origin("lora_r"), Origin::ConfigFile(c.clone()));
+    assert_eq!(parsed.origin("bf16"), Origin::Cli("--no_bf16".into()));
+    assert_eq!(
+        parsed.origin("max_length"),
+        Origin::Cli("--max_seq_length".into())
+    );
+    assert_eq!(parsed.origin("seed"), Origin::Default);
+    assert!(parsed.is_explicit("lora_r") && !parsed.is_explicit("seed"));
+}
+
+#[test]
+fn the_clap_command_holds_every_field_with_its_default() {
+    let cmd = tutorial_parser().command();
+    for f in ModelConfig::FIELDS
+        .iter()
+        .chain(DataArguments::FIELDS)
+        .chain(SFTConfig::FIELDS)
+    {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id().as_str() == f.name)
+            .unwrap_or_else(|| panic!("no arg for {}", f.name));
+        assert_eq!(arg.get_long(), Some(f.name));
+        assert!(!arg.is_hide_set(), "{}", f.name);
+    }
+    let lr = cmd
+        .get_arguments()
+        .find(|a| a.get_id() == "learning_rate")
+        .unwrap();
+    assert_eq!(lr.get_default_values(), ["0.0005"]);
+    // Ids and flag names are unique (clap checks this only in debug builds).
+    let mut ids = std::collections::HashSet::new();
+    let mut longs = std::collections::HashSet::new();
+    for a in cmd.get_arguments() {
+        assert!(ids.insert(a.get_id().to_string()), "{} twice", a.get_id());
+        for l in a
+            .get_long()
+            .into_iter()
+            .chain(a.get_all_aliases().unwrap_or_default())
+        {
+            assert!(longs.insert(l.to_string()), "--{l} twice");
+        }
+    }
+}
+
 // ---------------------------------------------------------------- env
 
 #[test]

@@ -147,7 +147,7 @@ mod sft;
 
 pub use data::{DataArguments, DatasetFormat};
 pub use model::{Bnb4bitQuantType, ModelConfig, TorchDtype};
-pub use parser::{Origin, ParseError, Parsed, TrlParser};
+pub use parser::{NoArgs, Origin, ParseError, Parsed, TrlParser};
 pub use sft::{
     IntervalStrategy, LossType, OptimizerName, PackingStrategy, ResumeFrom, SFTConfig,
     SamplingStrategy, SaveStrategy, SchedulerType, TruncationMode,

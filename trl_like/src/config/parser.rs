@@ -2,17 +2,25 @@
 //! (or an application's own [`ConfigGroup`]s) like TRL's `TrlParser`:
 //! defaults < `--config file.yaml` < command-line flags.
 //!
-//! The values are merged as JSON: each group's defaults are serialized, the
-//! YAML mapping and then the flags overwrite single keys (each value coerced to
-//! the field's type from the group's field table), and the result is
-//! deserialized with `deny_unknown_fields` and validated. Flag names, types,
-//! aliases and help text all come from the field tables, so a new field needs
-//! no parser change.
+//! The command line is read by a clap [`Command`] generated from the groups'
+//! field tables: one [`Arg`] per field, whose flag, kebab-case alias, value
+//! type (a value parser from the field's [`ValueKind`]), help (the doc comment)
+//! and default (the group's value) all come from the table, plus hidden args
+//! for older names (`--max_seq_length`) and the `--no_<bool>` forms. As TRL's
+//! `set_defaults_with_config` does, the YAML file's values become the args'
+//! defaults, so a flag wins over the file; [`ArgMatches::value_source`] tells a
+//! value typed on the command line from a default, and [`Parsed::origin`]
+//! reports where each setting came from. The values are merged as JSON,
+//! deserialized with `deny_unknown_fields` and validated.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use clap::builder::ValueParser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Args, Command};
 use serde_json::{Map, Number, Value};
 
 use super::{
@@ -26,7 +34,8 @@ pub enum Origin {
     Default,
     /// The YAML file given with `--config`.
     ConfigFile(PathBuf),
-    /// A command-line flag, as it was typed (e.g. `--learning-rate`).
+    /// A command-line flag, by its canonical name (e.g. `--learning_rate`,
+    /// `--max_seq_length`, `--no_bf16`).
     Cli(String),
 }
 
@@ -98,6 +107,9 @@ pub enum ParseError {
         group: &'static str,
         message: String,
     },
+    /// Any other command-line error clap reports (for an application's own args).
+    #[error("{0}")]
+    Command(String),
 }
 
 fn did_you_mean(s: &Option<String>) -> String {
@@ -128,7 +140,24 @@ pub struct Parsed<M, D, S> {
     pub env: Vec<(String, String)>,
     /// The `--config` file, if any.
     pub config_file: Option<PathBuf>,
+    origins: HashMap<&'static str, Origin>,
 }
+
+impl<M, D, S> Parsed<M, D, S> {
+    /// Where a field's value came from: a flag, the config file, or the default.
+    pub fn origin(&self, field: &str) -> Origin {
+        self.origins.get(field).cloned().unwrap_or(Origin::Default)
+    }
+
+    /// Whether a field was set explicitly, by the config file or a flag.
+    pub fn is_explicit(&self, field: &str) -> bool {
+        self.origins.contains_key(field)
+    }
+}
+
+/// No extra command-line args: [`TrlParser::parse`] with the config groups only.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NoArgs {}
 
 /// TRL's `TrlParser` for three config groups. Build it with the application's
 /// defaults ([`TrlParser::new`]) or TRL's ([`Default`]).
@@ -150,6 +179,7 @@ impl Default for TrlParser<ModelConfig, DataArguments, SFTConfig> {
 }
 
 /// One group while merging: its field table and its values as JSON.
+#[derive(Clone)]
 struct Group {
     title: &'static str,
     name: &'static str,
@@ -169,34 +199,36 @@ struct Target {
 struct Merge {
     groups: Vec<Group>,
     names: HashMap<&'static str, Target>,
-    /// Where each field's current value came from.
+    /// Where each field's current value came from (absent: the default).
     origins: HashMap<&'static str, Origin>,
 }
 
 fn group_of<G: ConfigGroup>(defaults: &G) -> Result<Group, ParseError> {
-    let values = match serde_json::to_value(defaults) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return Err(ParseError::Deserialize {
-                group: G::NAME,
-                message: "does not serialize to a map".into(),
+    let message = match serde_json::to_value(defaults) {
+        Ok(Value::Object(values)) => {
+            return Ok(Group {
+                title: G::TITLE,
+                name: G::NAME,
+                fields: G::fields(),
+                preprocess: G::preprocess,
+                values,
             })
         }
-        Err(e) => {
-            return Err(ParseError::Deserialize {
-                group: G::NAME,
-                message: e.to_string(),
-            })
-        }
+        Ok(_) => "does not serialize to a map".to_string(),
+        Err(e) => e.to_string(),
     };
-    Ok(Group {
-        title: G::TITLE,
-        name: G::NAME,
-        fields: G::fields(),
-        preprocess: G::preprocess,
-        values,
+    Err(ParseError::Deserialize {
+        group: G::NAME,
+        message,
     })
 }
+
+const PREAMBLE: &str = "\
+Each setting comes from the defaults below, overridden by the YAML file given with
+--config (a mapping of field: value, plus an optional env: mapping of environment
+variables), overridden by flags. Flags: --field VALUE, --field=VALUE, or kebab case
+(--learning-rate). Booleans: --flag, --flag true|false, --no_flag. Lists: the values
+up to the next flag. Optional settings accept none (or null).";
 
 impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
     /// A parser whose defaults are these values: the equivalent of the
@@ -223,46 +255,39 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
     /// Like [`parse_args_and_config`](Self::parse_args_and_config), but
     /// returns the `env:` mapping instead of applying it.
     pub fn parse(&self, args: &[String]) -> Result<Parsed<M, D, S>, ParseError> {
+        self.parse_with::<NoArgs>(args).map(|(p, _)| p)
+    }
+
+    /// Like [`parse`](Self::parse), with an application's own args (a clap
+    /// [`Args`], e.g. a `#[derive(clap::Args)]` struct) parsed from the same
+    /// command line and shown in the same `--help`.
+    pub fn parse_with<A: Args>(&self, args: &[String]) -> Result<(Parsed<M, D, S>, A), ParseError> {
         let mut merge = self.start()?;
+        // Help wins wherever it appears, even after a bad value.
         if args.iter().any(|a| a == "--help" || a == "-h") {
-            return Err(ParseError::Help(merge.help()));
+            return Err(ParseError::Help(merge.help::<A>()));
         }
-
-        // The config file is applied first wherever --config appears.
-        let mut config: Option<PathBuf> = None;
-        let mut rest: Vec<&str> = Vec::with_capacity(args.len());
-        let mut i = 0;
-        while i < args.len() {
-            let a = args[i].as_str();
-            let path = if a == "--config" {
-                i += 1;
-                match args.get(i) {
-                    Some(p) if !p.starts_with("--") => Some(PathBuf::from(p)),
-                    _ => {
-                        return Err(ParseError::MissingValue {
-                            flag: "--config".into(),
-                        })
-                    }
+        let mut matches = merge.matches::<A>(args)?;
+        let config = match matches.get_many::<String>("config") {
+            None => None,
+            Some(mut paths) => {
+                let first = paths.next().map(PathBuf::from);
+                if let (Some(first), Some(second)) = (first.clone(), paths.next()) {
+                    return Err(ParseError::RepeatedConfig {
+                        first,
+                        second: PathBuf::from(second),
+                    });
                 }
-            } else if let Some(p) = a.strip_prefix("--config=") {
-                Some(PathBuf::from(p))
-            } else {
-                rest.push(a);
-                None
-            };
-            if let Some(p) = path {
-                if let Some(first) = config.replace(p.clone()) {
-                    return Err(ParseError::RepeatedConfig { first, second: p });
-                }
+                first
             }
-            i += 1;
-        }
-
+        };
         let mut env = Vec::new();
         if let Some(path) = &config {
             env = merge.apply_yaml(path)?;
+            // The file's values are now the defaults: parse the flags against them.
+            matches = merge.matches::<A>(args)?;
         }
-        merge.apply_cli(&rest)?;
+        merge.read_matches(&matches)?;
 
         let model: M = merge.finish(0)?;
         let data: D = merge.finish(1)?;
@@ -270,20 +295,43 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
         merge.check(model.validate())?;
         merge.check(data.validate())?;
         merge.check(sft.validate())?;
-        Ok(Parsed {
-            model,
-            data,
-            sft,
-            env,
-            config_file: config,
-        })
+        let extra = A::from_arg_matches(&matches).map_err(|e| from_clap(e, &[]))?;
+        Ok((
+            Parsed {
+                model,
+                data,
+                sft,
+                env,
+                config_file: config,
+                origins: merge.origins,
+            },
+            extra,
+        ))
+    }
+
+    /// The clap command: every field of every group, with the application's defaults.
+    pub fn command(&self) -> Command {
+        self.command_with::<NoArgs>()
+    }
+
+    /// [`command`](Self::command) plus an application's own args.
+    pub fn command_with<A: Args>(&self) -> Command {
+        match self.start() {
+            Ok(m) => m.command::<A>(),
+            Err(_) => A::augment_args(Command::new("trl")),
+        }
     }
 
     /// The `--help` text: every field of every group with its type, help and
     /// (application) default.
     pub fn help(&self) -> String {
+        self.help_with::<NoArgs>()
+    }
+
+    /// [`help`](Self::help) plus an application's own args.
+    pub fn help_with<A: Args>(&self) -> String {
         match self.start() {
-            Ok(m) => m.help(),
+            Ok(m) => m.help::<A>(),
             Err(e) => e.to_string(),
         }
     }
@@ -291,36 +339,16 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
     /// Every field as Markdown tables (flag, type, default, help), one per
     /// group — the source of the flags reference in the docs.
     pub fn help_markdown(&self) -> String {
-        let m = match self.start() {
-            Ok(m) => m,
-            Err(e) => return e.to_string(),
-        };
-        let mut out = String::new();
-        for g in &m.groups {
-            out.push_str(&format!(
-                "\n## {}\n\n| flag / YAML key | type | default | meaning |\n|---|---|---|---|\n",
-                g.title
-            ));
-            for spec in g.fields {
-                let mut flag = format!("`--{}`", spec.name);
-                for a in spec.aliases {
-                    flag.push_str(&format!(" (`--{a}`)"));
-                }
-                let default = g
-                    .values
-                    .get(spec.name)
-                    .map(display_value)
-                    .unwrap_or_else(|| "none".into());
-                let cell = |s: String| s.replace('|', "\\|");
-                out.push_str(&format!(
-                    "| {flag} | {} | {} | {} |\n",
-                    cell(type_label(spec)),
-                    cell(format!("`{default}`")),
-                    cell(spec.help_text())
-                ));
-            }
+        self.help_markdown_with::<NoArgs>()
+    }
+
+    /// [`help_markdown`](Self::help_markdown) plus tables for an
+    /// application's own args, one per help heading.
+    pub fn help_markdown_with<A: Args>(&self) -> String {
+        match self.start() {
+            Ok(m) => m.markdown::<A>(),
+            Err(e) => e.to_string(),
         }
-        out
     }
 
     fn start(&self) -> Result<Merge, ParseError> {
@@ -332,7 +360,7 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
         let mut names = HashMap::new();
         for (gi, g) in groups.iter().enumerate() {
             for spec in g.fields {
-                for n in std::iter::once(spec.name).chain(spec.aliases.iter().copied()) {
+                for n in names_of(spec) {
                     // First definition wins; the crate's tests keep names unique.
                     names.entry(n).or_insert(Target { group: gi, spec });
                 }
@@ -346,6 +374,122 @@ impl<M: ConfigGroup, D: ConfigGroup, S: ConfigGroup> TrlParser<M, D, S> {
     }
 }
 
+/// A field's name and its older names.
+fn names_of(spec: &'static FieldSpec) -> impl Iterator<Item = &'static str> {
+    std::iter::once(spec.name).chain(spec.aliases.iter().copied())
+}
+
+/// The carrier of a field value's error through clap, back to [`ParseError`].
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+struct FlagValueError {
+    flag: String,
+    field: &'static str,
+    value: String,
+    reason: String,
+}
+
+/// The value parser of a scalar field: the field's type coercion.
+fn scalar_parser(
+    spec: &'static FieldSpec,
+    used: &'static str,
+    preprocess: fn(&str, Value) -> Value,
+) -> ValueParser {
+    ValueParser::new(move |s: &str| -> Result<Value, FlagValueError> {
+        let err = |reason| FlagValueError {
+            flag: format!("--{used}"),
+            field: spec.name,
+            value: s.to_string(),
+            reason,
+        };
+        coerce(spec, preprocess(spec.name, Value::String(s.to_string()))).map_err(err)
+    })
+}
+
+/// The clap value name of a field: its type without the optional marker.
+fn value_name(spec: &FieldSpec) -> String {
+    match spec.ty.kind {
+        ValueKind::Bool => "BOOL".into(),
+        ValueKind::List => "STR".into(),
+        _ => type_label(spec).trim_end_matches(" (or none)").to_string(),
+    }
+}
+
+/// A value as the strings clap takes for a default; `None` for an empty list,
+/// which no default string can spell.
+fn default_strings(v: &Value) -> Option<Vec<String>> {
+    match v {
+        Value::Null => Some(vec!["none".into()]),
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(a) if a.is_empty() => None,
+        Value::Array(a) => Some(a.iter().map(display_value).collect()),
+        Value::Object(_) => Some(vec![v.to_string()]),
+        other => Some(vec![other.to_string()]),
+    }
+}
+
+/// The args of one field: the field itself (visible, with its default), one
+/// hidden arg per older name, and hidden `--no_<name>` args for booleans.
+/// Older names are args of their own so that giving a field twice under
+/// different names with different values can be refused.
+fn field_args(
+    spec: &'static FieldSpec,
+    preprocess: fn(&str, Value) -> Value,
+    default: Option<&Value>,
+) -> Vec<Arg> {
+    let mut out = Vec::new();
+    for (i, name) in names_of(spec).enumerate() {
+        let kebab = name.replace('_', "-");
+        let mut arg = Arg::new(name)
+            .long(name)
+            .value_name(value_name(spec))
+            .hide(i > 0);
+        if kebab != name {
+            arg = arg.alias(kebab.clone());
+        }
+        arg = match spec.ty.kind {
+            ValueKind::Bool => arg
+                .num_args(0..=1)
+                .default_missing_value("true")
+                .value_parser(scalar_parser(spec, name, preprocess)),
+            ValueKind::List => arg
+                .num_args(1..)
+                .allow_negative_numbers(true)
+                .value_parser(clap::value_parser!(String)),
+            _ => arg
+                .num_args(1)
+                .allow_hyphen_values(true)
+                .value_parser(scalar_parser(spec, name, preprocess)),
+        };
+        if i == 0 {
+            let mut help = spec.help_text();
+            if !spec.aliases.is_empty() {
+                let a: Vec<String> = spec.aliases.iter().map(|a| format!("--{a}")).collect();
+                help.push_str(&format!(" [alias: {}]", a.join(", ")));
+            }
+            if let Some(v) = default {
+                match default_strings(v) {
+                    Some(d) => arg = arg.default_values(d),
+                    // clap shows no default it does not hold: say it ourselves.
+                    None => help.push_str(&format!(" [default: {}]", display_value(v))),
+                }
+            }
+            arg = arg.help(help);
+        }
+        out.push(arg);
+        if spec.ty.kind == ValueKind::Bool {
+            out.push(
+                Arg::new(format!("no_{name}"))
+                    .long(format!("no_{name}"))
+                    .alias(format!("no-{kebab}"))
+                    .action(ArgAction::SetTrue)
+                    .hide(true),
+            );
+        }
+    }
+    out
+}
+
 /// What one layer (the file, or the command line) set so far, to catch a
 /// field and its alias given different values in the same layer.
 type LayerSeen = HashMap<&'static str, (String, Value)>;
@@ -357,6 +501,127 @@ impl Merge {
 
     fn all_names(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.names.keys().copied()
+    }
+
+    /// The clap command for the current defaults (the application's, then the file's).
+    fn command<A: Args>(&self) -> Command {
+        let mut cmd = Command::new("trl")
+            .no_binary_name(true)
+            .args_override_self(true)
+            .disable_help_flag(true)
+            .disable_version_flag(true)
+            .next_line_help(true)
+            .term_width(0)
+            .override_usage("[--config FILE.yaml] [--FIELD VALUE ...]")
+            .before_help(PREAMBLE)
+            .arg(
+                Arg::new("config")
+                    .long("config")
+                    .value_name("FILE")
+                    .action(ArgAction::Append)
+                    .help("YAML file with settings (overridden by flags)."),
+            )
+            .arg(
+                Arg::new("help")
+                    .short('h')
+                    .long("help")
+                    .action(ArgAction::Help)
+                    .help("Print this help."),
+            );
+        for g in &self.groups {
+            cmd = cmd.next_help_heading(g.title);
+            for spec in g.fields {
+                cmd = cmd.args(field_args(spec, g.preprocess, g.values.get(spec.name)));
+            }
+        }
+        // An application's Args struct brings its doc comment as `about`: not ours to show.
+        A::augment_args(cmd.next_help_heading(None::<&str>))
+            .about(None::<&str>)
+            .long_about(None::<&str>)
+    }
+
+    fn help<A: Args>(&self) -> String {
+        self.command::<A>().render_help().to_string()
+    }
+
+    fn matches<A: Args>(&self, args: &[String]) -> Result<ArgMatches, ParseError> {
+        let cmd = self.command::<A>();
+        // What a misspelt flag may have meant: every name but the hidden `--no_<bool>` forms.
+        let names: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| !(a.is_hide_set() && a.get_id().as_str().starts_with("no_")))
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        // Scalars take hyphen values (`--max_steps -1`, `--learning_rate -1e-4`),
+        // so clap would read a following flag as the value: that value is missing.
+        for (i, a) in args.iter().enumerate() {
+            let Some(name) = a.strip_prefix("--").filter(|n| !n.contains('=')) else {
+                continue;
+            };
+            let scalar = cmd.get_arguments().find(|x| {
+                x.is_allow_hyphen_values_set()
+                    && (x.get_long() == Some(name)
+                        || x.get_all_aliases().is_some_and(|al| al.contains(&name)))
+            });
+            if let Some(x) = scalar {
+                if !matches!(args.get(i + 1), Some(next) if !next.starts_with("--")) {
+                    return Err(ParseError::MissingValue {
+                        flag: format!("--{}", x.get_long().unwrap_or(name)),
+                    });
+                }
+            }
+        }
+        // clap reads a lone `--` as the end of the options; nothing here takes positionals.
+        if let Some(a) = args.iter().find(|a| *a == "--") {
+            return Err(ParseError::UnexpectedArgument { arg: a.clone() });
+        }
+        cmd.try_get_matches_from(args)
+            .map_err(|e| from_clap(e, &names))
+    }
+
+    /// Takes every field's value from the matches: the last of the flags that
+    /// name it, else its default (the file's value or the application's).
+    fn read_matches(&mut self, m: &ArgMatches) -> Result<(), ParseError> {
+        for gi in 0..self.groups.len() {
+            let (fields, preprocess) = (self.groups[gi].fields, self.groups[gi].preprocess);
+            for spec in fields {
+                // (position, name used, flag as the origin, value) of each flag.
+                let mut given: Vec<(usize, &'static str, String, Value)> = Vec::new();
+                for name in names_of(spec) {
+                    if m.value_source(name) == Some(ValueSource::CommandLine) {
+                        if let Some(v) = arg_value(m, name, spec, preprocess)? {
+                            given.push((
+                                m.index_of(name).unwrap_or(0),
+                                name,
+                                format!("--{name}"),
+                                v,
+                            ));
+                        }
+                    }
+                    let no = format!("no_{name}");
+                    if spec.ty.kind == ValueKind::Bool
+                        && m.value_source(&no) == Some(ValueSource::CommandLine)
+                    {
+                        let at = m.index_of(&no).unwrap_or(0);
+                        given.push((at, name, format!("--{no}"), Value::Bool(false)));
+                    }
+                }
+                given.sort_by_key(|g| g.0);
+                let mut seen = LayerSeen::new();
+                for (_, name, flag, value) in given.iter().cloned() {
+                    let t = Target { group: gi, spec };
+                    self.set(t, name, value, Origin::Cli(flag), &mut seen)?;
+                }
+                if given.is_empty() {
+                    // Not on the command line: the default clap holds, which is
+                    // the file's value where the file set one.
+                    if let Some(v) = arg_value(m, spec.name, spec, preprocess)? {
+                        self.groups[gi].values.insert(spec.name.to_string(), v);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn set(
@@ -406,9 +671,9 @@ impl Merge {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        let doc: Value =
+        let doc: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(&text).map_err(|e| file_err(format!("invalid YAML: {e}")))?;
-        let map = match doc {
+        let map = match yaml_to_json(doc).map_err(|e| file_err(format!("invalid YAML: {e}")))? {
             Value::Object(m) => m,
             Value::Null => Map::new(), // an empty file (or only comments) sets nothing
             other => {
@@ -455,91 +720,6 @@ impl Merge {
         Ok(env)
     }
 
-    fn apply_cli(&mut self, args: &[&str]) -> Result<(), ParseError> {
-        let mut seen = LayerSeen::new();
-        let mut i = 0;
-        while i < args.len() {
-            let arg = args[i];
-            i += 1;
-            let Some(body) = arg
-                .strip_prefix("--")
-                .filter(|b| !b.is_empty() && !b.starts_with('-'))
-            else {
-                return Err(ParseError::UnexpectedArgument {
-                    arg: arg.to_string(),
-                });
-            };
-            let (name_typed, inline) = match body.split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (body, None),
-            };
-            let flag = format!("--{name_typed}");
-            let name = name_typed.replace('-', "_");
-
-            // --no_<bool> / --no-<bool>
-            if let Some(t) = name
-                .strip_prefix("no_")
-                .and_then(|n| self.lookup(n))
-                .filter(|t| t.spec.ty.kind == ValueKind::Bool)
-            {
-                if inline.is_some() {
-                    return Err(ParseError::InvalidValue {
-                        origin: Origin::Cli(flag.clone()),
-                        field: t.spec.name.to_string(),
-                        value: inline.unwrap_or_default().to_string(),
-                        reason: format!("{flag} takes no value"),
-                    });
-                }
-                let used = name.trim_start_matches("no_").to_string();
-                self.set(t, &used, Value::Bool(false), Origin::Cli(flag), &mut seen)?;
-                continue;
-            }
-
-            let Some(t) = self.lookup(&name) else {
-                let suggestion = suggest(&name, self.all_names().chain(["config", "help"]))
-                    .map(|s| format!("--{s}"));
-                return Err(ParseError::UnknownFlag { flag, suggestion });
-            };
-            let next_value = |i: usize| args.get(i).copied().filter(|s| !s.starts_with("--"));
-            let raw = match (t.spec.ty.kind, inline) {
-                (_, Some(v)) => Value::String(v.to_string()),
-                (ValueKind::Bool, None) => match next_value(i) {
-                    Some(v) => {
-                        i += 1;
-                        Value::String(v.to_string())
-                    }
-                    None => Value::Bool(true),
-                },
-                (ValueKind::List, None) => {
-                    let start = i;
-                    while next_value(i).is_some() {
-                        i += 1;
-                    }
-                    if i == start {
-                        return Err(ParseError::MissingValue { flag });
-                    }
-                    Value::Array(
-                        args[start..i]
-                            .iter()
-                            .map(|s| Value::String(s.to_string()))
-                            .collect(),
-                    )
-                }
-                (_, None) => match next_value(i) {
-                    Some(v) => {
-                        i += 1;
-                        Value::String(v.to_string())
-                    }
-                    None => return Err(ParseError::MissingValue { flag }),
-                },
-            };
-            let origin = Origin::Cli(flag);
-            let value = self.coerce_for(t, raw, &origin)?;
-            self.set(t, &name, value, origin, &mut seen)?;
-        }
-        Ok(())
-    }
-
     fn finish<G: ConfigGroup>(&self, index: usize) -> Result<G, ParseError> {
         let g = &self.groups[index];
         serde_json::from_value(Value::Object(g.values.clone())).map_err(|e| {
@@ -561,39 +741,228 @@ impl Merge {
         })
     }
 
-    fn help(&self) -> String {
+    /// Markdown tables: the fields (flag and older names, type, default, help)
+    /// from the field tables, then the application's args from the clap command.
+    fn markdown<A: Args>(&self) -> String {
+        let cell = |s: String| s.replace('|', "\\|");
+        let header = |title: &str| {
+            format!("\n## {title}\n\n| flag / YAML key | type | default | meaning |\n|---|---|---|---|\n")
+        };
         let mut out = String::new();
-        out.push_str(
-            "Usage: [--config FILE.yaml] [--FIELD VALUE ...]\n\n\
-             Each setting comes from the defaults below, overridden by the YAML file given with\n\
-             --config (a mapping of field: value, plus an optional env: mapping of environment\n\
-             variables), overridden by flags. Flags: --field VALUE, --field=VALUE, or kebab case\n\
-             (--learning-rate). Booleans: --flag, --flag true|false, --no_flag. Lists: the values\n\
-             up to the next flag. Optional settings accept none (or null).\n\n\
-             Options:\n  --config FILE\n      YAML file with settings (overridden by flags).\n  -h, --help\n      Print this help.\n",
-        );
         for g in &self.groups {
-            out.push_str(&format!("\n{}:\n", g.title));
+            out.push_str(&header(g.title));
             for spec in g.fields {
-                out.push_str(&format!("  --{} {}", spec.name, type_label(spec)));
-                if !spec.aliases.is_empty() {
-                    let a: Vec<String> = spec.aliases.iter().map(|a| format!("--{a}")).collect();
-                    out.push_str(&format!("  (alias: {})", a.join(", ")));
+                let mut flag = format!("`--{}`", spec.name);
+                for a in spec.aliases {
+                    flag.push_str(&format!(" (`--{a}`)"));
                 }
-                out.push('\n');
                 let default = g
                     .values
                     .get(spec.name)
                     .map(display_value)
                     .unwrap_or_else(|| "none".into());
                 out.push_str(&format!(
-                    "      {} [default: {default}]\n",
-                    spec.help_text()
+                    "| {flag} | {} | {} | {} |\n",
+                    cell(type_label(spec)),
+                    cell(format!("`{default}`")),
+                    cell(spec.help_text())
                 ));
             }
         }
+        let mut app = A::augment_args(Command::new("app").disable_help_flag(true));
+        app.build(); // settles each arg's number of values
+        let mut heading: Option<Option<String>> = None;
+        for arg in app.get_arguments().filter(|a| !a.is_hide_set()) {
+            let Some(long) = arg.get_long() else { continue };
+            let h = arg.get_help_heading().map(str::to_string);
+            if heading.as_ref() != Some(&h) {
+                out.push_str(&format!(
+                    "\n## {}\n\n| flag (not a YAML key) | value | default | meaning |\n|---|---|---|---|\n",
+                    h.as_deref().unwrap_or("Other options")
+                ));
+                heading = Some(h);
+            }
+            let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
+            let (ty, default) = if takes_value {
+                let names = arg
+                    .get_value_names()
+                    .map(|v| {
+                        v.iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_else(|| "VALUE".into());
+                let d: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                (
+                    names,
+                    if d.is_empty() {
+                        "none".into()
+                    } else {
+                        d.join(" ")
+                    },
+                )
+            } else {
+                ("(switch)".to_string(), "off".to_string())
+            };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            out.push_str(&format!(
+                "| `--{long}` | {} | {} | {} |\n",
+                cell(ty),
+                cell(format!("`{default}`")),
+                cell(help)
+            ));
+        }
         out
     }
+}
+
+/// A field's value in the matches, coerced (`None`: not there at all).
+fn arg_value(
+    m: &ArgMatches,
+    id: &str,
+    spec: &'static FieldSpec,
+    preprocess: fn(&str, Value) -> Value,
+) -> Result<Option<Value>, ParseError> {
+    let internal = |e: clap::parser::MatchesError| ParseError::Deserialize {
+        group: "TrlParser",
+        message: format!("--{id}: {e}"),
+    };
+    if spec.ty.kind != ValueKind::List {
+        return m
+            .try_get_one::<Value>(id)
+            .map(Option::<&Value>::cloned)
+            .map_err(internal);
+    }
+    let Some(items) = m.try_get_many::<String>(id).map_err(internal)? else {
+        return Ok(None);
+    };
+    let raw = Value::Array(items.map(|s| Value::String(s.clone())).collect());
+    coerce(spec, preprocess(spec.name, raw.clone()))
+        .map(Some)
+        .map_err(|reason| ParseError::InvalidValue {
+            origin: Origin::Cli(format!("--{id}")),
+            field: spec.name.to_string(),
+            value: display_value(&raw),
+            reason,
+        })
+}
+
+/// A clap error as a [`ParseError`]: field values come back with their field,
+/// unknown flags with our suggestion (it knows kebab case and abbreviations).
+fn from_clap(e: clap::Error, names: &[String]) -> ParseError {
+    use std::error::Error as _;
+    if let Some(v) = e.source().and_then(|s| s.downcast_ref::<FlagValueError>()) {
+        return ParseError::InvalidValue {
+            origin: Origin::Cli(v.flag.clone()),
+            field: v.field.to_string(),
+            value: v.value.clone(),
+            reason: v.reason.clone(),
+        };
+    }
+    let context = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let arg = context(ContextKind::InvalidArg);
+    // "--learning_rate <FLOAT>" -> "--learning_rate"
+    let flag = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let value = context(ContextKind::InvalidValue);
+    match e.kind() {
+        ErrorKind::DisplayHelp => ParseError::Help(e.to_string()),
+        ErrorKind::UnknownArgument if arg.len() > 2 && arg.starts_with("--") => {
+            ParseError::UnknownFlag {
+                suggestion: suggest(&arg[2..], names.iter().map(String::as_str))
+                    .map(|s| format!("--{s}")),
+                flag: arg,
+            }
+        }
+        ErrorKind::UnknownArgument => ParseError::UnexpectedArgument { arg },
+        ErrorKind::InvalidValue if value.is_empty() => ParseError::MissingValue { flag },
+        ErrorKind::TooManyValues => ParseError::InvalidValue {
+            origin: Origin::Cli(flag.clone()),
+            field: flag
+                .trim_start_matches("--")
+                .trim_start_matches("no_")
+                .to_string(),
+            value,
+            reason: format!("{flag} takes no value"),
+        },
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => ParseError::InvalidValue {
+            origin: Origin::Cli(flag.clone()),
+            field: flag.trim_start_matches("--").to_string(),
+            value,
+            reason: e
+                .source()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "invalid value".into()),
+        },
+        _ => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or_default();
+            ParseError::Command(line.trim_start_matches("error: ").to_string())
+        }
+    }
+}
+
+/// A YAML document as JSON. Not-a-number and infinities, which JSON cannot
+/// hold, stay visible as their YAML spelling (`.nan`, `.inf`, `-.inf`) so that
+/// the field's coercion can refuse them by name instead of reading "none".
+fn yaml_to_json(v: serde_yaml_ng::Value) -> Result<Value, String> {
+    use serde_yaml_ng::Value as Y;
+    Ok(match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Number(i.into())
+            } else if let Some(u) = n.as_u64() {
+                Value::Number(u.into())
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                match Number::from_f64(f) {
+                    Some(n) => Value::Number(n),
+                    None if f.is_nan() => Value::String(".nan".into()),
+                    None if f > 0.0 => Value::String(".inf".into()),
+                    None => Value::String("-.inf".into()),
+                }
+            }
+        }
+        Y::String(s) => Value::String(s),
+        Y::Sequence(items) => Value::Array(
+            items
+                .into_iter()
+                .map(yaml_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+        Y::Mapping(m) => {
+            let mut out = Map::new();
+            for (k, v) in m {
+                let key = match yaml_to_json(k)? {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    other => {
+                        return Err(format!(
+                            "a mapping key must be a name, got {}",
+                            kind_name(&other)
+                        ))
+                    }
+                };
+                out.insert(key, yaml_to_json(v)?);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => yaml_to_json(t.value)?,
+    })
 }
 
 fn type_label(spec: &FieldSpec) -> String {
@@ -731,14 +1100,15 @@ fn coerce(spec: &FieldSpec, v: Value) -> Result<Value, String> {
         ValueKind::Float => {
             let f = match &v {
                 Value::Number(n) => n.as_f64(),
-                Value::String(s) => s.trim().parse::<f64>().ok(),
+                Value::String(s) => parse_float(s),
                 _ => return Err(format!("expected a number, got {}", kind_name(&v))),
             };
             match f {
                 Some(f) if f.is_finite() => Ok(Value::Number(
                     Number::from_f64(f).ok_or("expected a number")?,
                 )),
-                Some(_) => Err("expected a finite number".into()),
+                Some(f) if f.is_nan() => Err("expected a finite number, got not-a-number".into()),
+                Some(_) => Err("expected a finite number, got an infinity".into()),
                 None => Err("expected a number".into()),
             }
         }
@@ -788,6 +1158,17 @@ fn coerce(spec: &FieldSpec, v: Value) -> Result<Value, String> {
                 kind_name(&other)
             )),
         },
+    }
+}
+
+/// A number as Rust or YAML spells it (`1e-4`, `.nan`, `-.inf`).
+fn parse_float(s: &str) -> Option<f64> {
+    let s = s.trim();
+    match s.to_ascii_lowercase().as_str() {
+        ".nan" => Some(f64::NAN),
+        ".inf" | "+.inf" => Some(f64::INFINITY),
+        "-.inf" => Some(f64::NEG_INFINITY),
+        _ => s.parse().ok(),
     }
 }
 
