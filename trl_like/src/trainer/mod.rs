@@ -10,6 +10,7 @@
 
 pub mod callbacks;
 pub mod checkpoint;
+pub mod output_dir;
 mod packing;
 pub mod state;
 
@@ -54,6 +55,8 @@ pub enum TrainerError {
     Tracking(#[from] crate::tracking::TrackingError),
     #[error(transparent)]
     Distributed(#[from] crate::distributed::DistError),
+    #[error(transparent)]
+    OutputDir(#[from] output_dir::OutputDirError),
     #[error("{0}")]
     Checkpoint(String),
     #[error("{path}: {source}")]
@@ -134,6 +137,8 @@ pub struct SFTTrainer<M: PreTrainedModel> {
     max_nonfinite_steps: usize,
     /// The data-parallel process group under torchrun (`None`: one process).
     process_group: Option<ProcessGroup>,
+    /// What checkpoints record to check a resume against (set by `train`).
+    run_record: Option<output_dir::RunRecord>,
 }
 
 /// Statistics of dataset preparation, for messages and `glm4 preview`.
@@ -369,6 +374,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             nonfinite_in_a_row: 0,
             max_nonfinite_steps: 5,
             process_group: None,
+            run_record: None,
         };
         trainer.callbacks.push(Box::new(DefaultFlowCallback));
         if trainer.args.disable_tqdm {
@@ -564,7 +570,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     /// Runs the training loop; resumes when `resume_from_checkpoint` says so.
     pub fn train(&mut self) -> Result<TrainOutput, TrainerError> {
         let output_dir = PathBuf::from(&self.args.output_dir);
-        let resume = checkpoint::resolve_resume(&self.args, &output_dir)?;
+        let (_lock, resume) =
+            output_dir::prepare(&self.args, &output_dir, self.is_world_process_zero())?;
         // No rank may see another's first files as an "existing output directory".
         self.barrier()?;
         std::fs::create_dir_all(&output_dir).map_err(io_err(&output_dir))?;
@@ -619,6 +626,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         self.loop_state = LoopState::default();
         self.interrupted_at = None;
         self.interrupt.store(false, Ordering::SeqCst);
+        self.run_record = Some(self.make_run_record());
         if let Some(dir) = &resume {
             self.load_checkpoint(dir, &mut optimizer)?;
             eprintln!(
@@ -677,8 +685,18 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         if self.args.eval_on_start && start_step == 0 {
             self.evaluate()?;
         }
-        let epochs_done = start_step / steps_per_epoch;
-        let mut skip_steps = start_step % steps_per_epoch;
+        // A checkpoint at (or past) max_steps has nothing left to train.
+        let epochs_done = if start_step >= max_steps {
+            num_epochs
+        } else {
+            start_step / steps_per_epoch
+        };
+        // transformers' ignore_data_skip: the resumed epoch restarts from its first batch.
+        let mut skip_steps = if self.args.ignore_data_skip {
+            0
+        } else {
+            start_step % steps_per_epoch
+        };
         'epochs: for epoch in epochs_done..num_epochs {
             self.fire(Event::EpochBegin, Payload::None);
             let batches = self.epoch_batches(epoch);
@@ -693,8 +711,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 if interrupted && !self.control.should_training_stop {
                     // Finish like a planned end: log, checkpoint, stop.
                     self.control.should_training_stop = true;
-                    self.control.should_save =
-                        self.args.save_strategy != crate::config::SaveStrategy::No;
+                    // Whatever save_strategy says: the rerun resumes from this checkpoint.
+                    self.control.should_save = true;
                     self.control.should_log = true;
                     self.interrupted_at = Some(self.state.global_step);
                 }
@@ -1360,6 +1378,13 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         if !self.is_world_process_zero() {
             return Ok(());
         }
+        // The final save (no dir) is part of the run that holds output_dir.
+        let _lock = match dir {
+            None => Some(output_dir::OutputDirLock::acquire(Path::new(
+                &self.args.output_dir,
+            ))?),
+            Some(_) => None,
+        };
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
