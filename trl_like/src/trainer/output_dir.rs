@@ -673,11 +673,14 @@ pub fn check_resume(
                     let get = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(1).max(1);
                     get("per_device_train_batch_size") * get("gradient_accumulation_steps")
                 };
-                let now_batch = batch(&now_args) * now.world_size as u64;
-                if batch(then_args) != now_batch {
-                    data_problems.push(format!(
-                        "its batch per optimizer step was {} (per device x accumulation), this run's is {now_batch}",
-                        batch(then_args)
+                // Its process count is not recorded: a mismatch may be a changed world size.
+                if batch(then_args) != batch(&now_args) {
+                    warnings.push(format!(
+                        "warning: per-device batch x accumulation was {} and is {} now; unless the number \
+                         of processes changed to make up for it, the resumed run skips other samples than \
+                         the first run saw",
+                        batch(then_args),
+                        batch(&now_args)
                     ));
                 }
             }
