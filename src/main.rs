@@ -15,6 +15,7 @@ use trl_like::generation::{generate, GenerationConfig};
 use trl_like::modeling::PreTrainedModel;
 use trl_like::peft::{merge_and_unload, PeftAdapter};
 use trl_like::tokenizer::PreTrainedTokenizer;
+use trl_like::trainer::output_dir;
 
 #[derive(Parser)]
 #[command(
@@ -66,9 +67,12 @@ struct MergeArgs {
     /// LoRA adapter directory (PEFT format).
     #[arg(long = "adapter_path", alias = "adapter-path")]
     adapter_path: PathBuf,
-    /// Where to write the merged checkpoint.
+    /// Where to write the merged checkpoint (a new or empty folder).
     #[arg(long = "output_dir", alias = "output-dir")]
     output_dir: PathBuf,
+    /// Replace the model files of a non-empty --output_dir (weights, shards, index, config, tokenizer).
+    #[arg(long = "overwrite_output_dir", alias = "overwrite-output-dir")]
+    overwrite_output_dir: bool,
     /// Dtype of the merged weights (auto: the base checkpoint's).
     #[arg(
         long = "torch_dtype",
@@ -460,6 +464,15 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
             bail!("{flag} {}: the directory does not exist", path.display());
         }
     }
+    // Refused before anything is loaded: the target must not be, or hold, an input.
+    output_dir::check_write_target(
+        &a.output_dir,
+        &[
+            ("--model_name_or_path", dir),
+            ("--adapter_path", &a.adapter_path),
+        ],
+        a.overwrite_output_dir,
+    )?;
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = match a.torch_dtype.as_str() {
         "auto" => config
@@ -478,6 +491,17 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
         a.adapter_path.display()
     );
     merge_and_unload(&mut model);
+    let _lock = output_dir::OutputDirLock::acquire(&a.output_dir)?;
+    // Checked again under the lock: another process may have written meanwhile.
+    output_dir::check_write_target(&a.output_dir, &[], a.overwrite_output_dir)?;
+    let removed = output_dir::clear_model_files(&a.output_dir)?;
+    if !removed.is_empty() {
+        eprintln!(
+            "overwrite_output_dir: removed {} from {}",
+            removed.join(", "),
+            a.output_dir.display()
+        );
+    }
     model
         .save_pretrained(&a.output_dir)
         .with_context(|| format!("writing {}", a.output_dir.display()))?;
@@ -488,10 +512,9 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     };
     glm4::load_tokenizer(tokenizer_dir)?.save_pretrained(&a.output_dir)?;
     if dir.join("generation_config.json").exists() {
-        std::fs::copy(
-            dir.join("generation_config.json"),
-            a.output_dir.join("generation_config.json"),
-        )?;
+        let to = a.output_dir.join("generation_config.json");
+        trl_like::fsutil::copy_atomic(&dir.join("generation_config.json"), &to)
+            .with_context(|| format!("writing {}", to.display()))?;
     }
     eprintln!("merged model written to {}", a.output_dir.display());
     Ok(())

@@ -641,6 +641,15 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     check_device_fits(&model_dir, device)?;
     let group = init_process_group(dist_env.as_ref(), &setup.args, device)?;
     let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
+    // One run per output_dir, from before the first file is read until the last is
+    // written (only rank 0 writes, so only rank 0 locks).
+    let _lock = if is_main {
+        Some(trl_like::trainer::output_dir::OutputDirLock::acquire(
+            Path::new(&setup.args.output_dir),
+        )?)
+    } else {
+        None
+    };
     // Rank 0 downloads what is missing while the others wait (main_process_first).
     if is_main {
         fetch_tutorial_files(&setup)?;
@@ -707,12 +716,23 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         return Ok(());
     }
     if let Some(step) = trainer.interrupted_at {
+        // Say only what is on disk: the checkpoint of the interrupted step, with its optimizer.
         let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
-        eprintln!(
-            "\ninterrupted: stopped after step {step}{}. Run the same command again to resume.",
-            last.map(|(_, p)| format!("; the checkpoint is {}", p.display()))
-                .unwrap_or_default()
-        );
+        match last {
+            Some((s, p)) if s == step && p.join("optimizer.safetensors").is_file() => eprintln!(
+                "\ninterrupted: stopped after step {step}; the checkpoint is {}. Run the same command again to resume.",
+                p.display()
+            ),
+            Some((_, p)) => eprintln!(
+                "\ninterrupted: stopped after step {step}, but no resumable checkpoint of that step was written; \
+                 the newest checkpoint is {}",
+                p.display()
+            ),
+            None => eprintln!(
+                "\ninterrupted: stopped after step {step}, but no checkpoint was written; running the same \
+                 command again starts over"
+            ),
+        }
         return Ok(());
     }
     eprintln!("\nadapter / model: {}", output_dir.display());

@@ -67,6 +67,34 @@ fn model_copy(dir: &Path) -> PathBuf {
     m
 }
 
+/// The PEFT adapter fixture (made for weights/tiny-glm).
+fn adapter_fixture() -> PathBuf {
+    root().join("tests/fixtures/trainer/peft_adapter")
+}
+
+fn merge(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = s(&["merge", "--model_name_or_path"]);
+    v.push(model.display().to_string());
+    v.push("--adapter_path".into());
+    v.push(adapter.display().to_string());
+    v.push("--output_dir".into());
+    v.push(out.display().to_string());
+    v.extend(s(extra));
+    v
+}
+
+/// A finished one-step run in `dir/out` with `checkpoint-1`, to resume from.
+fn checkpointed_run(dir: &Path) {
+    let o = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(sft(dir, "data/demo_alpaca.json", &["--save_steps", "1"]))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The table checks that a failing case leaves no final state behind.
+    std::fs::remove_file(dir.join("out/trainer_state.json")).unwrap();
+}
+
 fn generate(model: &Path) -> Vec<String> {
     s(&[
         "generate",
@@ -271,6 +299,111 @@ const CASES: &[Case] = &[
             sft(d, "data/demo_alpaca.json", &[])
         },
         expect: &["not empty", "--overwrite_output_dir"],
+    },
+    Case {
+        name: "merge into the base model's folder",
+        setup: |d| {
+            let m = model_copy(d);
+            merge(&m, &adapter_fixture(), &m, &[])
+        },
+        expect: &["--output_dir", "is the --model_name_or_path folder"],
+    },
+    Case {
+        name: "merge into the adapter's folder",
+        setup: |d| {
+            let a = d.join("adapter");
+            std::fs::create_dir_all(&a).unwrap();
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                std::fs::copy(adapter_fixture().join(f), a.join(f)).unwrap();
+            }
+            merge(
+                &root().join("weights/tiny-glm"),
+                &a,
+                &a,
+                &["--overwrite_output_dir"],
+            )
+        },
+        expect: &["is the --adapter_path folder"],
+    },
+    Case {
+        name: "merge into a folder that contains the base model",
+        setup: |d| {
+            let m = model_copy(d);
+            merge(&m, &adapter_fixture(), d, &["--overwrite_output_dir"])
+        },
+        expect: &["contains the --model_name_or_path folder"],
+    },
+    Case {
+        name: "merge into a non-empty folder",
+        setup: |d| {
+            std::fs::create_dir_all(d.join("out")).unwrap();
+            std::fs::write(d.join("out/model.safetensors"), "older model").unwrap();
+            merge(
+                &root().join("weights/tiny-glm"),
+                &adapter_fixture(),
+                &d.join("out"),
+                &[],
+            )
+        },
+        expect: &["not empty", "--overwrite_output_dir"],
+    },
+    Case {
+        name: "resume with another batch size",
+        setup: |d| {
+            checkpointed_run(d);
+            sft(
+                d,
+                "data/demo_alpaca.json",
+                &["--save_steps", "1", "--per_device_train_batch_size", "4"],
+            )
+        },
+        expect: &[
+            "cannot resume from",
+            "checkpoint-1",
+            "batch",
+            "--ignore_data_skip",
+        ],
+    },
+    Case {
+        name: "resume with other training data",
+        setup: |d| {
+            checkpointed_run(d);
+            let f = write(
+                d,
+                "other.json",
+                "[{\"instruction\": \"a\", \"output\": \"b\"}, {\"instruction\": \"c\", \"output\": \"d\"}]",
+            );
+            sft(
+                d,
+                &f,
+                &[
+                    "--save_steps",
+                    "1",
+                    "--test_size",
+                    "0",
+                    "--eval_strategy",
+                    "no",
+                ],
+            )
+        },
+        expect: &["cannot resume from", "training data differ"],
+    },
+    Case {
+        name: "resume on another base model",
+        setup: |d| {
+            checkpointed_run(d);
+            let m = model_copy(d);
+            let mut w = tch::Tensor::read_safetensors(m.join("model.safetensors")).unwrap();
+            for (_, t) in w.iter_mut() {
+                *t = &*t + 0.5;
+            }
+            tch::Tensor::write_safetensors(&w, m.join("model.safetensors")).unwrap();
+            let mut v = sft(d, "data/demo_alpaca.json", &["--save_steps", "1"]);
+            let i = v.iter().position(|a| a == "--model_name_or_path").unwrap();
+            v[i + 1] = m.display().to_string();
+            v
+        },
+        expect: &["cannot resume from", "base model", "weights differ"],
     },
     Case {
         name: "unwritable output_dir",

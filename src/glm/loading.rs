@@ -198,21 +198,52 @@ pub fn save_safetensors(
             .expect("one shard")
             .push((name.clone(), t.detach().to_device(tch::Device::Cpu)));
     }
+    // The index (or, unsharded, model.safetensors) is what loaders read first:
+    // an old one must not survive beside new weights, and the new one is
+    // written last, so a save cut short is an error to load, never a mix.
+    let index_path = dir.join("model.safetensors.index.json");
+    remove_if_present(&index_path)?;
+    let write = |shard: &[(String, Tensor)], path: &Path| {
+        trl_like::fsutil::write_atomic_with(path, |tmp| {
+            Tensor::write_safetensors(shard, tmp).map_err(to_io)
+        })
+    };
     if shards.len() == 1 {
-        return Tensor::write_safetensors(&shards[0], dir.join("model.safetensors")).map_err(to_io);
+        write(&shards[0], &dir.join("model.safetensors"))?;
+        return remove_stale_shards(dir, &[]);
     }
+    remove_if_present(&dir.join("model.safetensors"))?;
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
+    let mut files = Vec::with_capacity(n);
     for (i, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-        Tensor::write_safetensors(shard, dir.join(&file)).map_err(to_io)?;
+        write(shard, &dir.join(&file))?;
         for (name, _) in shard {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
+        files.push(file);
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&index)? + "\n",
-    )
+    let text = serde_json::to_string_pretty(&index)? + "\n";
+    trl_like::fsutil::write_atomic(&index_path, text.as_bytes())?;
+    remove_stale_shards(dir, &files)
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes `model-*-of-*.safetensors` files of an earlier save that `keep` does not name.
+fn remove_stale_shards(dir: &Path, keep: &[String]) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if trl_like::trainer::output_dir::is_weight_shard(&name) && !keep.contains(&name) {
+            remove_if_present(&dir.join(&name))?;
+        }
+    }
+    Ok(())
 }

@@ -241,10 +241,8 @@ impl PreTrainedModel for GlmForCausalLM {
         };
         config["torch_dtype"] = dtype.into();
         config["dtype"] = dtype.into();
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string_pretty(&config)? + "\n",
-        )?;
+        let text = serde_json::to_string_pretty(&config)? + "\n";
+        trl_like::fsutil::write_atomic(&dir.join("config.json"), text.as_bytes())?;
         save_safetensors(&self.named_parameters(), dir, MAX_SHARD_BYTES)
     }
 

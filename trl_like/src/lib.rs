@@ -7,6 +7,7 @@ pub mod chat_template;
 pub mod config;
 pub mod data;
 pub mod distributed;
+pub mod fsutil;
 pub mod generation;
 pub mod hub;
 pub mod modeling;

@@ -478,12 +478,23 @@ impl PeftAdapter {
             .map(|(k, t)| (k, t.detach().to_device(Device::Cpu)))
             .collect();
         let weights = dir.join("adapter_model.safetensors");
-        Tensor::write_safetensors(&named, &weights).map_err(|e| PeftError::File {
+        // Weights first, each file atomic: a kill leaves the previous adapter or
+        // none, never a truncated one beside a valid config.
+        crate::fsutil::write_atomic_with(&weights, |tmp| {
+            Tensor::write_safetensors(&named, tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|e| PeftError::File {
             path: weights.display().to_string(),
             message: e.to_string(),
         })?;
         let config = serde_json::to_string_pretty(&self.config.to_peft_json(true)).expect("json");
-        std::fs::write(dir.join("adapter_config.json"), config + "\n").map_err(io)?;
+        let config_path = dir.join("adapter_config.json");
+        crate::fsutil::write_atomic(&config_path, (config + "\n").as_bytes()).map_err(|e| {
+            PeftError::File {
+                path: config_path.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
         Ok(())
     }
 

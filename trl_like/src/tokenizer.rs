@@ -989,9 +989,11 @@ impl PreTrainedTokenizer {
             source,
         })?;
         let write = |path: PathBuf, text: &str| -> Result<PathBuf> {
-            std::fs::write(&path, text).map_err(|source| TokenizerError::Io {
-                path: path.clone(),
-                source,
+            crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| {
+                TokenizerError::Io {
+                    path: path.clone(),
+                    source,
+                }
             })?;
             Ok(path)
         };

@@ -235,6 +235,10 @@ config_struct! {
         /// Resume from a checkpoint: a checkpoint directory, or "true" for the newest
         /// checkpoint-* in output_dir.
         resume_from_checkpoint: Option<String> = None,
+        /// When resuming, do not skip the batches of the current epoch that the checkpoint's run
+        /// already trained on (the epoch restarts from its first batch); this also lets a resume
+        /// go ahead when the training data or the global batch changed.
+        ignore_data_skip: bool = false,
         /// Allow model code shipped with a checkpoint to run (Python-only; must stay false here).
         trust_remote_code: bool = false,
         /// A chat template to use instead of the tokenizer's: a tokenizer directory or a Jinja file.

@@ -30,9 +30,9 @@ pub fn plot_training_curves(log_history: &[Value], path: &Path) -> io::Result<()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if is_png {
-        std::fs::write(path, render_training_curves_png(log_history))
+        crate::fsutil::write_atomic(path, &render_training_curves_png(log_history))
     } else {
-        std::fs::write(path, render_training_curves_svg(log_history))
+        crate::fsutil::write_atomic(path, render_training_curves_svg(log_history).as_bytes())
     }
 }
 

@@ -3,9 +3,11 @@
 //! tokenizer. Each is written under a temporary name and renamed when
 //! complete, so a crash never leaves a half checkpoint that looks finished.
 
+use super::output_dir::RunRecord;
 use super::step::LoopState;
 use super::{io_err, Trainer, TrainerError, TrainingHooks};
 use crate::config::{ResumeFrom, SFTConfig};
+use crate::fsutil::write_atomic;
 use crate::modeling::PreTrainedModel;
 use crate::optim::AdamW;
 use serde_json::{Map, Value};
@@ -72,10 +74,7 @@ pub fn resolve_resume(
         eprintln!("found checkpoint {} in output_dir; resuming (pass --overwrite_output_dir to start over)", p.display());
         return Ok(Some(p));
     }
-    let non_empty = std::fs::read_dir(output_dir)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
-    if non_empty {
+    if !super::output_dir::is_empty(output_dir) {
         return Err(TrainerError::Checkpoint(format!(
             "output_dir {} already exists and is not empty, but holds no checkpoint to resume from; \
              use --overwrite_output_dir to train into it anyway, or choose another --output_dir",
@@ -123,18 +122,28 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         }
         std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         self.save_model(Some(&tmp_dir))?;
-        if !self.args.save_only_model {
+        // An interrupt's checkpoint is the one the rerun resumes from: it always
+        // holds the optimizer and loop state, even under save_only_model.
+        if !self.args.save_only_model || self.interrupted_at.is_some() {
             optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
             let extra = serde_json::to_string_pretty(&self.loop_state).expect("json");
-            std::fs::write(tmp_dir.join(LOOP_FILE), extra).map_err(io_err(&tmp_dir))?;
+            let path = tmp_dir.join(LOOP_FILE);
+            write_atomic(&path, extra.as_bytes()).map_err(io_err(&path))?;
         }
         super::fault::crash_point("TRL_LIKE_CRASH_DURING_SAVE", step);
         let args = serde_json::to_string_pretty(&self.args).expect("json");
-        std::fs::write(tmp_dir.join(ARGS_FILE), args).map_err(io_err(&tmp_dir))?;
+        let path = tmp_dir.join(ARGS_FILE);
+        write_atomic(&path, args.as_bytes()).map_err(io_err(&path))?;
+        if let Some(record) = &self.run_record {
+            let path = tmp_dir.join(super::output_dir::RECORD_FILE);
+            record.save(&tmp_dir).map_err(io_err(&path))?;
+        }
         // The state file goes last: its presence marks a complete checkpoint.
         self.state
             .save_to_json(&tmp_dir.join(STATE_FILE), &self.control)
             .map_err(io_err(&tmp_dir))?;
+        // Every file on disk before the folder gets its final name (power loss).
+        crate::fsutil::sync_tree(&tmp_dir).map_err(io_err(&tmp_dir))?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
         }
@@ -267,6 +276,12 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
         let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE))
             .map_err(TrainerError::Checkpoint)?;
+        if let Some(now) = &self.run_record {
+            let messages = super::output_dir::check_resume(dir, &self.args, now)?;
+            if self.is_world_process_zero() {
+                messages.iter().for_each(|m| eprintln!("{m}"));
+            }
+        }
         if !dir.join(OPTIMIZER_FILE).is_file() {
             return Err(ckpt(
                 "holds only model weights (save_only_model), so training cannot resume from it"
@@ -292,5 +307,35 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         self.state.best_model_checkpoint = state.best_model_checkpoint;
         self.state.total_flos = state.total_flos;
         Ok(())
+    }
+}
+
+impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
+    /// What this run's checkpoints record for [`super::output_dir::check_resume`].
+    /// Taken before a checkpoint's weights are loaded, so that a full
+    /// fine-tune's base weights are the base model's, not the trained ones.
+    pub(super) fn make_run_record(&self) -> RunRecord {
+        let trained = match &self.peft {
+            None => "every weight (full fine-tuning)".to_string(),
+            Some(adapter) => {
+                let c = &adapter.config;
+                let targets = serde_json::to_string(&c.target_modules).unwrap_or_default();
+                format!(
+                    "LoRA adapters (r {}, lora_alpha {}, target_modules {targets}, use_rslora {}, use_dora {})",
+                    c.r, c.lora_alpha, c.use_rslora, c.use_dora
+                )
+            }
+        };
+        RunRecord::new(
+            &self.args,
+            self.rank_and_world_size().1,
+            (
+                self.train_dataset.len(),
+                self.hooks.fingerprint(&self.train_dataset),
+            ),
+            self.model.name_or_path(),
+            &self.model.named_parameters(),
+            trained,
+        )
     }
 }

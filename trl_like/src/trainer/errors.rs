@@ -17,6 +17,8 @@ pub enum TrainerError {
     Tracking(#[from] crate::tracking::TrackingError),
     #[error(transparent)]
     Distributed(#[from] crate::distributed::DistError),
+    #[error(transparent)]
+    OutputDir(#[from] super::output_dir::OutputDirError),
     #[error("{0}")]
     Checkpoint(String),
     #[error("{path}: {source}")]

@@ -33,6 +33,10 @@ pub trait TrainingHooks<M: PreTrainedModel> {
     /// Length of a row in tokens (`group_by_length` sorts by it).
     fn example_len(&self, example: &Self::Example) -> usize;
 
+    /// A stable fingerprint of a prepared dataset (a resumed run must train
+    /// on the same rows: see [`super::output_dir`]).
+    fn fingerprint(&self, examples: &[Self::Example]) -> String;
+
     /// Collates rows into one micro-batch (transformers' `data_collator`).
     fn collate(&self, examples: &[&Self::Example], device: Device) -> Self::Batch;
 

@@ -21,6 +21,7 @@ mod evaluate;
 mod fault;
 pub mod hooks;
 pub mod loss;
+pub mod output_dir;
 mod packing;
 mod parallel;
 mod sampler;
@@ -91,6 +92,8 @@ pub struct Trainer<M: PreTrainedModel, H: TrainingHooks<M>> {
     max_nonfinite_steps: usize,
     /// The data-parallel process group under torchrun (`None`: one process).
     process_group: Option<ProcessGroup>,
+    /// What checkpoints record to check a resume against (set by `train`).
+    run_record: Option<output_dir::RunRecord>,
 }
 
 /// The step arithmetic of a run (transformers' `_inner_training_loop` preamble).
@@ -148,6 +151,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             interrupt: Arc::new(AtomicBool::new(false)),
             max_nonfinite_steps: 5,
             process_group: None,
+            run_record: None,
         };
         trainer.fire(Event::InitEnd, Payload::None);
         trainer
@@ -203,7 +207,8 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     /// Runs the training loop; resumes when `resume_from_checkpoint` says so.
     pub fn train(&mut self) -> Result<TrainOutput, TrainerError> {
         let output_dir = PathBuf::from(&self.args.output_dir);
-        let resume = checkpoint::resolve_resume(&self.args, &output_dir)?;
+        let (_lock, resume) =
+            output_dir::prepare(&self.args, &output_dir, self.is_world_process_zero())?;
         // No rank may see another's first files as an "existing output directory".
         self.barrier()?;
         std::fs::create_dir_all(&output_dir).map_err(io_err(&output_dir))?;
@@ -299,6 +304,8 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         checkpoint: Option<&Path>,
         run: &mut Optimization,
     ) -> Result<(), TrainerError> {
+        // Taken before a checkpoint's weights are loaded (see make_run_record).
+        self.run_record = Some(self.make_run_record());
         if let Some(dir) = checkpoint {
             self.load_checkpoint(dir, &mut run.optimizer)?;
             log::info!(
@@ -363,8 +370,19 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     ) -> Result<(), TrainerError> {
         let ga = self.args.gradient_accumulation_steps.max(1);
         let start_step = self.state.global_step;
-        let mut skip_steps = start_step % plan.steps_per_epoch;
-        for epoch in start_step / plan.steps_per_epoch..plan.num_epochs {
+        // A checkpoint at (or past) max_steps has nothing left to train.
+        let first_epoch = if start_step >= plan.max_steps {
+            plan.num_epochs
+        } else {
+            start_step / plan.steps_per_epoch
+        };
+        // transformers' ignore_data_skip: the resumed epoch restarts from its first batch.
+        let mut skip_steps = if self.args.ignore_data_skip {
+            0
+        } else {
+            start_step % plan.steps_per_epoch
+        };
+        for epoch in first_epoch..plan.num_epochs {
             self.fire(Event::EpochBegin, Payload::None);
             let batches = self.epoch_batches(epoch);
             for (window_idx, window) in batches.chunks(ga).enumerate() {
@@ -397,10 +415,11 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         Ok(())
     }
 
-    /// An interrupt finishes like a planned end: log, checkpoint, stop.
+    /// An interrupt finishes like a planned end: log, checkpoint (whatever
+    /// `save_strategy` says: the rerun resumes from it), stop.
     fn stop_for_interrupt(&mut self) {
         self.control.should_training_stop = true;
-        self.control.should_save = self.args.save_strategy != crate::config::SaveStrategy::No;
+        self.control.should_save = true;
         self.control.should_log = true;
         self.interrupted_at = Some(self.state.global_step);
     }
@@ -526,6 +545,13 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         if !self.is_world_process_zero() {
             return Ok(());
         }
+        // The final save (no dir) is part of the run that holds output_dir.
+        let _lock = match dir {
+            None => Some(output_dir::OutputDirLock::acquire(Path::new(
+                &self.args.output_dir,
+            ))?),
+            Some(_) => None,
+        };
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&self.args.output_dir));

@@ -60,6 +60,10 @@ impl<M: PreTrainedModel> TrainingHooks<M> for SFTHooks {
         example.input_ids.len()
     }
 
+    fn fingerprint(&self, examples: &[TokenizedExample]) -> String {
+        super::output_dir::fingerprint_examples(examples)
+    }
+
     fn collate(&self, examples: &[&TokenizedExample], device: Device) -> Batch {
         collate_with(
             examples,

@@ -72,10 +72,8 @@ impl TrainerState {
             json!({"args": control.as_json(), "attributes": {}}),
         );
         let value = sort_keys(serde_json::to_value(&state).expect("state serialises"));
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&value).expect("json") + "\n",
-        )
+        let text = serde_json::to_string_pretty(&value).expect("json") + "\n";
+        crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
     pub fn load_from_json(path: &Path) -> Result<Self, String> {
