@@ -10,6 +10,7 @@
 
 pub mod callbacks;
 pub mod checkpoint;
+mod flos;
 mod packing;
 pub mod state;
 
@@ -56,11 +57,8 @@ pub enum TrainerError {
     Distributed(#[from] crate::distributed::DistError),
     #[error("{0}")]
     Checkpoint(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -68,7 +66,7 @@ pub enum TrainerError {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
     move |source| TrainerError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     }
 }
 
@@ -183,7 +181,7 @@ pub fn prepare_dataset(
             tokenize_example(tokenizer, &ex, &opts).map_err(|source| {
                 crate::data::DataError::Tokenizer {
                     origin: record.origin.clone(),
-                    source,
+                    error: source,
                 }
             })
         });
@@ -848,6 +846,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
         self.loop_state.window.entropy.extend(entropies);
         self.loop_state.window.accuracy.extend(accuracies);
         self.state.num_input_tokens_seen += step_tokens;
+        self.add_step_flos(&batches)?;
         let grad_norm = clip_grad_norm(&tensors, self.args.max_grad_norm);
         self.fire(Event::PreOptimizerStep, Payload::None);
         let lr = scheduler.lr_at(self.state.global_step);
