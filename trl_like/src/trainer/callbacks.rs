@@ -156,6 +156,7 @@ impl TrainerCallback for DefaultFlowCallback {
 /// `nohup`), where a bar would be invisible, every entry is printed as a line
 /// and a plain progress line every [`PLAIN_PROGRESS_PERCENT`] % of the steps or
 /// [`PLAIN_PROGRESS_INTERVAL`], whichever comes first.
+#[derive(Default)]
 pub struct ProgressCallback {
     bar: Option<ProgressBar>,
     /// Off a terminal: when the last plain progress line was printed, and at which step.
@@ -173,18 +174,6 @@ pub const PLAIN_PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::fr
 struct PlainProgress {
     last_time: std::time::Instant,
     last_step: usize,
-}
-
-impl Default for ProgressCallback {
-    fn default() -> Self {
-        Self {
-            bar: None,
-            plain: None,
-            started: None,
-            tokens_at_start: 0,
-            step_at_start: 0,
-        }
-    }
 }
 
 impl ProgressCallback {
@@ -362,7 +351,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
