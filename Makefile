@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release/glm4
 
-.PHONY: setup build test fixtures env clean-venv train demo chat toolcall soak fuzz bench
+.PHONY: setup build test fixtures env clean-venv train demo chat toolcall soak fuzz bench FORCE
 
 # make train CONFIG=configs/lora_alpaca_b4.yaml ARGS="--learning_rate 1e-4 --max_steps 600"
 CONFIG ?= configs/tutorial.yaml
@@ -41,15 +41,23 @@ $(C10D_STAMP): | $(TORCH_STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
 	touch $@
 
+# `build` compiles everything `make test` runs (test targets, proptest, …);
+# the commands that only run glm4 (demo, train, chat, toolcall, env) build just
+# the binary, so a first `make demo` does not compile test targets it never runs.
 build: setup
 	$(CARGO) build --release --workspace --all-targets
+
+$(BIN): setup FORCE
+	$(CARGO) build --release -p glm4 --bin glm4
+
+FORCE:
 
 # The tests also run the Python reference (transformers, PEFT, TensorBoard) to
 # check that Python opens what glm4 writes; it installs in a few seconds once.
 test: build $(REF_STAMP)
 	$(CARGO) test --release --workspace
 
-env: build
+env: $(BIN)
 	$(BIN) env
 
 # Long reliability runs (short versions are part of `make test`).
@@ -63,19 +71,19 @@ fuzz: build
 # NPROC=8 trains data-parallel on 8 GPUs of this machine (torchrun + NCCL; docs/DISTRIBUTED.md).
 NPROC ?= 1
 LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --no-python,)
-train: build
+train: $(BIN)
 	$(LAUNCH) $(BIN) sft --config $(CONFIG) $(ARGS)
 
 # The same pipeline offline on CPU: the embedded tiny GLM-4 learns the project's demo data.
-demo: build
+demo: $(BIN)
 	$(BIN) sft --config configs/demo.yaml --overwrite_output_dir true --predict_max_new_tokens 32 $(ARGS)
 
 # Chat with the base model plus the trained adapter (the tutorial's chat_cli.py).
-chat: build
+chat: $(BIN)
 	$(BIN) chat --model_name_or_path $(MODEL) --adapter_path $(ADAPTER) $(ARGS)
 
 # The tool-call variant (toolcall_train.py): glaive conversations with tools, 10 epochs, 128 tokens.
-toolcall: build
+toolcall: $(BIN)
 	$(BIN) sft --config configs/toolcall.yaml --predict_max_new_tokens 128 \
 		--predict_prompt "你叫什么名字？" --predict_prompt "告诉我北京的天气怎么样？" \
 		--predict_tools configs/toolcall_predict_tools.json $(if $(DATA),--data_files $(DATA)) $(ARGS)

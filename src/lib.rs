@@ -15,10 +15,37 @@ pub mod sft;
 use std::path::Path;
 use trl_like::tokenizer::PreTrainedTokenizer;
 
+/// Fails with how to get the model when `dir` is not a directory (rather
+/// than with the first file that is missing from it).
+pub fn require_model_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "model directory {} does not exist; download it with `glm4 download THUDM/glm-4-9b-hf --local_dir {}` \
+             (or pass --model_name_or_path DIR of a downloaded model)",
+            dir.display(),
+            shell_quote(&dir.display().to_string())
+        );
+    }
+    Ok(())
+}
+
+/// `s` as one shell word: unchanged when it is plain, else in single quotes.
+pub fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Loads a model directory's tokenizer the way the tutorial prepares it:
 /// the pad token falls back to the eos token, and a tokenizer without a chat
 /// template gets the GLM-4 one (with a notice on stderr).
 pub fn load_tokenizer(dir: &Path) -> anyhow::Result<PreTrainedTokenizer> {
+    require_model_dir(dir)?;
     let mut tokenizer = PreTrainedTokenizer::from_pretrained(dir)?;
     if tokenizer.pad_token_id().is_none() {
         if let Some(eos) = tokenizer.eos_token().map(str::to_string) {

@@ -27,6 +27,36 @@ pub struct PreviewFlags {
     pub json: bool,
 }
 
+/// Text shown per record (and per no-loss prefix): a few screens. A longer
+/// one keeps its start and end, with what was cut in between.
+pub const SHOWN_BYTES: usize = 4096;
+
+/// `text` whole when at most `max` bytes, else its first ¾ and last ¼ of
+/// `max` bytes around a line saying how much was left out.
+pub fn cap_text(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let floor = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let head = floor(max * 3 / 4);
+    let tail = floor(text.len() - max / 4);
+    let cut = &text[head..tail];
+    format!(
+        "{}\n[… {} bytes ({} characters) of {} not shown; --json prints the records whole …]\n{}",
+        &text[..head],
+        cut.len(),
+        cut.chars().count(),
+        text.len(),
+        &text[tail..]
+    )
+    .into()
+}
+
 pub fn run_preview(raw: &[String]) -> Result<()> {
     let Some((setup, flags)) = parse_with::<PreviewFlags>(raw)? else {
         return Ok(());
@@ -70,7 +100,7 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
                     String::new()
                 }
             );
-            println!("{}", e.text);
+            println!("{}", cap_text(&e.text, SHOWN_BYTES));
             let masked = e.labels.iter().filter(|&&l| l == IGNORE_INDEX).count();
             if masked > 0 {
                 let first_loss = e
@@ -81,7 +111,7 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
                 let ids_no_loss = &e.input_ids[..first_loss];
                 println!(
                     "[no loss on the first {first_loss} tokens: {:?}]",
-                    tokenizer.decode(ids_no_loss, false)?
+                    cap_text(&tokenizer.decode(ids_no_loss, false)?, SHOWN_BYTES)
                 );
             } else {
                 println!("[loss on every token]");
@@ -118,4 +148,24 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
         println!("{summary}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_is_cut_with_a_count() {
+        assert_eq!(cap_text("short", 16), "short");
+        let long = "你".repeat(1000); // 3,000 bytes
+        let shown = cap_text(&long, 100);
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.starts_with("你你"), "{shown}");
+        assert!(shown.ends_with("你你"), "{shown}");
+        // The first 75 bytes (25 characters) stay, and the last 25 rounded to whole characters (27).
+        assert!(
+            shown.contains("[… 2898 bytes (966 characters) of 3000 not shown"),
+            "{shown}"
+        );
+    }
 }

@@ -735,21 +735,52 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         }
         return Ok(());
     }
-    eprintln!("\nadapter / model: {}", output_dir.display());
-    eprintln!(
-        "predictions:     {}",
-        output_dir.join("predictions.jsonl").display()
-    );
-    eprintln!(
-        "loss curves:     {}",
-        output_dir.join("training_curves.svg").display()
-    );
-    eprintln!(
-        "try it:          glm4 chat --model_name_or_path {} --adapter_path {}",
-        model_dir.display(),
-        output_dir.display()
+    eprint!(
+        "\n{}",
+        closing_summary(
+            &model_dir,
+            &output_dir,
+            setup.model_args.use_peft,
+            setup.app.predict
+        )
     );
     Ok(())
+}
+
+/// What a finished run wrote and the command to try it: the base model plus
+/// the adapter after LoRA, the output folder itself after full fine-tuning
+/// (it holds the whole model); paths quoted for the shell.
+pub fn closing_summary(model_dir: &Path, output_dir: &Path, peft: bool, predict: bool) -> String {
+    let q = |p: &Path| crate::shell_quote(&p.display().to_string());
+    let mut out = String::new();
+    if peft {
+        out += &format!("adapter:         {}\n", output_dir.display());
+    } else {
+        out += &format!("model:           {}\n", output_dir.display());
+    }
+    if predict {
+        out += &format!(
+            "predictions:     {}\n",
+            output_dir.join("predictions.jsonl").display()
+        );
+    }
+    out += &format!(
+        "loss curves:     {}\n",
+        output_dir.join("training_curves.svg").display()
+    );
+    if peft {
+        out += &format!(
+            "try it:          glm4 chat --model_name_or_path {} --adapter_path {}\n",
+            q(model_dir),
+            q(output_dir)
+        );
+    } else {
+        out += &format!(
+            "try it:          glm4 chat --model_name_or_path {}\n",
+            q(output_dir)
+        );
+    }
+    out
 }
 
 /// `docs/FLAGS.md`: every `glm4 sft` flag with the tutorial's defaults, generated
@@ -764,4 +795,39 @@ pub fn flags_markdown() -> String {
     );
     out.push_str(&TrlParser::new(m, d, s).help_markdown_with::<AppFlags>());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closing_summary_fits_what_the_run_wrote() {
+        let lora = closing_summary(
+            Path::new("weights/tiny glm"),
+            Path::new("out/my run"),
+            true,
+            true,
+        );
+        assert!(
+            lora.contains(
+                "glm4 chat --model_name_or_path 'weights/tiny glm' --adapter_path 'out/my run'"
+            ),
+            "{lora}"
+        );
+        assert!(lora.contains("predictions.jsonl"), "{lora}");
+        let full = closing_summary(
+            Path::new("weights/tiny-glm"),
+            Path::new("out/full"),
+            false,
+            false,
+        );
+        assert!(
+            full.contains("glm4 chat --model_name_or_path out/full\n"),
+            "{full}"
+        );
+        assert!(!full.contains("--adapter_path"), "{full}");
+        assert!(!full.contains("predictions.jsonl"), "{full}");
+        assert_eq!(crate::shell_quote("it's"), "'it'\\''s'");
+    }
 }

@@ -417,7 +417,103 @@ const CASES: &[Case] = &[
         },
         expect: &["file/out"],
     },
+    Case {
+        name: "missing model directory in sft",
+        setup: |d| {
+            let mut v = sft(d, "data/demo_alpaca.json", &[]);
+            let i = v.iter().position(|a| a == "weights/tiny-glm").unwrap();
+            v[i] = "weights/nope".into();
+            v
+        },
+        expect: &["weights/nope", "does not exist", "glm4 download"],
+    },
+    Case {
+        name: "missing model directory in preview",
+        setup: |_| {
+            s(&[
+                "preview",
+                "--model_name_or_path",
+                "weights/nope",
+                "--data_files",
+                "data/demo_alpaca.json",
+            ])
+        },
+        expect: &["weights/nope", "does not exist", "glm4 download"],
+    },
+    Case {
+        name: "first record lacks output",
+        setup: |d| {
+            let f = write(
+                d,
+                "noout.json",
+                "[{\"instruction\": \"a\", \"input\": \"b\"}]",
+            );
+            sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"])
+        },
+        expect: &["noout.json record 0", "alpaca", "\"output\""],
+    },
+    Case {
+        name: "JSONL with a byte order mark",
+        setup: |d| {
+            // A BOM, then a record that lacks "output": the error about the
+            // record shows that the line was read as JSON.
+            let f = write(d, "bom.jsonl", "\u{feff}{\"instruction\": \"a\"}\n");
+            sft(d, &f, &["--test_size", "0", "--eval_strategy", "no"])
+        },
+        expect: &["bom.jsonl line 1", "\"output\""],
+    },
+    Case {
+        name: "data file that is not UTF-8",
+        setup: |d| {
+            let p = d.join("gbk.jsonl");
+            let mut bytes = b"{\"text\": \"ok\"}\n{\"text\": \"".to_vec();
+            bytes.extend([0xC4, 0xE3, 0xBA, 0xC3]);
+            bytes.extend(b"\"}\n");
+            std::fs::write(&p, bytes).unwrap();
+            sft(d, p.to_str().unwrap(), &[])
+        },
+        expect: &["gbk.jsonl", "not UTF-8", "line 2", "byte offset 25"],
+    },
+    Case {
+        name: "chat template that does not compile",
+        setup: |d| {
+            let m = model_copy(d);
+            std::fs::write(
+                m.join("chat_template.jinja"),
+                "{% for m in messages %}\n{{ m.content }}\n{% if %}\n{% endfor %}",
+            )
+            .unwrap();
+            let mut v = sft(d, "data/demo_alpaca.json", &[]);
+            let i = v.iter().position(|a| a == "weights/tiny-glm").unwrap();
+            v[i] = m.display().to_string();
+            v
+        },
+        expect: &["chat_template.jinja, line 3", "does not compile"],
+    },
+    Case {
+        name: "checkpoint without its optimizer state",
+        setup: |d| {
+            let ckpt = d.join("out/checkpoint-1");
+            std::fs::create_dir_all(&ckpt).unwrap();
+            std::fs::write(ckpt.join("trainer_state.json"), MIN_STATE).unwrap();
+            std::fs::write(
+                ckpt.join("training_args.json"),
+                "{\"save_only_model\": false}",
+            )
+            .unwrap();
+            sft(d, "data/demo_alpaca.json", &[])
+        },
+        expect: &["checkpoint-1", "optimizer.safetensors is missing"],
+    },
 ];
+
+/// The smallest trainer_state.json a checkpoint can have.
+const MIN_STATE: &str = r#"{"epoch": 0.1, "global_step": 1, "max_steps": 1, "logging_steps": 1,
+ "eval_steps": 1, "save_steps": 1, "train_batch_size": 8, "num_train_epochs": 1,
+ "num_input_tokens_seen": 10, "total_flos": 0.0, "log_history": [], "best_metric": null,
+ "best_global_step": null, "best_model_checkpoint": null, "is_local_process_zero": true,
+ "is_world_process_zero": true, "is_hyper_param_search": false, "trial_name": null,
+ "trial_params": null}"#;
 
 #[test]
 fn every_bad_input_gets_a_clear_error() {
@@ -536,5 +632,29 @@ fn missing_chat_template_falls_back_with_a_notice() {
         fallback, original,
         "the fallback is the GLM-4 template the tiny tokenizer ships"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An OS error's text appears once, not once per link of the error chain.
+#[test]
+fn os_errors_are_printed_once() {
+    let dir = std::env::temp_dir().join(format!("glm4-oserr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // output_dir is an existing file: creating the folder fails with EEXIST.
+    std::fs::write(dir.join("out"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(sft(
+            &dir,
+            "data/demo_alpaca.json",
+            &["--overwrite_output_dir", "true"],
+        ))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(line.matches("os error").count(), 1, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

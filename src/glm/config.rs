@@ -144,15 +144,12 @@ mod d {
 /// Why a config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid config.json: {source}")]
+    #[error("cannot read {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("{path}: invalid config.json: {error}")]
     Parse {
         path: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
@@ -184,12 +181,12 @@ impl GlmConfig {
         let shown = file.display().to_string();
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Io {
             path: shown.clone(),
-            source,
+            error: source,
         })?;
         let config: GlmConfig =
             serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
                 path: shown.clone(),
-                source,
+                error: source,
             })?;
         config.validate().map_err(|message| ConfigError::Invalid {
             path: shown,

@@ -32,11 +32,11 @@ const TEMPLATE_NAME: &str = "chat_template";
 pub enum ChatTemplateError {
     /// The template source is not valid Jinja (as understood by minijinja).
     #[error("chat template does not compile: {0:#}")]
-    Compile(#[source] minijinja::Error),
+    Compile(minijinja::Error),
     /// Rendering failed: an error in the template, a `raise_exception(...)` call
     /// (its message is part of this error's message), or a bad `tojson` argument.
     #[error("chat template failed to render: {0:#}")]
-    Render(#[source] minijinja::Error),
+    Render(minijinja::Error),
 }
 
 /// A chat template compiled once and reused for every render.

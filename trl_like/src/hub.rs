@@ -22,11 +22,8 @@ pub enum HubError {
     },
     #[error("{repo}: {message}")]
     Api { repo: String, message: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 /// What to download.
@@ -127,7 +124,7 @@ pub fn snapshot_download(req: &SnapshotRequest) -> Result<PathBuf, HubError> {
         .map_err(|e| api_err(format!("cannot list files: {e}")))?;
     let io = |path: &Path, source| HubError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     };
     std::fs::create_dir_all(&req.local_dir).map_err(|e| io(&req.local_dir, e))?;
     for sibling in &info.siblings {

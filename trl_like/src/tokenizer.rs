@@ -30,16 +30,16 @@ const SPECIAL_TOKEN_ATTRS: [&str; 7] = [
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A JSON file is not valid JSON.
-    #[error("{}: invalid JSON: {source}", path.display())]
+    #[error("{}: invalid JSON: {error}", path.display())]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A file is valid JSON but has an unexpected shape.
     #[error("{}: {message}", path.display())]
@@ -53,6 +53,17 @@ pub enum TokenizerError {
     /// Compiling or rendering the chat template failed.
     #[error(transparent)]
     ChatTemplate(#[from] ChatTemplateError),
+    /// The chat template from `origin` (its file, or the config key holding it)
+    /// does not compile (`compile`), or failed while rendering a conversation.
+    #[error("{origin}{}: the chat template {}: {message}",
+        line.map(|l| format!(", line {l}")).unwrap_or_default(),
+        if *compile { "does not compile" } else { "failed to render" })]
+    ChatTemplateAt {
+        origin: String,
+        line: Option<usize>,
+        compile: bool,
+        message: String,
+    },
     /// The conversation passed to `apply_chat_template` is malformed.
     #[error("invalid conversation: {0}")]
     InvalidConversation(String),
@@ -144,29 +155,51 @@ fn rows_to_tensor(rows: &[Vec<i64>], device: Device) -> Result<Tensor> {
 #[derive(Debug)]
 struct TemplateSlot {
     source: String,
+    /// Where the source came from, for errors: a file, or the config key holding it.
+    origin: String,
     compiled: OnceLock<ChatTemplate>,
 }
 
 impl TemplateSlot {
-    fn new(source: String) -> Self {
+    fn new(source: String, origin: impl Into<String>) -> Self {
         Self {
             source,
+            origin: origin.into(),
             compiled: OnceLock::new(),
         }
     }
 
-    fn get(&self) -> Result<&ChatTemplate, ChatTemplateError> {
+    fn get(&self) -> Result<&ChatTemplate, TokenizerError> {
         if let Some(t) = self.compiled.get() {
             return Ok(t);
         }
-        let t = ChatTemplate::new(self.source.clone())?;
+        let t = ChatTemplate::new(self.source.clone()).map_err(|e| self.locate(e))?;
         Ok(self.compiled.get_or_init(|| t))
+    }
+
+    /// Names the template's origin and line, so that a broken template is not
+    /// mistaken for a problem of the conversation being rendered.
+    fn locate(&self, error: ChatTemplateError) -> TokenizerError {
+        let (compile, e) = match &error {
+            ChatTemplateError::Compile(e) => (true, e),
+            ChatTemplateError::Render(e) => (false, e),
+        };
+        let message = match e.detail() {
+            Some(detail) => format!("{}: {detail}", e.kind()),
+            None => e.kind().to_string(),
+        };
+        TokenizerError::ChatTemplateAt {
+            origin: self.origin.clone(),
+            line: e.line(),
+            compile,
+            message,
+        }
     }
 }
 
 impl Clone for TemplateSlot {
     fn clone(&self) -> Self {
-        Self::new(self.source.clone())
+        Self::new(self.source.clone(), self.origin.clone())
     }
 }
 
@@ -242,11 +275,11 @@ pub struct PreTrainedTokenizer {
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
         path: path.into(),
-        source,
+        error: source,
     })?;
     serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
         path: path.into(),
-        source,
+        error: source,
     })
 }
 
@@ -373,15 +406,18 @@ impl PreTrainedTokenizer {
             let src =
                 std::fs::read_to_string(&jinja_path).map_err(|source| TokenizerError::Io {
                     path: jinja_path.clone(),
-                    source,
+                    error: source,
                 })?;
-            templates.push(("default".into(), TemplateSlot::new(src)));
+            templates.push((
+                "default".into(),
+                TemplateSlot::new(src, jinja_path.display().to_string()),
+            ));
         }
         let tdir = dir.join("chat_templates");
         if tdir.is_dir() {
             let entries = std::fs::read_dir(&tdir).map_err(|source| TokenizerError::Io {
                 path: tdir.clone(),
-                source,
+                error: source,
             })?;
             let mut files: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -395,24 +431,33 @@ impl PreTrainedTokenizer {
                     .unwrap_or_default();
                 let src = std::fs::read_to_string(&p).map_err(|source| TokenizerError::Io {
                     path: p.clone(),
-                    source,
+                    error: source,
                 })?;
                 templates.retain(|(n, _)| *n != name);
-                templates.push((name, TemplateSlot::new(src)));
+                let origin = p.display().to_string();
+                templates.push((name, TemplateSlot::new(src, origin)));
             }
         }
         if templates.is_empty() {
             match config.get("chat_template") {
                 None | Some(Value::Null) => {}
-                Some(Value::String(s)) => {
-                    templates.push(("default".into(), TemplateSlot::new(s.clone())))
-                }
+                Some(Value::String(s)) => templates.push((
+                    "default".into(),
+                    TemplateSlot::new(
+                        s.clone(),
+                        format!("{} (\"chat_template\")", cfg_path.display()),
+                    ),
+                )),
                 Some(Value::Array(items)) => {
                     for item in items {
                         let name = item.get("name").and_then(Value::as_str);
                         let template = item.get("template").and_then(Value::as_str);
                         match (name, template) {
-                            (Some(n), Some(t)) => templates.push((n.into(), TemplateSlot::new(t.into()))),
+                            (Some(n), Some(t)) => {
+                                let origin =
+                                    format!("{} (chat_template {n:?})", cfg_path.display());
+                                templates.push((n.into(), TemplateSlot::new(t.into(), origin)))
+                            }
                             _ => {
                                 return Err(invalid(
                                     &cfg_path,
@@ -867,7 +912,14 @@ impl PreTrainedTokenizer {
 
     /// `tokenizer.chat_template = template` (replaces all templates with this one).
     pub fn set_chat_template(&mut self, template: String) {
-        self.chat_templates.templates = vec![("default".into(), TemplateSlot::new(template))];
+        self.set_chat_template_from(template, "chat template");
+    }
+
+    /// [`set_chat_template`](Self::set_chat_template) with where the template
+    /// came from (e.g. its file), which errors in the template name.
+    pub fn set_chat_template_from(&mut self, template: String, origin: impl Into<String>) {
+        self.chat_templates.templates =
+            vec![("default".into(), TemplateSlot::new(template, origin))];
     }
 
     /// `tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=...,
@@ -895,7 +947,8 @@ impl PreTrainedTokenizer {
         add_generation_prompt: bool,
         extra: &Map<String, Value>,
     ) -> Result<String> {
-        let template = self.chat_templates.select(tools.is_some())?.get()?;
+        let slot = self.chat_templates.select(tools.is_some())?;
+        let template = slot.get()?;
         // transformers accepts tools only as a list of JSON-schema dicts (or functions).
         if let Some(t) = tools {
             if !t.as_array().is_some_and(|a| a.iter().all(Value::is_object)) {
@@ -938,7 +991,7 @@ impl PreTrainedTokenizer {
             "add_generation_prompt".into(),
             Value::Bool(add_generation_prompt),
         );
-        Ok(template.render(&ctx)?)
+        template.render(&ctx).map_err(|e| slot.locate(e))
     }
 
     /// `apply_chat_template(..., tokenize=True)`: render, then encode with
@@ -986,13 +1039,13 @@ impl PreTrainedTokenizer {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|source| TokenizerError::Io {
             path: dir.into(),
-            source,
+            error: source,
         })?;
         let write = |path: PathBuf, text: &str| -> Result<PathBuf> {
             crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| {
                 TokenizerError::Io {
                     path: path.clone(),
-                    source,
+                    error: source,
                 }
             })?;
             Ok(path)
@@ -1116,7 +1169,7 @@ impl PreTrainedTokenizer {
                 let tdir = dir.join("chat_templates");
                 std::fs::create_dir_all(&tdir).map_err(|source| TokenizerError::Io {
                     path: tdir.clone(),
-                    source,
+                    error: source,
                 })?;
                 written.push(write(tdir.join(format!("{name}.jinja")), &t.source)?);
             }

@@ -80,15 +80,72 @@ impl DatasetFormat {
         }
         Self::detect(&first.value).ok_or_else(|| DataError::Record {
             origin: first.origin.clone(),
-            message: format!(
-                "cannot tell the dataset format from its fields {:?}; set --dataset_format",
-                first
-                    .value
-                    .as_object()
-                    .map(|o| o.keys().cloned().collect::<Vec<_>>())
-                    .unwrap_or_default()
-            ),
+            message: undetected_message(&first.value),
         })
+    }
+}
+
+/// The fields each format needs, and fields that only it uses (evidence for
+/// it when a record lacks a required one).
+const FORMAT_FIELDS: &[(DatasetFormat, &[&str], &[&str])] = &[
+    (
+        DatasetFormat::Alpaca,
+        &["instruction", "output"],
+        &["input", "history", "system"],
+    ),
+    (
+        DatasetFormat::PromptCompletion,
+        &["prompt", "completion"],
+        &[],
+    ),
+    (DatasetFormat::Sharegpt, &["conversations"], &["tools"]),
+    (DatasetFormat::Messages, &["messages"], &[]),
+    (DatasetFormat::Text, &["text"], &[]),
+    (DatasetFormat::Tokenized, &["input_ids"], &["labels"]),
+];
+
+/// Why no format fits a record: the closest format and the fields it lacks,
+/// or, when nothing is close, what each format needs.
+fn undetected_message(record: &Value) -> String {
+    let fields: Vec<&str> = record
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let has = |k: &&str| fields.contains(k);
+    let closest = FORMAT_FIELDS
+        .iter()
+        .map(|(format, required, extra)| {
+            let score = required.iter().filter(|k| has(k)).count() * 2
+                + extra.iter().filter(|k| has(k)).count();
+            (score, *format, *required)
+        })
+        .filter(|(score, _, _)| *score > 0)
+        .max_by_key(|(score, _, _)| *score);
+    match closest {
+        Some((_, format, required)) => {
+            let missing: Vec<String> = required
+                .iter()
+                .filter(|k| !has(k))
+                .map(|k| format!("\"{k}\""))
+                .collect();
+            format!(
+                "fields {fields:?} are closest to the {} format, which also needs {}; add it to the records (or set --dataset_format)",
+                format.name(),
+                missing.join(" and ")
+            )
+        }
+        None => {
+            let known: Vec<String> = FORMAT_FIELDS
+                .iter()
+                .map(|(format, required, _)| {
+                    format!("{} ({})", format.name(), required.join(" + "))
+                })
+                .collect();
+            format!(
+                "cannot tell the dataset format from its fields {fields:?}: none of {} fits; rename the fields or set --dataset_format",
+                known.join(", ")
+            )
+        }
     }
 }
 
@@ -389,6 +446,31 @@ mod tests {
             Some(DatasetFormat::Text)
         );
         assert_eq!(DatasetFormat::detect(&json!({"foo": 1})), None);
+    }
+
+    #[test]
+    fn an_undetected_format_names_the_closest_one_and_the_missing_field() {
+        let err = DatasetFormat::Auto
+            .resolve(&rec(json!({"instruction": "a", "input": "b"})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.json record 3") && err.contains("alpaca") && err.contains("\"output\""),
+            "{err}"
+        );
+        let err = DatasetFormat::Auto
+            .resolve(&rec(json!({"prompt": "a"})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("prompt_completion") && err.contains("\"completion\""),
+            "{err}"
+        );
+        let err = DatasetFormat::Auto
+            .resolve(&rec(json!({"foo": 1})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alpaca (instruction + output)"), "{err}");
     }
 
     #[test]

@@ -45,10 +45,16 @@ pub struct Record {
 /// Problems with data files or records. Each names the file and the record or line.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io {
+    // The underlying errors below are part of the message, not `source()`:
+    // printing both (as `{:#}` of anyhow does) repeated them.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    /// A data file that is not UTF-8 text, with where the first bad byte is.
+    #[error("{path}: not UTF-8 text: invalid byte at line {line} (byte offset {offset}); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8 FILE > FILE.utf8`")]
+    NotUtf8 {
         path: String,
-        source: std::io::Error,
+        line: usize,
+        offset: usize,
     },
     #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]
     Json {
@@ -63,11 +69,21 @@ pub enum DataError {
     Empty(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("{origin}: {source}")]
+    /// A record the tokenizer or chat template could not process. A template
+    /// that does not compile is not the record's fault: the message then names
+    /// only the template's file and line.
+    #[error("{}", tokenizer_message(origin, error))]
     Tokenizer {
         origin: Origin,
-        source: crate::tokenizer::TokenizerError,
+        error: crate::tokenizer::TokenizerError,
     },
+}
+
+fn tokenizer_message(origin: &Origin, error: &crate::tokenizer::TokenizerError) -> String {
+    match error {
+        crate::tokenizer::TokenizerError::ChatTemplateAt { compile: true, .. } => error.to_string(),
+        _ => format!("{origin}: {error}"),
+    }
 }
 
 /// An in-memory dataset of raw records (🤗 `datasets.Dataset` for our purposes).
@@ -165,10 +181,24 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
 
 fn read_json_file(path: &Path) -> Result<Vec<Record>, DataError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|error| DataError::Io {
         path: shown.clone(),
-        source,
+        error,
     })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let offset = e.utf8_error().valid_up_to();
+        DataError::NotUtf8 {
+            path: shown.clone(),
+            line: e.as_bytes()[..offset]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1,
+            offset,
+        }
+    })?;
+    // A UTF-8 byte order mark (Windows editors write one) is not part of the JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let json_err = |e: serde_json::Error, line_offset: usize| DataError::Json {
         path: shown.clone(),
         line: e.line() + line_offset,
@@ -185,7 +215,7 @@ fn read_json_file(path: &Path) -> Result<Vec<Record>, DataError> {
         index,
         line,
     };
-    let trimmed = text.trim_start_matches('\u{feff}').trim_start();
+    let trimmed = text.trim_start();
     let mut records = Vec::new();
     if trimmed.starts_with('[') {
         let values: Vec<Value> = serde_json::from_str(trimmed).map_err(|e| json_err(e, 0))?;
@@ -249,6 +279,34 @@ mod tests {
         let p = write("bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": oops}\n");
         let err = Dataset::from_json_files(&[p]).unwrap_err().to_string();
         assert!(err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_with_a_byte_order_mark_reads() {
+        let p = write(
+            "bom.jsonl",
+            "\u{feff}{\"text\": \"one\"}\n{\"text\": \"two\"}\n",
+        );
+        let ds = Dataset::from_json_files(&[p]).unwrap();
+        assert_eq!(ds.len(), 2);
+        assert_eq!(ds.records[0].value["text"], "one");
+    }
+
+    #[test]
+    fn non_utf8_file_names_line_and_offset() {
+        let dir = std::env::temp_dir().join(format!("trl_like_data_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("gbk.jsonl");
+        // "{"text": "ok"}\n{"text": "<GBK bytes>"}"
+        let mut bytes = b"{\"text\": \"ok\"}\n{\"text\": \"".to_vec();
+        bytes.extend([0xC4, 0xE3, 0xBA, 0xC3]);
+        bytes.extend(b"\"}\n");
+        std::fs::write(&p, bytes).unwrap();
+        let err = Dataset::from_json_files(&[p]).unwrap_err().to_string();
+        assert!(
+            err.contains("gbk.jsonl") && err.contains("line 2") && err.contains("byte offset 25"),
+            "{err}"
+        );
     }
 
     #[test]

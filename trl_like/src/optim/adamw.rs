@@ -446,7 +446,7 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<(), OptimError> {
         Tensor::write_safetensors(&self.state_dict(), path).map_err(|source| OptimError::File {
             path: path.display().to_string(),
-            source,
+            error: source,
         })
     }
 
@@ -455,7 +455,7 @@ impl AdamW {
     pub fn load(&mut self, path: &Path) -> Result<(), OptimError> {
         let tensors = Tensor::read_safetensors(path).map_err(|source| OptimError::File {
             path: path.display().to_string(),
-            source,
+            error: source,
         })?;
         self.load_state_dict(tensors)
     }

@@ -56,13 +56,12 @@ pub enum OptimError {
         message: String,
     },
     /// Reading or writing a state file failed.
-    #[error("optimizer state file {path}: {source}")]
+    #[error("optimizer state file {path}: {error}")]
     File {
         /// The file.
         path: String,
         /// The underlying tch/safetensors error.
-        #[source]
-        source: tch::TchError,
+        error: tch::TchError,
     },
     /// Any other libtorch error.
     #[error(transparent)]

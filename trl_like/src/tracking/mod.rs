@@ -70,12 +70,11 @@ pub enum TrackingError {
     #[error("report_to cannot combine \"none\" with other integrations ({0})")]
     NoneWithOthers(String),
     /// A tracker's file could not be created.
-    #[error("cannot create the {integration} log in {}: {source}", .dir.display())]
+    #[error("cannot create the {integration} log in {}: {error}", .dir.display())]
     Io {
         integration: &'static str,
         dir: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -127,7 +126,7 @@ pub fn make_trackers(
         let io_err = |source| TrackingError::Io {
             integration,
             dir: logging_dir.to_path_buf(),
-            source,
+            error: source,
         };
         let mut tracker: Box<dyn Tracker> = match integration {
             "tensorboard" => Box::new(TensorBoardTracker::new(logging_dir).map_err(io_err)?),

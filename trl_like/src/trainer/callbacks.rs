@@ -8,6 +8,7 @@ use crate::modeling::CausalLM;
 use crate::tokenizer::PreTrainedTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
+use std::io::IsTerminal;
 use std::path::Path;
 
 /// What a callback can see besides args/state/control: the model (with its
@@ -149,22 +150,49 @@ impl TrainerCallback for DefaultFlowCallback {
     }
 }
 
-/// An indicatif progress bar over the optimizer steps, with loss, learning rate,
-/// tokens/s and ETA; log entries are printed above it (transformers' `ProgressCallback`).
+/// Progress over the optimizer steps, with loss, tokens/s and ETA, and every
+/// log entry (transformers' `ProgressCallback`). On a terminal: an indicatif
+/// bar with the entries printed above it. Off a terminal (a file, a pipe, CI,
+/// `nohup`), where a bar would be invisible, every entry is printed as a line
+/// and a plain progress line every [`PLAIN_PROGRESS_PERCENT`] % of the steps or
+/// [`PLAIN_PROGRESS_INTERVAL`], whichever comes first.
+#[derive(Default)]
 pub struct ProgressCallback {
     bar: Option<ProgressBar>,
+    /// Off a terminal: when the last plain progress line was printed, and at which step.
+    plain: Option<PlainProgress>,
     started: Option<std::time::Instant>,
     tokens_at_start: i64,
+    step_at_start: usize,
 }
 
-impl Default for ProgressCallback {
-    fn default() -> Self {
-        Self {
-            bar: None,
-            started: None,
-            tokens_at_start: 0,
-        }
+/// Plain progress lines at least every this many percent of the steps…
+pub const PLAIN_PROGRESS_PERCENT: usize = 5;
+/// …and at least this often.
+pub const PLAIN_PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(180);
+
+struct PlainProgress {
+    last_time: std::time::Instant,
+    last_step: usize,
+}
+
+impl ProgressCallback {
+    fn tokens_per_second(&self, state: &TrainerState) -> f64 {
+        let secs = self
+            .started
+            .map_or(0.0, |t0| t0.elapsed().as_secs_f64())
+            .max(1e-9);
+        (state.num_input_tokens_seen - self.tokens_at_start) as f64 / secs
     }
+}
+
+/// The loss of the newest log entry that has one.
+fn last_loss(state: &TrainerState) -> Option<f64> {
+    state
+        .log_history
+        .iter()
+        .rev()
+        .find_map(|e| e.get("loss").and_then(Value::as_f64))
 }
 
 impl TrainerCallback for ProgressCallback {
@@ -179,6 +207,18 @@ impl TrainerCallback for ProgressCallback {
         if !state.is_world_process_zero {
             return;
         }
+        let now = std::time::Instant::now();
+        self.started = Some(now);
+        self.tokens_at_start = state.num_input_tokens_seen;
+        self.step_at_start = state.global_step;
+        // indicatif draws nothing off a terminal, println above the bar included.
+        if !std::io::stderr().is_terminal() {
+            self.plain = Some(PlainProgress {
+                last_time: now,
+                last_step: state.global_step,
+            });
+            return;
+        }
         let bar = ProgressBar::new(state.max_steps as u64).with_style(
             ProgressStyle::with_template(
                 "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -187,8 +227,6 @@ impl TrainerCallback for ProgressCallback {
         );
         bar.set_position(state.global_step as u64);
         self.bar = Some(bar);
-        self.started = Some(std::time::Instant::now());
-        self.tokens_at_start = state.num_input_tokens_seen;
     }
 
     fn on_step_end(
@@ -198,19 +236,40 @@ impl TrainerCallback for ProgressCallback {
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
     ) {
-        if let (Some(bar), Some(t0)) = (&self.bar, self.started) {
+        let tps = self.tokens_per_second(state);
+        if let Some(bar) = &self.bar {
             bar.set_position(state.global_step as u64);
-            let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            let tps = (state.num_input_tokens_seen - self.tokens_at_start) as f64 / secs;
-            let loss = state
-                .log_history
-                .iter()
-                .rev()
-                .find_map(|e| e.get("loss").and_then(Value::as_f64))
-                .map(|l| format!("loss {l:.4} "))
+            let loss = last_loss(state)
+                .map(|l| format!("loss {} ", format_float(l)))
                 .unwrap_or_default();
             bar.set_message(format!("{loss}{tps:.0} tok/s"));
         }
+        let Some(plain) = &mut self.plain else {
+            return;
+        };
+        let step = state.global_step;
+        let max = state.max_steps.max(1);
+        let every = (max * PLAIN_PROGRESS_PERCENT).div_ceil(100).max(1);
+        let due = step / every > plain.last_step / every
+            || plain.last_time.elapsed() >= PLAIN_PROGRESS_INTERVAL
+            || step >= max;
+        if !due || step == plain.last_step {
+            return;
+        }
+        plain.last_time = std::time::Instant::now();
+        plain.last_step = step;
+        let elapsed = self.started.map_or(0.0, |t0| t0.elapsed().as_secs_f64());
+        eprintln!(
+            "{}",
+            progress_line(
+                step,
+                max,
+                last_loss(state),
+                tps,
+                elapsed,
+                step - self.step_at_start
+            )
+        );
     }
 
     fn on_log(
@@ -220,10 +279,13 @@ impl TrainerCallback for ProgressCallback {
         _c: &mut TrainerControl,
         ctx: &mut CallbackContext,
     ) {
-        if let (Some(bar), Some(logs)) = (&self.bar, ctx.logs) {
-            if state.is_world_process_zero {
-                bar.println(format_logs(logs));
-            }
+        let (Some(logs), true) = (ctx.logs, state.is_world_process_zero) else {
+            return;
+        };
+        if let Some(bar) = &self.bar {
+            bar.println(format_logs(logs));
+        } else if self.plain.is_some() {
+            eprintln!("{}", format_logs(logs));
         }
     }
 
@@ -237,7 +299,64 @@ impl TrainerCallback for ProgressCallback {
         if let Some(bar) = self.bar.take() {
             bar.finish();
         }
+        self.plain = None;
     }
+}
+
+/// `step 120/660 (18%) loss 1.234, 3,210 tok/s, elapsed 2:05, ETA 9:22`: the
+/// progress line printed off a terminal. The ETA extrapolates the steps done
+/// in this process (not those of a resumed checkpoint).
+pub fn progress_line(
+    step: usize,
+    max_steps: usize,
+    loss: Option<f64>,
+    tokens_per_second: f64,
+    elapsed_secs: f64,
+    steps_this_run: usize,
+) -> String {
+    let max = max_steps.max(1);
+    let percent = 100 * step.min(max) / max;
+    let loss = loss
+        .map(|l| format!(" loss {},", format_float(l)))
+        .unwrap_or_default();
+    let eta = if steps_this_run > 0 {
+        let per_step = elapsed_secs / steps_this_run as f64;
+        format!(
+            ", ETA {}",
+            clock(per_step * max.saturating_sub(step) as f64)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "step {step}/{max} ({percent}%){loss} {} tok/s, elapsed {}{eta}",
+        thousands(tokens_per_second.round() as u64),
+        clock(elapsed_secs)
+    )
+}
+
+/// `12:31`, `1:02:03`.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
+    }
+}
+
+/// `3,210`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Prints each log entry (used instead of the progress bar with `disable_tqdm`).
@@ -258,13 +377,18 @@ impl TrainerCallback for PrinterCallback {
     }
 }
 
-/// `{'loss': 1.2345, 'grad_norm': 0.5, ...}` as transformers prints them.
+/// `{'loss': 1.234, 'grad_norm': 0.5, 'learning_rate': 9.199e-05, ...}` as
+/// transformers 5 prints log entries: every float with Python's `{:.4g}`,
+/// `total_flos` left out (it stays in `trainer_state.json`). Whole-valued
+/// floats print as integers, so token counts (floats in the log dicts, as in
+/// transformers' `num_tokens`) keep every digit.
 pub fn format_logs(logs: &Map<String, Value>) -> String {
     let items: Vec<String> = logs
         .iter()
+        .filter(|(k, _)| k.as_str() != "total_flos")
         .map(|(k, v)| match v {
             Value::Number(n) if n.is_f64() => {
-                format!("'{k}': {}", short_float(n.as_f64().unwrap_or(f64::NAN)))
+                format!("'{k}': {}", format_float(n.as_f64().unwrap_or(f64::NAN)))
             }
             other => format!("'{k}': {other}"),
         })
@@ -272,17 +396,41 @@ pub fn format_logs(logs: &Map<String, Value>) -> String {
     format!("{{{}}}", items.join(", "))
 }
 
-fn short_float(x: f64) -> String {
-    if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e6) {
-        format!("{x:e}")
-    } else {
-        let s = format!("{x:.6}");
-        let s = s.trim_end_matches('0');
-        if s.ends_with('.') {
-            format!("{s}0")
+/// Python's `f"{x:.4g}"` (4 significant digits, scientific below 1e-4 and from
+/// 1e4, trailing zeros dropped), except that whole numbers below 2^53 print
+/// as integers.
+pub fn format_float(x: f64) -> String {
+    if !x.is_finite() {
+        return if x.is_nan() {
+            "nan".into()
+        } else if x > 0.0 {
+            "inf".into()
         } else {
-            s.to_string()
-        }
+            "-inf".into()
+        };
+    }
+    if x.fract() == 0.0 && x.abs() < 9_007_199_254_740_992.0 {
+        return format!("{}", x as i64);
+    }
+    const PRECISION: i32 = 4;
+    // The exponent after rounding to 4 significant digits (9.9996 -> 1.000e1).
+    let sci = format!("{:.*e}", (PRECISION - 1) as usize, x);
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("integer exponent");
+    if (-4..PRECISION).contains(&exp) {
+        let decimals = (PRECISION - 1 - exp).max(0) as usize;
+        trim_zeros(&format!("{x:.decimals$}")).to_string()
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim_zeros(mantissa), exp.abs())
+    }
+}
+
+fn trim_zeros(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
     }
 }
 
@@ -446,5 +594,58 @@ impl CallbackHandler {
             };
             method(cb.as_mut(), args, state, control, ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn floats_print_like_python_4g() {
+        // Expected strings are Python's f"{x:.4g}".
+        for (x, py) in [
+            (0.003992, "0.003992"),
+            (9.198670696444339e-4, "0.0009199"),
+            (9.198670696444339e-5, "9.199e-05"),
+            (7.244343, "7.244"),
+            (0.0, "0"),
+            (12345.678, "1.235e+04"),
+            (416.007, "416"),
+            (2.5e-7, "2.5e-07"),
+            (1e-4, "0.0001"),
+            (123456789.5, "1.235e+08"),
+            (9.9996, "10"),
+            (-0.5, "-0.5"),
+            (0.909091, "0.9091"),
+        ] {
+            assert_eq!(format_float(x), py, "{x:?}");
+        }
+        // Token counts are floats in the log dicts: all their digits stay.
+        assert_eq!(format_float(140100.0), "140100");
+    }
+
+    #[test]
+    fn log_lines_use_one_style_and_leave_out_total_flos() {
+        let logs = json!({"loss": 7.244343, "learning_rate": 9.198670696444339e-5,
+            "grad_norm": 1.425466, "num_tokens": 2306.0, "total_flos": 1.5e12, "step": 3});
+        assert_eq!(
+            format_logs(logs.as_object().unwrap()),
+            "{'loss': 7.244, 'learning_rate': 9.199e-05, 'grad_norm': 1.425, 'num_tokens': 2306, 'step': 3}"
+        );
+    }
+
+    #[test]
+    fn progress_line_reads_well() {
+        assert_eq!(
+            progress_line(120, 660, Some(1.23456), 3210.4, 120.0, 120),
+            "step 120/660 (18%) loss 1.235, 3,210 tok/s, elapsed 2:00, ETA 9:00"
+        );
+        // Nothing to extrapolate from yet, and hours.
+        assert_eq!(
+            progress_line(0, 10, None, 0.0, 3725.0, 0),
+            "step 0/10 (0%) 0 tok/s, elapsed 1:02:05"
+        );
     }
 }

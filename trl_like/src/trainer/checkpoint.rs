@@ -20,6 +20,26 @@ const LOOP_FILE: &str = "trainer_extra.json";
 const ARGS_FILE: &str = "training_args.json";
 const FULL_WEIGHTS_DIR: &str = ".";
 
+/// Why a checkpoint without its optimizer state cannot be resumed: written
+/// with `save_only_model` (its `training_args.json` says so), or damaged.
+fn missing_optimizer_message(dir: &Path) -> String {
+    let save_only_model = std::fs::read_to_string(dir.join(ARGS_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|args| args.get("save_only_model").and_then(Value::as_bool))
+        .unwrap_or(false);
+    if save_only_model {
+        "holds only model weights (written with save_only_model), so training cannot resume from it; \
+         start over with --overwrite_output_dir, or resume from a checkpoint saved without save_only_model"
+            .into()
+    } else {
+        format!(
+            "{OPTIMIZER_FILE} is missing, so training cannot resume from this checkpoint; \
+             restore the file, remove the checkpoint to resume from an earlier one, or start over with --overwrite_output_dir"
+        )
+    }
+}
+
 /// Complete checkpoints in `output_dir`, oldest first (by step).
 pub fn list_checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else {
@@ -283,10 +303,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             }
         }
         if !dir.join(OPTIMIZER_FILE).is_file() {
-            return Err(ckpt(
-                "holds only model weights (save_only_model), so training cannot resume from it"
-                    .into(),
-            ));
+            return Err(ckpt(missing_optimizer_message(dir)));
         }
         self.load_weights(dir)?;
         optimizer.load(&dir.join(OPTIMIZER_FILE))?;

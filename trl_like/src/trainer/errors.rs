@@ -21,11 +21,8 @@ pub enum TrainerError {
     OutputDir(#[from] super::output_dir::OutputDirError),
     #[error("{0}")]
     Checkpoint(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -34,6 +31,6 @@ pub enum TrainerError {
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
     move |source| TrainerError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     }
 }

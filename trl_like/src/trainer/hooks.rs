@@ -44,6 +44,10 @@ pub trait TrainingHooks<M: PreTrainedModel> {
     /// over its accumulation window (transformers' `num_items_in_batch`).
     fn num_loss_tokens(&self, batch: &Self::Batch) -> i64;
 
+    /// Token slots the model runs on, padding included (`input_ids.numel()`,
+    /// what transformers' `floating_point_ops` counts for `total_flos`).
+    fn num_input_slots(&self, batch: &Self::Batch) -> i64;
+
     /// The loss of `batch` (transformers' `compute_loss`). In training
     /// (`train`), dropout is active and the loss — summed over tokens and
     /// divided by `num_items` — is backpropagated; in evaluation nothing keeps

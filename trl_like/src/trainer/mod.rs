@@ -19,6 +19,7 @@ pub mod checkpoint;
 mod errors;
 mod evaluate;
 mod fault;
+mod flos;
 pub mod hooks;
 pub mod loss;
 pub mod output_dir;
@@ -94,6 +95,8 @@ pub struct Trainer<M: PreTrainedModel, H: TrainingHooks<M>> {
     process_group: Option<ProcessGroup>,
     /// What checkpoints record to check a resume against (set by `train`).
     run_record: Option<output_dir::RunRecord>,
+    /// The parameters `total_flos` counts per token (all but the embeddings).
+    non_embedding_params: i64,
 }
 
 /// The step arithmetic of a run (transformers' `_inner_training_loop` preamble).
@@ -152,7 +155,9 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             max_nonfinite_steps: 5,
             process_group: None,
             run_record: None,
+            non_embedding_params: 0,
         };
+        trainer.non_embedding_params = trainer.non_embedding_parameters();
         trainer.fire(Event::InitEnd, Payload::None);
         trainer
     }

@@ -74,18 +74,20 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             1.0 / world
         };
         group.all_reduce_gradients(tensors, scale)?;
-        // [loss, tokens, interrupt, every micro-batch's metrics..]
+        // [loss, tokens, interrupt, flos, every micro-batch's metrics..]
         let mut v = vec![
             totals.loss,
             totals.tokens as f64,
             totals.interrupted as u8 as f64,
+            totals.flos,
         ];
         v.extend(totals.metrics.iter().flatten().map(|(_, x)| *x));
         group.all_reduce_f64(&mut v, ReduceOp::Sum)?;
         totals.loss = v[0] * scale;
         totals.tokens = v[1] as i64;
         totals.interrupted = v[2] > 0.0;
-        let mut summed = v[3..].iter();
+        totals.flos = v[3];
+        let mut summed = v[4..].iter();
         for (_, x) in totals.metrics.iter_mut().flatten() {
             *x = summed.next().copied().unwrap_or(*x) / world;
         }

@@ -78,6 +78,10 @@ impl<M: PreTrainedModel> TrainingHooks<M> for SFTHooks {
         batch.num_loss_tokens
     }
 
+    fn num_input_slots(&self, batch: &Batch) -> i64 {
+        batch.input_ids.numel() as i64
+    }
+
     /// transformers' `ForCausalLMLoss` plus TRL's entropy and token accuracy.
     /// With `num_items` the summed token loss is divided by it (gradient
     /// accumulation); without, it is the mean over the batch's loss tokens.
@@ -349,7 +353,7 @@ pub fn prepare_dataset(
             tokenize_example(tokenizer, &ex, &opts).map_err(|source| {
                 crate::data::DataError::Tokenizer {
                     origin: record.origin.clone(),
-                    source,
+                    error: source,
                 }
             })
         });

@@ -1,6 +1,7 @@
 //! One optimizer step: accumulate a window of micro-batches, combine the
 //! ranks, clip, update (or skip a non-finite update), advance the counters.
 
+use super::flos::floating_point_ops;
 use super::{fault, Event, Optimization, Payload, Trainer, TrainerError, TrainingHooks};
 use crate::modeling::PreTrainedModel;
 use crate::optim::clip_grad_norm;
@@ -80,6 +81,8 @@ pub(super) struct WindowPosition {
 pub(super) struct StepTotals {
     pub loss: f64,
     pub tokens: i64,
+    /// transformers' `floating_point_ops` of the micro-batches.
+    pub flos: f64,
     /// Each micro-batch's metrics, in order.
     pub metrics: Vec<Vec<(&'static str, f64)>>,
     pub interrupted: bool,
@@ -110,6 +113,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             }
         }
         self.state.num_input_tokens_seen += totals.tokens;
+        self.state.total_flos += totals.flos;
         let grad_norm = clip_grad_norm(&tensors, self.args.max_grad_norm);
         self.fire(Event::PreOptimizerStep, Payload::None);
         let lr = run.scheduler.lr_at(self.state.global_step);
@@ -139,6 +143,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         let mut totals = StepTotals {
             loss: 0.0,
             tokens: 0,
+            flos: 0.0,
             metrics: Vec::with_capacity(batches.len()),
             interrupted: false,
         };
@@ -148,6 +153,8 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
                 .compute_loss(&self.model, batch, Some(num_items.max(1)), true)?;
             totals.loss += out.loss;
             totals.tokens += out.num_tokens;
+            totals.flos +=
+                floating_point_ops(self.non_embedding_params, self.hooks.num_input_slots(batch));
             totals.metrics.push(out.metrics);
             if i + 1 < batches.len() {
                 self.fire(Event::SubstepEnd, Payload::None);
