@@ -21,7 +21,7 @@ pub use packing::prepare_and_pack;
 pub use state::{TrainerControl, TrainerState};
 
 use crate::config::{SFTConfig, SamplingStrategy};
-use crate::data::tokenize::{tokenize_example, IGNORE_INDEX};
+use crate::data::tokenize::{drop_examples_without_loss, tokenize_example, IGNORE_INDEX};
 use crate::data::{
     collate_with, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions,
     TokenizedExample, TruncationMode,
@@ -225,6 +225,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ) -> Result<Self, TrainerError> {
         args.validate()?;
         check_supported(&args)?;
+        let mut processing_class = processing_class;
+        crate::data::tokenize::apply_sft_tokenizer_args(&mut processing_class, &args)?;
         let device = model.device();
         let (train, stats) = prepare_and_pack(
             train_dataset,
@@ -241,6 +243,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                 args.max_length.map_or("none".to_string(), |m| m.to_string())
             );
         }
+        let train = drop_examples_without_loss(train, "training", args.max_length)?;
         let eval = match eval_dataset {
             Some(ds) if !ds.is_empty() => Some(
                 prepare_and_pack(
@@ -249,8 +252,14 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                     &args,
                     formatting_func.as_ref(),
                     args.eval_packing.unwrap_or(args.packing),
-                )?
-                .0,
+                )
+                .and_then(|(e, _)| {
+                    Ok(drop_examples_without_loss(
+                        e,
+                        "evaluation",
+                        args.max_length,
+                    )?)
+                })?,
             ),
             _ => None,
         };
@@ -291,6 +300,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ) -> Result<Self, TrainerError> {
         args.validate()?;
         check_supported(&args)?;
+        let mut processing_class = processing_class;
+        crate::data::tokenize::apply_sft_tokenizer_args(&mut processing_class, &args)?;
         let (train, _) = prepare_and_pack(
             train_dataset,
             &processing_class,
@@ -298,6 +309,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             formatting_func.as_ref(),
             args.packing,
         )?;
+        let train = drop_examples_without_loss(train, "training", args.max_length)?;
         let eval = match eval_dataset {
             Some(ds) if !ds.is_empty() => Some(
                 prepare_and_pack(
@@ -306,8 +318,14 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
                     &args,
                     formatting_func.as_ref(),
                     args.eval_packing.unwrap_or(args.packing),
-                )?
-                .0,
+                )
+                .and_then(|(e, _)| {
+                    Ok(drop_examples_without_loss(
+                        e,
+                        "evaluation",
+                        args.max_length,
+                    )?)
+                })?,
             ),
             _ => None,
         };
@@ -555,9 +573,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     }
 
     fn pad_token_id(&self) -> i64 {
-        self.processing_class
-            .pad_token_id()
-            .or(self.processing_class.eos_token_id())
+        crate::data::tokenize::collator_pad_token_id(&self.processing_class, &self.args)
             .unwrap_or(0)
     }
 
@@ -1152,7 +1168,8 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
             }
             start += len;
         }
-        if backward && hidden.requires_grad() {
+        // No chunk ran (sequences of one token): `leaf` has no gradient to pass on.
+        if backward && hidden.requires_grad() && start > 0 {
             (hidden * leaf.grad()).sum(Kind::Float).backward();
         }
         let entropy = ent_sum / valid_total.max(1.0);
