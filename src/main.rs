@@ -194,8 +194,32 @@ struct ChatArgs {
     seed: i64,
 }
 
+/// Output into a closed pipe (`glm4 preview | head`) ends the program quietly
+/// with status 0, as command-line tools treat it. Rust ignores SIGPIPE, so the
+/// write fails with EPIPE and `print!` panics; the hook catches exactly that
+/// panic. `_exit`: nothing is left to flush into a pipe nobody reads, and exit
+/// handlers must not race libtorch threads.
+fn exit_quietly_on_broken_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let epipe = format!("(os error {})", libc::EPIPE);
+        if message.starts_with("failed printing to stdout") && message.contains(&epipe) {
+            // SAFETY: _exit ends the process without touching Rust state.
+            unsafe { libc::_exit(0) };
+        }
+        default_hook(info);
+    }));
+}
+
 fn main() {
     logger::init();
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Env => cmd_env(),
@@ -208,6 +232,14 @@ fn main() {
         Command::Bench(a) => glm4::bench::run_bench(a),
     };
     if let Err(err) = result {
+        // A `write!(stdout)?` into a closed pipe: the same quiet end as in the hook above.
+        let broken_pipe = err.chain().any(|e| {
+            e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(0);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

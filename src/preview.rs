@@ -69,7 +69,9 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
             .clone()
             .unwrap_or_default(),
     );
-    let tokenizer = crate::load_tokenizer(&model_dir)?;
+    let mut tokenizer = crate::load_tokenizer(&model_dir)?;
+    // What SFTTrainer applies (eos_token, chat_template_path), so the preview shows what trains.
+    trl_like::data::tokenize::apply_sft_tokenizer_args(&mut tokenizer, &setup.args)?;
     let data = load_data(&setup.data_args)?;
     let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
         .map_err(anyhow::Error::msg)?;

@@ -251,22 +251,53 @@ impl TrainerCallback for SavePredictCallback {
     }
 }
 
+/// Where an interrupt goes: the trainer's stop flag, once there is a trainer.
+type InterruptTarget =
+    std::sync::Arc<std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>>>;
+
 /// Ctrl-C / SIGTERM: the first asks the trainer to finish its step, save a
-/// checkpoint and stop; a second one exits at once.
-fn install_interrupt_handler(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// checkpoint and stop; a second one (or one before training has started)
+/// exits at once with status 130.
+///
+/// The handler runs on ctrlc's own thread while the main thread may be inside
+/// libtorch. `std::process::exit` would run the exit handlers (libtorch's static
+/// destructors among them) under the main thread's feet, which crashed with
+/// SIGSEGV or a panic; `_exit` ends the process without running anything.
+/// Checkpoints are renamed into place only when complete, so nothing is lost
+/// that a resume needs.
+fn install_interrupt_handler() -> InterruptTarget {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    let target = InterruptTarget::default();
+    let handler_target = target.clone();
     let count = AtomicUsize::new(0);
     let result = ctrlc::set_handler(move || {
-        if count.fetch_add(1, Ordering::SeqCst) > 0 {
-            eprintln!("\nsecond interrupt: exiting now (the last complete checkpoint is kept)");
-            std::process::exit(130);
+        let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+        // Writes ignore errors: a closed stderr must not kill the handler thread.
+        let mut err = std::io::stderr();
+        match handler_target.get() {
+            Some(flag) if first => {
+                flag.store(true, Ordering::SeqCst);
+                let _ = writeln!(err, "\ninterrupt: finishing the current step and saving a checkpoint (interrupt again to quit at once)");
+            }
+            _ => {
+                let _ = writeln!(
+                    err,
+                    "\n{}: exiting now (the last complete checkpoint is kept)",
+                    if first {
+                        "interrupt before training started"
+                    } else {
+                        "second interrupt"
+                    }
+                );
+                // SAFETY: _exit is async-signal-safe and touches no Rust state.
+                unsafe { libc::_exit(130) };
+            }
         }
-        eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (interrupt again to quit at once)");
-        flag.store(true, Ordering::SeqCst);
     });
     if let Err(e) = result {
         eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop training without a checkpoint");
     }
+    target
 }
 
 /// Loads the data files (JSON/JSONL paths, or a Hub dataset id downloaded first).
@@ -552,6 +583,27 @@ fn check_device_fits(model_dir: &Path, device: Device) -> Result<()> {
     Ok(())
 }
 
+/// `attn_implementation` (already one of the known values, see
+/// `ModelConfig::validate`) against the device: every value runs SDPA here.
+fn check_attn_implementation(model_args: &ModelConfig, device: Device) -> Result<()> {
+    match model_args.attn_implementation.as_deref() {
+        Some("flash_attention_2") if !device.is_cuda() => bail!(
+            "--attn_implementation flash_attention_2 needs a CUDA device (this run is on the CPU); \
+             use --attn_implementation sdpa"
+        ),
+        Some("flash_attention_2") => eprintln!(
+            "note: --attn_implementation flash_attention_2 runs as scaled-dot-product attention, \
+             whose flash kernel libtorch picks for unmasked bf16/fp16 batches"
+        ),
+        Some("eager") => eprintln!(
+            "note: --attn_implementation eager runs as scaled-dot-product attention \
+             (the same computation; only rounding differs)"
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
 fn same_path(a: &Path, b: &str) -> bool {
     let norm = |p: &Path| {
         p.components()
@@ -629,6 +681,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let Some(setup) = parse(raw)? else {
         return Ok(());
     };
+    let interrupt = install_interrupt_handler();
     let dist_env = DistEnv::from_env()?;
     let device = pick_device(&setup, dist_env.as_ref())?;
     let model_dir = PathBuf::from(
@@ -639,6 +692,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
             .unwrap_or_default(),
     );
     check_device_fits(&model_dir, device)?;
+    check_attn_implementation(&setup.model_args, device)?;
     let group = init_process_group(dist_env.as_ref(), &setup.args, device)?;
     let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
     // One run per output_dir, from before the first file is read until the last is
@@ -704,7 +758,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         builder = builder.eval_dataset(eval);
     }
     let mut trainer = builder.build()?;
-    install_interrupt_handler(trainer.interrupt_handle());
+    let _ = interrupt.set(trainer.interrupt_handle());
     if let Some(g) = group {
         trainer.set_process_group(g);
     }

@@ -505,6 +505,146 @@ const CASES: &[Case] = &[
         },
         expect: &["checkpoint-1", "optimizer.safetensors is missing"],
     },
+    Case {
+        name: "eos_token not in the vocabulary",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--eos_token", "<notatoken>"]),
+        expect: &["eos_token", "<notatoken>", "not in the vocabulary"],
+    },
+    Case {
+        name: "pad_token not in the vocabulary",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--pad_token", "bogus"]),
+        expect: &["pad_token", "bogus", "not in the vocabulary"],
+    },
+    Case {
+        name: "chat_template_path that does not exist",
+        setup: |d| {
+            let f = d.join("missing.jinja").display().to_string();
+            sft(d, "data/demo_alpaca.json", &["--chat_template_path", &f])
+        },
+        expect: &["chat_template_path", "missing.jinja", "no such file"],
+    },
+    Case {
+        name: "chat_template_path that does not compile",
+        setup: |d| {
+            let f = write(d, "broken.jinja", "{% for m in messages %}{{ m.content }");
+            sft(d, "data/demo_alpaca.json", &["--chat_template_path", &f])
+        },
+        expect: &["chat_template_path", "broken.jinja", "does not compile"],
+    },
+    Case {
+        name: "chat_template_path: a tokenizer with tokens the model lacks",
+        setup: |d| {
+            let m = model_copy(d);
+            let tok = std::fs::read_to_string(m.join("tokenizer.json"))
+                .unwrap()
+                .replace("<|begin_of_video|>", "<|brand_new|>");
+            std::fs::write(m.join("tokenizer.json"), tok).unwrap();
+            let m = m.display().to_string();
+            sft(d, "data/demo_alpaca.json", &["--chat_template_path", &m])
+        },
+        expect: &[
+            "chat_template_path",
+            "<|brand_new|>",
+            "resize the embeddings",
+        ],
+    },
+    Case {
+        name: "unknown attn_implementation",
+        setup: |d| {
+            sft(
+                d,
+                "data/demo_alpaca.json",
+                &["--attn_implementation", "bogus"],
+            )
+        },
+        expect: &[
+            "attn_implementation",
+            "bogus",
+            "eager, sdpa, flash_attention_2",
+        ],
+    },
+    Case {
+        name: "flash_attention_2 on the CPU",
+        setup: |d| {
+            sft(
+                d,
+                "data/demo_alpaca.json",
+                &[
+                    "--attn_implementation",
+                    "flash_attention_2",
+                    "--use_cpu",
+                    "true",
+                ],
+            )
+        },
+        expect: &["flash_attention_2", "CUDA", "sdpa"],
+    },
+    Case {
+        name: "max_length 1",
+        setup: |d| sft(d, "data/demo_alpaca.json", &["--max_length", "1"]),
+        expect: &["max_length", "at least 2"],
+    },
+    Case {
+        name: "every prompt longer than max_length",
+        setup: |d| {
+            let long = "很长的问题".repeat(20);
+            let recs: Vec<String> = (0..4)
+                .map(|i| format!("{{\"prompt\": \"{long}{i}\", \"completion\": \"答{i}\"}}"))
+                .collect();
+            let f = write(d, "pc.jsonl", &recs.join("\n"));
+            sft(
+                d,
+                &f,
+                &[
+                    "--max_length",
+                    "8",
+                    "--test_size",
+                    "0",
+                    "--eval_strategy",
+                    "no",
+                ],
+            )
+        },
+        expect: &[
+            "none of the 4 training examples",
+            "max_length 8",
+            "--max_length",
+        ],
+    },
+    Case {
+        name: "adapter config naming other target modules than its tensors",
+        setup: |d| {
+            let a = adapter_copy(d, |cfg| {
+                cfg["target_modules"] = serde_json::json!(["q_proj", "v_proj"]);
+            });
+            let mut g = generate(&root().join("weights/tiny-glm"));
+            g.extend(s(&["--adapter_path", &a]));
+            g
+        },
+        expect: &[
+            "adapter_config.json",
+            "disagree",
+            "[\"q_proj\", \"v_proj\"]",
+            "k_proj",
+        ],
+    },
+    Case {
+        name: "adapter config naming other layers than its tensors",
+        setup: |d| {
+            let a = adapter_copy(d, |cfg| {
+                cfg["layers_to_transform"] = serde_json::json!([0]);
+            });
+            let mut g = generate(&root().join("weights/tiny-glm"));
+            g.extend(s(&["--adapter_path", &a]));
+            g
+        },
+        expect: &[
+            "adapter_config.json",
+            "disagree",
+            "layers_to_transform [0]",
+            "on layers 0, 1",
+        ],
+    },
 ];
 
 /// The smallest trainer_state.json a checkpoint can have.
@@ -514,6 +654,24 @@ const MIN_STATE: &str = r#"{"epoch": 0.1, "global_step": 1, "max_steps": 1, "log
  "best_global_step": null, "best_model_checkpoint": null, "is_local_process_zero": true,
  "is_world_process_zero": true, "is_hyper_param_search": false, "trial_name": null,
  "trial_params": null}"#;
+
+/// A copy of a PEFT-saved adapter of the tiny model with its config edited.
+fn adapter_copy(dir: &Path, edit: fn(&mut serde_json::Value)) -> String {
+    let src = root().join("tests/fixtures/trainer/b1/adapter_init");
+    let a = dir.join("adapter");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        a.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    edit(&mut cfg);
+    std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
+    a.display().to_string()
+}
 
 #[test]
 fn every_bad_input_gets_a_clear_error() {

@@ -22,6 +22,9 @@ pub enum TargetModules {
     Names(Vec<String>),
     /// Every linear layer except the output head (`lm_head`).
     AllLinear,
+    /// A single string in `adapter_config.json` other than "all-linear": PEFT
+    /// treats it as a regular expression the whole module path must match.
+    Regex(String),
 }
 
 impl Serialize for TargetModules {
@@ -29,6 +32,7 @@ impl Serialize for TargetModules {
         match self {
             TargetModules::Names(v) => v.serialize(s),
             TargetModules::AllLinear => "all-linear".serialize(s),
+            TargetModules::Regex(r) => r.serialize(s),
         }
     }
 }
@@ -37,8 +41,7 @@ impl<'de> Deserialize<'de> for TargetModules {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Value::deserialize(d)? {
             Value::String(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
-            // PEFT also accepts a single regex string; treat it as one exact name.
-            Value::String(s) => Ok(TargetModules::Names(vec![s])),
+            Value::String(s) => Ok(TargetModules::Regex(s)),
             Value::Array(v) => v
                 .into_iter()
                 .map(|x| {
@@ -56,13 +59,26 @@ impl<'de> Deserialize<'de> for TargetModules {
 }
 
 impl TargetModules {
-    /// PEFT's rule for a list of names: `module == name` or `module.endswith("." + name)`.
+    /// PEFT's rule for a list of names: `module == name` or `module.endswith("." + name)`;
+    /// a regex must match the whole module path.
     pub fn matches(&self, module: &str) -> bool {
         match self {
             TargetModules::AllLinear => module != "lm_head" && !module.ends_with(".lm_head"),
             TargetModules::Names(names) => names
                 .iter()
                 .any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            TargetModules::Regex(r) => {
+                regex::Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(module))
+            }
+        }
+    }
+
+    /// How `adapter_config.json` spells it, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            TargetModules::Names(v) => format!("{v:?}"),
+            TargetModules::AllLinear => "\"all-linear\"".into(),
+            TargetModules::Regex(r) => format!("{r:?} (a regular expression)"),
         }
     }
 }
@@ -92,6 +108,32 @@ pub struct LoraConfig {
     pub alpha_pattern: BTreeMap<String, Value>,
     #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// Only layers with these indices get adapters (PEFT accepts one int or a list).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub layers_to_transform: Option<Vec<i64>>,
+    /// The name of the layer list whose index `layers_to_transform` refers to
+    /// (e.g. "layers"); unset: the number after any dotted name.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub layers_pattern: Option<Vec<String>>,
+}
+
+/// `x` or `[x, ...]` (or null) as an optional list.
+fn one_or_many<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Array(v) => v
+            .into_iter()
+            .map(|x| serde_json::from_value(x).map_err(serde::de::Error::custom))
+            .collect::<Result<Vec<T>, _>>()
+            .map(Some),
+        x => serde_json::from_value(x)
+            .map(|one| Some(vec![one]))
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 fn default_bias() -> String {
@@ -119,6 +161,14 @@ pub enum PeftError {
     },
     #[error("none of the model's linear modules match target_modules {0}")]
     NoTargets(String),
+    #[error("{adapter}: adapter_config.json and adapter_model.safetensors disagree: the config says {config} ({expected}), the file holds adapters for {found}{detail}; fix the config or use the adapter it was saved with")]
+    ConfigMismatch {
+        adapter: String,
+        config: String,
+        expected: String,
+        found: String,
+        detail: String,
+    },
 }
 
 impl LoraConfig {
@@ -136,7 +186,59 @@ impl LoraConfig {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             fan_in_fan_out: false,
+            layers_to_transform: None,
+            layers_pattern: None,
         }
+    }
+
+    /// PEFT's `check_target_module_exists`: whether `module` (a full module path)
+    /// gets an adapter. `layers_to_transform` narrows name-suffix matches (and
+    /// "all-linear", which PEFT expands into names) to the listed layer indices.
+    pub fn targets(&self, module: &str) -> bool {
+        let by_suffix = match &self.target_modules {
+            TargetModules::Regex(_) => return self.target_modules.matches(module),
+            TargetModules::Names(names) if names.iter().any(|n| n == module) => return true,
+            t => t.matches(module),
+        };
+        let Some(layers) = self.layers_to_transform.as_ref().filter(|l| !l.is_empty()) else {
+            return by_suffix;
+        };
+        by_suffix
+            && self
+                .layer_index(module)
+                .is_some_and(|i| layers.contains(&i))
+    }
+
+    /// The layer index in a module path, found as PEFT finds it.
+    fn layer_index(&self, module: &str) -> Option<i64> {
+        let patterns: Vec<String> = match self.layers_pattern.as_ref().filter(|p| !p.is_empty()) {
+            None => vec![r"^.*\.[^.]*\.(\d+)\.".into()],
+            Some(p) => p
+                .iter()
+                .map(|name| format!(r"^.*\.{name}\.(\d+)\."))
+                .collect(),
+        };
+        patterns.iter().find_map(|p| {
+            regex::Regex::new(p)
+                .ok()?
+                .captures(module)?
+                .get(1)?
+                .as_str()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// `target_modules` and the layer settings as the config states them, for messages.
+    fn describe_targets(&self) -> String {
+        let mut out = format!("target_modules {}", self.target_modules.describe());
+        if let Some(l) = &self.layers_to_transform {
+            out.push_str(&format!(", layers_to_transform {l:?}"));
+        }
+        if let Some(p) = &self.layers_pattern {
+            out.push_str(&format!(", layers_pattern {p:?}"));
+        }
+        out
     }
 
     pub fn validate(&self) -> Result<(), PeftError> {
@@ -188,6 +290,7 @@ impl LoraConfig {
         let targets = match &self.target_modules {
             TargetModules::Names(v) => json!(v),
             TargetModules::AllLinear => json!("all-linear"),
+            TargetModules::Regex(r) => json!(r),
         };
         json!({
             "alpha_pattern": {},
@@ -199,8 +302,8 @@ impl LoraConfig {
             "inference_mode": inference_mode,
             "init_lora_weights": true,
             "layer_replication": null,
-            "layers_pattern": null,
-            "layers_to_transform": null,
+            "layers_pattern": self.layers_pattern,
+            "layers_to_transform": self.layers_to_transform,
             "loftq_config": {},
             "lora_alpha": self.lora_alpha,
             "lora_bias": false,
@@ -267,6 +370,35 @@ pub struct PeftAdapter {
     pub modules: Vec<String>,
 }
 
+/// "12 modules: q_proj, v_proj on layers 0, 1" — a set of module paths in a few words.
+fn summarize_modules(modules: &[String]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    let mut layers: Vec<i64> = Vec::new();
+    let probe = LoraConfig::new(1, 1.0, 0.0, TargetModules::AllLinear);
+    for m in modules {
+        let leaf = m.rsplit('.').next().unwrap_or(m);
+        if !names.contains(&leaf) {
+            names.push(leaf);
+        }
+        if let Some(i) = probe.layer_index(m) {
+            if !layers.contains(&i) {
+                layers.push(i);
+            }
+        }
+    }
+    layers.sort_unstable();
+    let layers: Vec<String> = layers.iter().map(i64::to_string).collect();
+    match (modules.len(), layers.is_empty()) {
+        (0, _) => "no modules".into(),
+        (n, true) => format!("{n} modules: {}", names.join(", ")),
+        (n, false) => format!(
+            "{n} modules: {} on layers {}",
+            names.join(", "),
+            layers.join(", ")
+        ),
+    }
+}
+
 /// Creates a variable whose full dotted name is `key` (tch wants the dots as path segments).
 fn var_at(root: &nn::Path, key: &str, dims: &[i64], init: nn::Init) -> Tensor {
     let (parents, name) = key.rsplit_once('.').unwrap_or(("", key));
@@ -300,7 +432,7 @@ impl PeftAdapter {
         let vs = nn::VarStore::new(device);
         let mut modules = Vec::new();
         for (name, linear) in model.linear_layers_mut() {
-            if !config.target_modules.matches(&name) {
+            if !config.targets(&name) {
                 continue;
             }
             let (fan_in, fan_out) = (linear.in_features(), linear.out_features());
@@ -457,6 +589,38 @@ impl PeftAdapter {
             });
             modules.push(module);
         }
+        // PEFT builds the adapters from the config and then loads the tensors
+        // into them; a file that holds other modules would silently train or
+        // run something else than the config says.
+        let expected: Vec<String> = linears
+            .keys()
+            .filter(|m| config.targets(m))
+            .cloned()
+            .collect();
+        if expected != modules {
+            let missing: Vec<&String> = expected.iter().filter(|m| !modules.contains(m)).collect();
+            let extra: Vec<&String> = modules.iter().filter(|m| !expected.contains(m)).collect();
+            let mut detail = String::new();
+            if let Some(m) = missing.first() {
+                detail.push_str(&format!(
+                    "; {} named by the config missing from the file (e.g. {m})",
+                    missing.len()
+                ));
+            }
+            if let Some(m) = extra.first() {
+                detail.push_str(&format!(
+                    "; {} in the file the config does not name (e.g. {m})",
+                    extra.len()
+                ));
+            }
+            return Err(PeftError::ConfigMismatch {
+                adapter,
+                config: config.describe_targets(),
+                expected: summarize_modules(&expected),
+                found: summarize_modules(&modules),
+                detail,
+            });
+        }
         Ok(Self {
             config,
             vs,
@@ -541,4 +705,29 @@ pub fn merge_and_unload(model: &mut dyn LoraModel) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn layers_to_transform_narrows_suffix_matches_like_peft() {
+        let mut cfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::Names(vec!["q_proj".into()]));
+        assert!(cfg.targets("model.layers.1.self_attn.q_proj"));
+        cfg.layers_to_transform = Some(vec![0]);
+        assert!(cfg.targets("model.layers.0.self_attn.q_proj"));
+        assert!(!cfg.targets("model.layers.1.self_attn.q_proj"));
+        assert!(!cfg.targets("model.layers.0.self_attn.k_proj"));
+        cfg.layers_pattern = Some(vec!["blocks".into()]);
+        assert!(!cfg.targets("model.layers.0.self_attn.q_proj"));
+        let one: LoraConfig = serde_json::from_str(
+            r#"{"r": 8, "lora_alpha": 16, "target_modules": ".*\\.0\\.self_attn\\.(q|v)_proj", "layers_to_transform": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(one.layers_to_transform, Some(vec![1]));
+        // A regex is matched against the whole path, layers_to_transform aside (as PEFT does).
+        assert!(one.targets("model.layers.0.self_attn.v_proj"));
+        assert!(!one.targets("model.layers.0.self_attn.k_proj"));
+    }
 }

@@ -799,6 +799,20 @@ impl PreTrainedTokenizer {
         Ok(())
     }
 
+    /// `tokenizer.eos_token = token` (TRL's `eos_token` setting). The token must
+    /// be in the vocabulary, as TRL requires.
+    pub fn set_eos_token(&mut self, token: &str) -> Result<()> {
+        if self.tokenizer.token_to_id(token).is_none() {
+            return Err(TokenizerError::UnknownToken(token.to_string()));
+        }
+        set_token(
+            &mut self.special_tokens,
+            "eos_token",
+            Some(token.to_string()),
+        );
+        Ok(())
+    }
+
     /// `tokenizer.special_tokens_map`: named special tokens as strings, in attribute order.
     pub fn special_tokens_map(&self) -> Vec<(&str, &str)> {
         let mut out: Vec<(&str, &str)> = Vec::new();

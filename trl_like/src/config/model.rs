@@ -38,7 +38,8 @@ config_struct! {
         /// Load the weights in this dtype (auto: the checkpoint's own).
         #[alias = "torch_dtype"]
         dtype: TorchDtype = TorchDtype::Float32,
-        /// The attention kernel (e.g. eager, sdpa, flash_attention_2); unset picks the default.
+        /// The attention kernel: sdpa, eager (the same computation) or flash_attention_2 (CUDA only);
+        /// all run scaled-dot-product attention here. Unset: sdpa.
         attn_implementation: Option<String> = None,
         /// Train LoRA adapters (PEFT) instead of all weights.
         use_peft: bool = false,
@@ -72,6 +73,13 @@ config_struct! {
     }
 }
 
+/// The `attn_implementation` values the models here honour. All of them run
+/// libtorch's scaled-dot-product attention: `eager` computes the same function
+/// (transformers' eager differs only in rounding), and `flash_attention_2` is
+/// SDPA's flash kernel, which libtorch picks on CUDA for unmasked half-precision
+/// batches (refused on the CPU, as transformers does).
+pub const ATTN_IMPLEMENTATIONS: [&str; 3] = ["eager", "sdpa", "flash_attention_2"];
+
 impl ModelConfig {
     /// `dtype`, under the tutorial's name.
     pub fn torch_dtype(&self) -> TorchDtype {
@@ -103,6 +111,28 @@ impl ModelConfig {
                     "model_name_or_path",
                     "must not be empty",
                 ));
+            }
+        }
+        if let Some(a) = &self.attn_implementation {
+            if !ATTN_IMPLEMENTATIONS.contains(&a.as_str()) {
+                let known_elsewhere = a == "flash_attention_3"
+                    || a == "flex_attention"
+                    || a.starts_with("kernels-community/")
+                    || a.starts_with("paged|");
+                let message = format!(
+                    "{a:?} {}; the valid values are {}",
+                    if known_elsewhere {
+                        "is a transformers kernel this implementation does not have"
+                    } else {
+                        "is not an attention implementation"
+                    },
+                    ATTN_IMPLEMENTATIONS.join(", ")
+                );
+                return Err(if known_elsewhere {
+                    ConfigError::unsupported("attn_implementation", message)
+                } else {
+                    ConfigError::invalid("attn_implementation", message)
+                });
             }
         }
         check_at_least_one("lora_r", self.lora_r)?;

@@ -249,7 +249,8 @@ config_struct! {
         eos_token: Option<String> = None,
         /// Deprecated in TRL: padding token; unset uses the tokenizer's pad token (or eos).
         pad_token: Option<String> = None,
-        /// Longest tokenized sample; longer ones are truncated (see truncation_mode); none: no limit.
+        /// Longest tokenized sample (at least 2); longer ones are truncated (see truncation_mode), and
+        /// samples left without a token with loss are dropped; none: no limit.
         /// Also the block length when packing.
         #[alias = "max_seq_length"]
         max_length: Option<usize> = Some(1024),
@@ -614,7 +615,13 @@ impl SFTConfig {
             ));
         }
         if let Some(n) = self.max_length {
-            check_at_least_one("max_length", n)?;
+            // TRL accepts 1 and then trains on nothing: one token leaves none to predict.
+            if n < 2 {
+                return Err(ConfigError::invalid(
+                    "max_length",
+                    format!("must be at least 2 (one token to read, one to predict), got {n}"),
+                ));
+            }
         }
         if let Some(n) = self.pad_to_multiple_of {
             check_at_least_one("pad_to_multiple_of", n)?;

@@ -6,7 +6,9 @@ use super::hooks::{LossOutput, TrainingHooks};
 use super::loss::{chunked_lm_loss, LOSS_CHUNK_TOKENS};
 use super::{prepare_and_pack, Trainer, TrainerCallback, TrainerError};
 use crate::config::SFTConfig;
-use crate::data::tokenize::tokenize_example;
+use crate::data::tokenize::{
+    apply_sft_tokenizer_args, collator_pad_token_id, drop_examples_without_loss, tokenize_example,
+};
 use crate::data::{
     collate_with, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions,
     TokenizedExample, TruncationMode,
@@ -37,10 +39,7 @@ pub struct SFTHooks {
 impl SFTHooks {
     pub fn new(args: &SFTConfig, tokenizer: &PreTrainedTokenizer) -> Self {
         Self {
-            pad_token_id: tokenizer
-                .pad_token_id()
-                .or(tokenizer.eos_token_id())
-                .unwrap_or(0),
+            pad_token_id: collator_pad_token_id(tokenizer, args).unwrap_or(0),
             pad_to_multiple_of: args.pad_to_multiple_of,
             padding_free: args.uses_padding_free(),
             loss_chunk_tokens: LOSS_CHUNK_TOKENS,
@@ -225,10 +224,12 @@ impl<'d, M: PreTrainedModel> SFTTrainerBuilder<'d, M> {
         check_supported(&args)?;
         let train_dataset = train_dataset
             .ok_or_else(|| TrainerError::Invalid("SFTTrainer needs a train_dataset".into()))?;
-        let tokenizer = match processing_class {
+        let mut tokenizer = match processing_class {
             Some(t) => t,
             None => load_tokenizer(&model.name_or_path())?,
         };
+        // chat_template_path, eos_token: what TRL changes on the processing class.
+        apply_sft_tokenizer_args(&mut tokenizer, &args)?;
         let (train, eval) = prepare_datasets(
             &args,
             &tokenizer,
@@ -296,10 +297,16 @@ fn prepare_datasets(
                 .map_or("none".to_string(), |m| m.to_string())
         );
     }
+    let train = drop_examples_without_loss(train, "training", args.max_length)?;
     let eval = match eval_dataset {
         Some(ds) if !ds.is_empty() => {
             let packing = args.eval_packing.unwrap_or(args.packing);
-            Some(prepare_and_pack(ds, tokenizer, args, formatting_func, packing)?.0)
+            let (eval, _) = prepare_and_pack(ds, tokenizer, args, formatting_func, packing)?;
+            Some(drop_examples_without_loss(
+                eval,
+                "evaluation",
+                args.max_length,
+            )?)
         }
         _ => None,
     };
