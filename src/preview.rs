@@ -6,7 +6,7 @@ use crate::sft::{load_data, parse};
 use anyhow::{Context, Result};
 use serde_json::json;
 use trl_like::data::tokenize::IGNORE_INDEX;
-use trl_like::data::{Dataset, DatasetFormat};
+use trl_like::data::Dataset;
 use trl_like::trainer::prepare_dataset;
 
 /// Splits off `--num_examples N` and `--json`.
@@ -49,8 +49,7 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
     );
     let tokenizer = crate::load_tokenizer(&model_dir)?;
     let data = load_data(&setup.data_args)?;
-    let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
-        .map_err(anyhow::Error::msg)?;
+    let format = setup.data_args.dataset_format;
     // The first N records in file order, before any split or shuffle.
     let head = Dataset {
         records: data.records.iter().take(n).cloned().collect(),
