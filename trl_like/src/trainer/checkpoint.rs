@@ -263,7 +263,7 @@ impl<M: PreTrainedModel> SFTTrainer<M> {
     ) -> Result<(), TrainerError> {
         let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
         let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE))
-            .map_err(TrainerError::Checkpoint)?;
+            .map_err(|e| TrainerError::Checkpoint(e.to_string()))?;
         if !dir.join(OPTIMIZER_FILE).is_file() {
             return Err(ckpt(
                 "holds only model weights (save_only_model), so training cannot resume from it"
