@@ -120,12 +120,18 @@ pub fn position_ids_from_mask(attention_mask: &Tensor) -> Tensor {
     pos.masked_fill(&attention_mask.eq(0), 0)
 }
 
+/// Called after each decoding step of [`generate`] with the new token of every row.
+pub type OnStep<'a> = &'a mut dyn FnMut(&[i64]);
+
 /// Applies repetition penalty, then (when sampling) temperature, top-k and top-p
 /// to next-token scores, in the order transformers' logits processors run.
 ///
 /// # Shapes
 /// `scores`: `[batch, vocab]` fp32; `sequences`: `[batch, seq]` int64 (prompt,
 /// padding included, plus everything generated so far).
+// `scores /= t` would divide the caller's tensor in place (`scores` may still be
+// its shallow clone).
+#[allow(clippy::assign_op_pattern)]
 pub fn process_logits(scores: &Tensor, sequences: &Tensor, cfg: &GenerationConfig) -> Tensor {
     let mut scores = scores.shallow_clone();
     if cfg.repetition_penalty != 1.0 {
@@ -180,7 +186,7 @@ pub fn generate(
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
     cfg: &GenerationConfig,
-    mut on_step: Option<&mut dyn FnMut(&[i64])>,
+    mut on_step: Option<OnStep<'_>>,
 ) -> Result<GenerateOutput, GenerationError> {
     let _guard = tch::no_grad_guard();
     let device = model.device();
@@ -249,7 +255,7 @@ pub fn generate(
                 .unsqueeze(1)
                 .eq_tensor(&eos.unsqueeze(0))
                 .any_dim(1, false);
-            unfinished = unfinished * hit.logical_not().to_kind(Kind::Int64);
+            unfinished *= hit.logical_not().to_kind(Kind::Int64);
         }
         if unfinished.max().int64_value(&[]) == 0 {
             break;

@@ -212,8 +212,7 @@ pub fn to_example(
             };
             let mut messages = Vec::with_capacity(list.len());
             for (i, m) in list.iter().enumerate() {
-                let ok =
-                    m.get("role").map_or(false, Value::is_string) && m.get("content").is_some();
+                let ok = m.get("role").is_some_and(Value::is_string) && m.get("content").is_some();
                 if !ok {
                     return Err(bad(format!(
                         "messages[{i}] needs a string \"role\" and a \"content\""
