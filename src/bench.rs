@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind};
 use trl_like::config::{
-    IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy,
+    IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TorchDtype,
 };
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
@@ -580,7 +580,7 @@ fn report(
         ("hidden_size", json!(cfg.hidden_size)),
         ("num_hidden_layers", json!(cfg.num_hidden_layers)),
         ("vocab_size", json!(cfg.vocab_size)),
-        ("dtype", json!(match kind { Kind::BFloat16 => "bfloat16", Kind::Half => "float16", _ => "float32" })),
+        ("dtype", json!(TorchDtype::from_kind(kind).as_str())),
         ("device", json!(format!("{device:?}"))),
         ("gpu_name", json!(runtime::gpu_names().into_iter().next())),
         ("num_threads", json!(tch::get_num_threads())),
@@ -730,9 +730,11 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
                 Kind::BFloat16
             }
         }
-        Some(name) => crate::glm::dtype_from_name(name).with_context(|| {
-            format!("--dtype {name:?} is not one of float32, bfloat16, float16")
-        })?,
+        Some(name) => TorchDtype::from_name(name)
+            .and_then(TorchDtype::to_kind)
+            .with_context(|| {
+                format!("--dtype {name:?} is not one of float32, bfloat16, float16")
+            })?,
     };
     if device == Device::Cpu && kind != Kind::Float {
         eprintln!(

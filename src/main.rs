@@ -11,6 +11,7 @@ use serde_json::json;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use tch::Tensor;
+use trl_like::config::TorchDtype;
 use trl_like::generation::{generate, GenerationConfig};
 use trl_like::modeling::PreTrainedModel;
 use trl_like::peft::{merge_and_unload, PeftAdapter};
@@ -323,9 +324,7 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
             tokenizer = glm4::load_tokenizer(adapter)?;
         }
     }
-    let mut generation = GenerationConfig::from_pretrained(dir)
-        .map_err(anyhow::Error::msg)?
-        .unwrap_or_default();
+    let mut generation = GenerationConfig::from_pretrained(dir)?.unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
     }
@@ -384,7 +383,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         tokenizer.encode(&a.prompt, true)?
     };
     let input = Tensor::from_slice(&prompt_ids).unsqueeze(0);
-    let out = generate(&model, &input, None, &generation, None);
+    let out = generate(&model, &input, None, &generation, None)?;
     let all: Vec<i64> = Vec::try_from(out.sequences.get(0)).context("reading generated ids")?;
     let generated = &all[prompt_ids.len()..];
     // Drop the pad filler after an early stop, keep the stop token itself.
@@ -427,14 +426,20 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     }
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
-    loop {
+    let mut raw = Vec::new();
+    for line_number in 1u64.. {
         if interactive {
             eprint!("\n用户: ");
         }
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        raw.clear();
+        if stdin.lock().read_until(b'\n', &mut raw)? == 0 {
             break;
         }
+        // One undecodable line (a paste in another encoding) must not end the session.
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            eprintln!("input line {line_number} is not valid UTF-8 text: skipped (send UTF-8)");
+            continue;
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -452,7 +457,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             eprint!("GLM-4: ");
         }
         let mut answer_ids: Vec<i64> = Vec::new();
-        let mut shown = String::new();
+        let mut decoder = tokenizer.decode_stream(true);
         let eos = generation.eos_token_id.clone();
         let mut stream = |ids: &[i64]| {
             let id = ids[0];
@@ -460,26 +465,20 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
                 return;
             }
             answer_ids.push(id);
-            // Print only complete characters: a multi-byte character may span tokens.
-            if let Ok(text) = tokenizer.decode(&answer_ids, true) {
-                if !text.ends_with('\u{FFFD}')
-                    && text.len() > shown.len()
-                    && text.starts_with(&shown)
-                {
-                    let _ = write!(stdout, "{}", &text[shown.len()..]);
-                    let _ = stdout.flush();
-                    shown = text;
-                }
+            // Each token is decoded once; a character split over tokens comes out whole.
+            if let Ok(Some(text)) = decoder.step(id) {
+                let _ = write!(stdout, "{text}");
+                let _ = stdout.flush();
             }
         };
         let input = Tensor::from_slice(&prompt_ids).unsqueeze(0);
-        generate(&model, &input, None, &generation, Some(&mut stream));
-        let answer = tokenizer.decode(&answer_ids, true)?;
-        if answer.len() > shown.len() && answer.starts_with(&shown) {
-            write!(stdout, "{}", &answer[shown.len()..])?;
+        generate(&model, &input, None, &generation, Some(&mut stream))?;
+        if let Some(rest) = decoder.finish()? {
+            write!(stdout, "{rest}")?;
         }
         writeln!(stdout)?;
         stdout.flush()?;
+        let answer = tokenizer.decode(&answer_ids, true)?;
         // Stored stripped, as the tutorial's chat_cli keeps its history.
         history.push(json!({"role": "assistant", "content": answer.trim()}));
     }
@@ -506,15 +505,11 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
         a.overwrite_output_dir,
     )?;
     let config = GlmConfig::from_pretrained(dir)?;
-    let kind = match a.torch_dtype.as_str() {
-        "auto" => config
-            .checkpoint_dtype()
-            .and_then(glm4::glm::dtype_from_name)
-            .unwrap_or(tch::Kind::Float),
-        other => glm4::glm::dtype_from_name(other).with_context(|| {
-            format!("--torch_dtype {other:?} is not one of auto, bfloat16, float16, float32")
-        })?,
-    };
+    // `auto` keeps the checkpoint's own dtype here, also on the CPU.
+    let kind = runtime::dtype_arg(&a.torch_dtype)?
+        .to_kind()
+        .or_else(|| config.checkpoint_dtype().and_then(TorchDtype::to_kind))
+        .unwrap_or(tch::Kind::Float);
     let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), tch::Device::Cpu)?;
     let adapter = PeftAdapter::load(&mut model, &a.adapter_path, tch::Device::Cpu, false)?;
     eprintln!(

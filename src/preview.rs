@@ -6,7 +6,7 @@ use crate::sft::{load_data, parse_with};
 use anyhow::Result;
 use serde_json::json;
 use trl_like::data::tokenize::IGNORE_INDEX;
-use trl_like::data::{Dataset, DatasetFormat};
+use trl_like::data::Dataset;
 use trl_like::trainer::prepare_dataset;
 
 /// `glm4 preview`'s own options, on top of the `glm4 sft` flags.
@@ -73,8 +73,7 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
     // What SFTTrainer applies (eos_token, chat_template_path), so the preview shows what trains.
     trl_like::data::tokenize::apply_sft_tokenizer_args(&mut tokenizer, &setup.args)?;
     let data = load_data(&setup.data_args)?;
-    let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
-        .map_err(anyhow::Error::msg)?;
+    let format = setup.data_args.dataset_format;
     // The first N records in file order, before any split or shuffle.
     let head = Dataset {
         records: data.records.iter().take(n).cloned().collect(),

@@ -1,7 +1,8 @@
 //! Where the computation runs: device and dtype choice, and what `glm4 env` reports.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
+use trl_like::config::TorchDtype;
 
 /// Parses `--device`: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device> {
@@ -30,20 +31,36 @@ pub fn parse_device(name: &str) -> Result<Device> {
     })
 }
 
-/// Resolves `--torch_dtype` (auto | bfloat16 | float16 | float32). `auto` takes the
-/// checkpoint's dtype on CUDA, and float32 on CPU, where bf16 matmuls are very slow.
-pub fn parse_dtype(name: &str, checkpoint_dtype: Option<&str>, device: Device) -> Result<Kind> {
-    if name == "auto" {
-        if device == Device::Cpu {
-            return Ok(Kind::Float);
-        }
-        return Ok(checkpoint_dtype
-            .and_then(crate::glm::dtype_from_name)
-            .unwrap_or(Kind::BFloat16));
-    }
-    match crate::glm::dtype_from_name(name) {
-        Some(k) => Ok(k),
-        None => bail!("--torch_dtype {name:?} is not one of auto, bfloat16, float16, float32"),
+/// Parses `--torch_dtype` (auto | bfloat16 | float16 | float32) and resolves it
+/// with [`resolve_dtype`].
+pub fn parse_dtype(
+    name: &str,
+    checkpoint_dtype: Option<TorchDtype>,
+    device: Device,
+) -> Result<Kind> {
+    Ok(resolve_dtype(dtype_arg(name)?, checkpoint_dtype, device))
+}
+
+/// The value of `--torch_dtype`, unresolved.
+pub fn dtype_arg(name: &str) -> Result<TorchDtype> {
+    TorchDtype::from_name(name).with_context(|| {
+        format!("--torch_dtype {name:?} is not one of auto, bfloat16, float16, float32")
+    })
+}
+
+/// `auto` takes the checkpoint's dtype on CUDA, and float32 on CPU, where bf16
+/// matmuls are very slow.
+pub fn resolve_dtype(
+    dtype: TorchDtype,
+    checkpoint_dtype: Option<TorchDtype>,
+    device: Device,
+) -> Kind {
+    match dtype.to_kind() {
+        Some(kind) => kind,
+        None if device == Device::Cpu => Kind::Float,
+        None => checkpoint_dtype
+            .and_then(TorchDtype::to_kind)
+            .unwrap_or(Kind::BFloat16),
     }
 }
 

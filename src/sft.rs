@@ -197,7 +197,7 @@ impl SavePredictCallback {
         let tok = ctx.processing_class;
         let batch = tok.apply_chat_template_batch(&self.conversations, true, PaddingSide::Left)?;
         let (ids, mask) = batch.to_tensors(ctx.model.device())?;
-        let out = generate(ctx.model, &ids, Some(&mask), &self.generation, None);
+        let out = generate(ctx.model, &ids, Some(&mask), &self.generation, None)?;
         let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&out.sequences)?;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -371,9 +371,7 @@ pub fn check_records(data: Dataset, setup: &SftSetup) -> Result<Dataset> {
     let Some(first) = data.records.first() else {
         return Ok(data);
     };
-    let format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
-        .map_err(anyhow::Error::msg)?
-        .resolve(first)?;
+    let format = setup.data_args.dataset_format.resolve(first)?;
     let total = data.len();
     let mut kept = Vec::with_capacity(total);
     let mut skipped = 0usize;
@@ -536,8 +534,7 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
         );
     }
     let config = GlmConfig::from_pretrained(&dir)?;
-    let mut kind =
-        runtime::parse_dtype(model_args.dtype.as_str(), config.checkpoint_dtype(), device)?;
+    let mut kind = runtime::resolve_dtype(model_args.dtype, config.checkpoint_dtype(), device);
     if device == Device::Cpu && kind != Kind::Float {
         eprintln!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
         kind = Kind::Float;
@@ -722,9 +719,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         bail!("eval_strategy is {} but there is no evaluation split (test_size 0); set --eval_strategy no or --test_size", setup.args.eval_strategy);
     }
     let model = load_model(&setup.model_args, device)?;
-    let mut generation = GenerationConfig::from_pretrained(&model_dir)
-        .map_err(anyhow::Error::msg)?
-        .unwrap_or_default();
+    let mut generation = GenerationConfig::from_pretrained(&model_dir)?.unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
     }
@@ -738,8 +733,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
             &output_dir,
         )));
     }
-    let mut data_format = DatasetFormat::parse(setup.data_args.dataset_format.as_str())
-        .map_err(anyhow::Error::msg)?;
+    let mut data_format = setup.data_args.dataset_format;
     if let (DatasetFormat::Auto, Some(first)) = (data_format, train.records.first()) {
         data_format = data_format.resolve(first)?;
         if is_main {

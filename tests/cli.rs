@@ -191,6 +191,56 @@ fn piped_chat_answers_each_line() {
     );
 }
 
+/// A line that is not UTF-8 is skipped with a message naming it; the session
+/// goes on and answers the next line (it used to end the whole chat).
+#[test]
+fn chat_skips_an_invalid_utf8_line() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args([
+            "chat",
+            "--model_name_or_path",
+            "weights/tiny-glm",
+            "--do_sample",
+            "false",
+            "--repetition_penalty",
+            "1.0",
+            "--max_length",
+            "12",
+        ])
+        .current_dir(root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = b"caf\xe9 in Latin-1\n".to_vec();
+    input.extend_from_slice("你好\nexit\n".as_bytes());
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("input line 1 is not valid UTF-8 text: skipped"),
+        "{}",
+        stderr(&out)
+    );
+    let single = glm4(&[
+        "generate",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--chat",
+        "--prompt",
+        "你好",
+        "--max_new_tokens",
+        "12",
+    ]);
+    assert!(single.status.success(), "{}", stderr(&single));
+    assert_eq!(
+        stdout(&out),
+        stdout(&single),
+        "the line after the bad one is answered"
+    );
+}
+
 #[test]
 fn missing_model_directory_is_a_clear_error() {
     let out = glm4(&[

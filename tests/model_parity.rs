@@ -105,7 +105,7 @@ fn check_generation(arch: &str) {
         let mut cfg = base.clone();
         cfg.do_sample = false;
         cfg.max_new_tokens = Some(case["max_new_tokens"].as_u64().unwrap() as usize);
-        let out = generate(&model, &ids, Some(&mask), &cfg, None);
+        let out = generate(&model, &ids, Some(&mask), &cfg, None).unwrap();
         let got: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&out.sequences).unwrap();
         let expected: Vec<Vec<i64>> = serde_json::from_value(case["output_ids"].clone()).unwrap();
         assert_eq!(
@@ -238,7 +238,8 @@ fn repetition_penalty_matches_transformers() {
             None,
             &cfg,
             None,
-        );
+        )
+        .unwrap();
         let got: Vec<i64> = Vec::try_from(out.sequences.get(0)).unwrap();
         let want: Vec<i64> = serde_json::from_value(case["output_ids"].clone()).unwrap();
         assert_eq!(got, want, "repetition_penalty {}", cfg.repetition_penalty);
@@ -281,4 +282,32 @@ fn sampling_warpers_match_transformers() {
             }
         }
     }
+}
+
+/// A prompt that is not `[batch, seq]` with at least one token, or a mask of
+/// another shape, is an error naming the shapes (it used to panic in `expect`
+/// or deep inside the forward pass).
+#[test]
+fn generate_rejects_bad_input_shapes() {
+    use trl_like::generation::GenerationError;
+    let model = load_model("glm");
+    let cfg = GenerationConfig {
+        max_new_tokens: Some(1),
+        ..GenerationConfig::default()
+    };
+    for ids in [
+        Tensor::from_slice(&[1i64, 2, 3]),
+        Tensor::zeros([1, 0], (Kind::Int64, Device::Cpu)),
+        Tensor::zeros([0, 3], (Kind::Int64, Device::Cpu)),
+    ] {
+        let err = generate(&model, &ids, None, &cfg, None).err().unwrap();
+        assert!(matches!(err, GenerationError::InputShape(_)), "{err}");
+    }
+    let ids = Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0);
+    let mask = Tensor::ones([1, 2], (Kind::Int64, Device::Cpu));
+    let err = generate(&model, &ids, Some(&mask), &cfg, None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("[1, 2]"), "{err}");
+    assert!(generate(&model, &ids, None, &cfg, None).is_ok());
 }

@@ -83,7 +83,8 @@ fn peft_saved_adapter_greedy_generation_matches() {
         None,
         &cfg,
         None,
-    );
+    )
+    .unwrap();
     let got: Vec<i64> = Vec::try_from(out.sequences.get(0)).unwrap();
     let want: Vec<i64> = serde_json::from_value(fx["output_ids"].clone()).unwrap();
     assert_eq!(got, want);

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use trl_like::config::TorchDtype;
 
 /// Rotary settings as transformers 5 writes them (`rope_parameters`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,105 +40,90 @@ impl TokenIds {
 /// Every field of transformers' `GlmConfig` / `Glm4Config`, with their defaults
 /// (the GLM-4-9B values). Unknown keys are kept in `extra` so a config round-trips.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GlmConfig {
     /// "glm" (GLM-4-9B) or "glm4" (GLM-4-0414: two extra norms per layer).
+    /// Required in a file: a missing one reads as "" and fails validation.
+    #[serde(default)]
     pub model_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
-    #[serde(default = "d::vocab_size")]
     pub vocab_size: i64,
-    #[serde(default = "d::hidden_size")]
     pub hidden_size: i64,
-    #[serde(default = "d::intermediate_size")]
     pub intermediate_size: i64,
-    #[serde(default = "d::num_hidden_layers")]
     pub num_hidden_layers: i64,
-    #[serde(default = "d::num_attention_heads")]
     pub num_attention_heads: i64,
-    #[serde(default = "d::num_key_value_heads")]
     pub num_key_value_heads: i64,
     /// Fraction of each head that is rotated (0.5 for GLM-4: 64 of 128 dims).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
-    #[serde(default = "d::head_dim")]
     pub head_dim: i64,
-    #[serde(default = "d::hidden_act")]
     pub hidden_act: String,
-    #[serde(default)]
     pub attention_dropout: f64,
-    #[serde(default = "d::max_position_embeddings")]
     pub max_position_embeddings: i64,
-    #[serde(default = "d::initializer_range")]
     pub initializer_range: f64,
-    #[serde(default = "d::rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "d::yes")]
     pub use_cache: bool,
-    #[serde(default)]
     pub tie_word_embeddings: bool,
     /// transformers 4.x spelling; transformers 5 writes `rope_parameters`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<i64>,
-    #[serde(default = "d::yes")]
     pub attention_bias: bool,
     /// The dtype the weights were saved in, as transformers 4 spells it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
     /// The same, as transformers 5 spells it (either or both may be present).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
-mod d {
-    pub fn vocab_size() -> i64 {
-        151552
-    }
-    pub fn hidden_size() -> i64 {
-        4096
-    }
-    pub fn intermediate_size() -> i64 {
-        13696
-    }
-    pub fn num_hidden_layers() -> i64 {
-        40
-    }
-    pub fn num_attention_heads() -> i64 {
-        32
-    }
-    pub fn num_key_value_heads() -> i64 {
-        2
-    }
-    pub fn head_dim() -> i64 {
-        128
-    }
-    pub fn hidden_act() -> String {
-        "silu".into()
-    }
-    pub fn max_position_embeddings() -> i64 {
-        131072
-    }
-    pub fn initializer_range() -> f64 {
-        0.02
-    }
-    pub fn rms_norm_eps() -> f64 {
-        1.5625e-07
-    }
-    pub fn yes() -> bool {
-        true
+impl Default for GlmConfig {
+    /// transformers' `GlmConfig()` defaults, which are GLM-4-9B's shape.
+    fn default() -> Self {
+        Self {
+            model_type: "glm".into(),
+            architectures: None,
+            vocab_size: 151552,
+            hidden_size: 4096,
+            intermediate_size: 13696,
+            num_hidden_layers: 40,
+            num_attention_heads: 32,
+            num_key_value_heads: 2,
+            partial_rotary_factor: None,
+            head_dim: 128,
+            hidden_act: "silu".into(),
+            attention_dropout: 0.0,
+            max_position_embeddings: 131072,
+            initializer_range: 0.02,
+            rms_norm_eps: 1.5625e-07,
+            use_cache: true,
+            tie_word_embeddings: false,
+            rope_theta: None,
+            rope_parameters: None,
+            rope_scaling: None,
+            pad_token_id: None,
+            eos_token_id: None,
+            bos_token_id: None,
+            attention_bias: true,
+            torch_dtype: None,
+            dtype: None,
+            transformers_version: None,
+            extra: serde_json::Map::new(),
+        }
     }
 }
 
@@ -158,16 +144,15 @@ pub enum ConfigError {
 impl GlmConfig {
     /// The GLM-4-9B shape (THUDM/glm-4-9b-hf), for benchmarks without weights.
     pub fn glm4_9b() -> Self {
-        serde_json::from_value(serde_json::json!({
-            "model_type": "glm",
-            "architectures": ["GlmForCausalLM"],
-            "partial_rotary_factor": 0.5,
-            "rope_theta": 10000.0,
-            "pad_token_id": 151329,
-            "eos_token_id": [151329, 151336, 151338],
-            "torch_dtype": "bfloat16",
-        }))
-        .expect("built-in config is valid")
+        Self {
+            architectures: Some(vec!["GlmForCausalLM".into()]),
+            partial_rotary_factor: Some(0.5),
+            rope_theta: Some(10000.0),
+            pad_token_id: Some(151329),
+            eos_token_id: Some(TokenIds::Many(vec![151329, 151336, 151338])),
+            torch_dtype: Some("bfloat16".into()),
+            ..Self::default()
+        }
     }
 
     /// Reads and validates `dir/config.json` (or a path to a JSON file).
@@ -196,6 +181,12 @@ impl GlmConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.model_type.is_empty() {
+            return Err(
+                "model_type is missing (expected \"glm\" or \"glm4\"): is this a GLM-4 checkpoint's config.json?"
+                    .into(),
+            );
+        }
         if self.model_type != "glm" && self.model_type != "glm4" {
             return Err(format!(
                 "model_type {:?} is not a GLM-4 architecture (expected \"glm\" or \"glm4\")",
@@ -271,9 +262,13 @@ impl GlmConfig {
         (self.head_dim as f64 * self.partial_rotary_factor()) as i64
     }
 
-    /// The checkpoint's dtype name (`dtype`, else `torch_dtype`).
-    pub fn checkpoint_dtype(&self) -> Option<&str> {
-        self.dtype.as_deref().or(self.torch_dtype.as_deref())
+    /// The checkpoint's dtype (`dtype`, else `torch_dtype`); `None` when unset or
+    /// not a name transformers knows.
+    pub fn checkpoint_dtype(&self) -> Option<TorchDtype> {
+        self.dtype
+            .as_deref()
+            .or(self.torch_dtype.as_deref())
+            .and_then(TorchDtype::from_name)
     }
 
     pub fn eos_token_ids(&self) -> Vec<i64> {

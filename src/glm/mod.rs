@@ -12,4 +12,4 @@ pub mod rotary;
 
 pub use config::GlmConfig;
 pub use loading::LoadError;
-pub use model::{dtype_from_name, Glm4ForCausalLM, GlmForCausalLM, GlmModel};
+pub use model::{Glm4ForCausalLM, GlmForCausalLM, GlmModel};

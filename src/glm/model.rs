@@ -11,6 +11,7 @@ use super::rotary::Rotary;
 use super::GlmConfig;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
+use trl_like::config::TorchDtype;
 use trl_like::modeling::{CausalLM, CausalLMInput, Checkpointable, KvCache, PreTrainedModel};
 use trl_like::nn::Linear;
 use trl_like::peft::LoraModel;
@@ -49,10 +50,6 @@ impl GlmModel {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
-        let (batch, seq) = input
-            .input_ids
-            .size2()
-            .expect("input_ids must be [batch, seq]");
         let device = self.embed_tokens.device();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let mut hidden = Tensor::embedding(
@@ -62,6 +59,29 @@ impl GlmModel {
             false,
             false,
         );
+        let ctx = self.layer_context(input, past, cache.is_some());
+        for layer in &self.layers {
+            hidden = layer.forward(
+                &hidden,
+                &self.rotary,
+                &ctx.cos,
+                &ctx.sin,
+                &ctx.mask,
+                cache.as_deref_mut(),
+                train,
+            );
+        }
+        self.norm.forward(&hidden)
+    }
+
+    /// Rotary tables and attention mask for `input`, which follows `past` cached
+    /// positions; `cached` tells packed segments that a KV cache is in use.
+    fn layer_context(&self, input: &CausalLMInput, past: i64, cached: bool) -> GlmLayerContext {
+        let device = self.embed_tokens.device();
+        let (batch, seq) = input
+            .input_ids
+            .size2()
+            .expect("input_ids must be [batch, seq]");
         let position_ids = match input.position_ids {
             Some(p) => p.to_device(device),
             None => (Tensor::arange(seq, (Kind::Int64, device)) + past)
@@ -70,24 +90,13 @@ impl GlmModel {
         };
         let (cos, sin) = self.rotary.cos_sin(&position_ids);
         let mask = match input.seq_lens {
-            Some(lens) => AttentionMask::segments(lens, batch, seq, cache.is_some()),
+            Some(lens) => AttentionMask::segments(lens, batch, seq, cached),
             None => {
                 let padding = input.attention_mask.map(|m| m.to_device(device));
                 build_mask(padding.as_ref(), past, seq, device)
             }
         };
-        for layer in &self.layers {
-            hidden = layer.forward(
-                &hidden,
-                &self.rotary,
-                &cos,
-                &sin,
-                &mask,
-                cache.as_deref_mut(),
-                train,
-            );
-        }
-        self.norm.forward(&hidden)
+        GlmLayerContext { cos, sin, mask }
     }
 }
 
@@ -146,7 +155,9 @@ impl GlmForCausalLM {
         let config = GlmConfig::from_pretrained(dir)?;
         let kind = match kind {
             Some(k) => k,
-            None => dtype_from_name(config.checkpoint_dtype().unwrap_or("float32"))
+            None => config
+                .checkpoint_dtype()
+                .and_then(TorchDtype::to_kind)
                 .unwrap_or(Kind::Float),
         };
         let mut model = Self::new(config, device, kind);
@@ -234,11 +245,7 @@ impl PreTrainedModel for GlmForCausalLM {
         std::fs::create_dir_all(dir)?;
         let mut config = serde_json::to_value(&self.config).map_err(std::io::Error::other)?;
         // Record the dtype the weights are saved in, under both spellings.
-        let dtype = match self.vs.kind() {
-            Kind::BFloat16 => "bfloat16",
-            Kind::Half => "float16",
-            _ => "float32",
-        };
+        let dtype = TorchDtype::from_kind(self.vs.kind()).as_str();
         config["torch_dtype"] = dtype.into();
         config["dtype"] = dtype.into();
         let text = serde_json::to_string_pretty(&config)? + "\n";
@@ -267,26 +274,7 @@ impl Checkpointable for GlmForCausalLM {
     }
 
     fn layer_context(&self, input: &CausalLMInput) -> GlmLayerContext {
-        let device = self.vs.device();
-        let (batch, seq) = input
-            .input_ids
-            .size2()
-            .expect("input_ids must be [batch, seq]");
-        let position_ids = match input.position_ids {
-            Some(p) => p.to_device(device),
-            None => Tensor::arange(seq, (Kind::Int64, device))
-                .unsqueeze(0)
-                .expand([batch, seq], false),
-        };
-        let (cos, sin) = self.model.rotary.cos_sin(&position_ids);
-        let mask = match input.seq_lens {
-            Some(lens) => AttentionMask::segments(lens, batch, seq, false),
-            None => {
-                let padding = input.attention_mask.map(|m| m.to_device(device));
-                build_mask(padding.as_ref(), 0, seq, device)
-            }
-        };
-        GlmLayerContext { cos, sin, mask }
+        self.model.layer_context(input, 0, false)
     }
 
     fn num_layers(&self) -> usize {
@@ -348,15 +336,5 @@ impl LoraModel for GlmForCausalLM {
         }
         out.push(("lm_head".to_string(), &mut self.lm_head));
         out
-    }
-}
-
-/// `--torch_dtype` names as transformers spells them.
-pub fn dtype_from_name(name: &str) -> Option<Kind> {
-    match name {
-        "bfloat16" | "bf16" => Some(Kind::BFloat16),
-        "float16" | "fp16" | "half" => Some(Kind::Half),
-        "float32" | "fp32" | "float" => Some(Kind::Float),
-        _ => None,
     }
 }

@@ -18,8 +18,9 @@
 //! floats the way Python's `str()` does (`['a', 1]`, `{'k': None}`, `1e+20`).
 
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use chrono::format::{Item, StrftimeItems};
+use chrono::{NaiveDateTime, TimeZone as _};
 use minijinja::value::{from_args, Kwargs, Rest, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior};
 use serde::Serialize;
@@ -111,13 +112,8 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 }
 
 /// `strftime_now(format)`: transformers calls `datetime.now().strftime(format)` (local time).
-fn strftime_now(format: String) -> Result<String, Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| Error::new(ErrorKind::InvalidOperation, "system clock is before 1970"))?
-        .as_secs() as i64;
-    let zone = local_zone_at(now);
-    Ok(strftime(format.as_str(), now + zone.offset_s, &zone))
+fn strftime_now(format: String) -> String {
+    python_strftime(&format, &chrono::Local::now().naive_local())
 }
 
 // ---------------------------------------------------------------------------
@@ -529,265 +525,91 @@ fn json_key(key: &Value) -> Result<String, Error> {
 }
 
 // ---------------------------------------------------------------------------
-// strftime over std time
+// strftime like CPython's datetime.strftime
 // ---------------------------------------------------------------------------
 
-/// The local UTC offset and zone abbreviation at some instant.
-#[derive(Debug, Clone, PartialEq)]
-struct Zone {
-    offset_s: i64,
-    abbrev: String,
-}
+/// Conversions glibc's `strftime` knows in the C locale; anything else is copied
+/// through unchanged, as glibc does (chrono knows a few more, such as `%q`, which
+/// CPython on glibc would print verbatim).
+const GLIBC_CONVERSIONS: &str = "aAbBcCdDeFgGhHIjklmMnpPrRStTuUVwWxXyY%";
 
-impl Zone {
-    fn utc() -> Self {
-        Zone {
-            offset_s: 0,
-            abbrev: "UTC".into(),
-        }
-    }
-}
-
-/// Local time zone at unix time `t`, from `$TZ` (a zoneinfo name or path) or
-/// `/etc/localtime`. Falls back to UTC when no TZif file can be read (e.g. a
-/// POSIX-rule `TZ` string). After the file's last transition the last listed
-/// offset is used (the footer's DST rule is not evaluated).
-fn local_zone_at(t: i64) -> Zone {
-    let path = match std::env::var("TZ") {
-        Ok(tz) if tz.is_empty() => return Zone::utc(),
-        Ok(tz) => {
-            let tz = tz.strip_prefix(':').unwrap_or(&tz).to_string();
-            if tz.starts_with('/') {
-                tz
-            } else {
-                format!("/usr/share/zoneinfo/{tz}")
-            }
-        }
-        Err(_) => "/etc/localtime".to_string(),
-    };
-    std::fs::read(path)
-        .ok()
-        .and_then(|bytes| parse_tzif(&bytes, t))
-        .unwrap_or_else(Zone::utc)
-}
-
-/// Minimal TZif (RFC 8536) reader: the offset in effect at unix time `t`.
-fn parse_tzif(b: &[u8], t: i64) -> Option<Zone> {
-    fn be32(b: &[u8], at: usize) -> Option<i64> {
-        Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?) as i64)
-    }
-    fn be64(b: &[u8], at: usize) -> Option<i64> {
-        Some(i64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
-    }
-    struct Header {
-        isutcnt: usize,
-        isstdcnt: usize,
-        leapcnt: usize,
-        timecnt: usize,
-        typecnt: usize,
-        charcnt: usize,
-    }
-    let header = |at: usize| -> Option<Header> {
-        if b.get(at..at + 4)? != b"TZif" {
-            return None;
-        }
-        let c = |i: usize| be32(b, at + 20 + 4 * i).map(|v| v as usize);
-        Some(Header {
-            isutcnt: c(0)?,
-            isstdcnt: c(1)?,
-            leapcnt: c(2)?,
-            timecnt: c(3)?,
-            typecnt: c(4)?,
-            charcnt: c(5)?,
-        })
-    };
-    let h1 = header(0)?;
-    let version = *b.get(4)?;
-    // Version 2+ files repeat the data with 64-bit times after the v1 block.
-    let (h, start, tsize) = if version >= b'2' {
-        let v1_len = h1.timecnt * 5
-            + h1.typecnt * 6
-            + h1.charcnt
-            + h1.leapcnt * 8
-            + h1.isstdcnt
-            + h1.isutcnt;
-        let at = 44 + v1_len;
-        (header(at)?, at + 44, 8)
-    } else {
-        (h1, 44, 4)
-    };
-    if h.typecnt == 0 {
-        return None;
-    }
-    let times_at = start;
-    let idx_at = times_at + h.timecnt * tsize;
-    let types_at = idx_at + h.timecnt;
-    let chars_at = types_at + h.typecnt * 6;
-    let mut type_idx = 0usize;
-    for i in 0..h.timecnt {
-        let tt = if tsize == 8 {
-            be64(b, times_at + 8 * i)?
-        } else {
-            be32(b, times_at + 4 * i)?
-        };
-        if tt > t {
-            break;
-        }
-        type_idx = *b.get(idx_at + i)? as usize;
-    }
-    if type_idx >= h.typecnt {
-        return None;
-    }
-    let rec = types_at + 6 * type_idx;
-    let offset_s = be32(b, rec)?;
-    let abbr_i = *b.get(rec + 5)? as usize;
-    let chars = b.get(chars_at..chars_at + h.charcnt)?;
-    let abbrev = chars
-        .get(abbr_i..)
-        .and_then(|s| s.split(|&c| c == 0).next())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .unwrap_or_default();
-    Some(Zone { offset_s, abbrev })
-}
-
-/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
-
-/// C-locale `strftime` of local seconds `local` (unix time shifted by the zone offset).
+/// `datetime.strftime(format)` of a naive local datetime, as CPython on glibc
+/// prints it in the C locale.
 ///
-/// Supports %Y %y %C %m %d %e %H %I %M %S %p %B %b %h %A %a %j %w %u %F %T %D %R
-/// %z %Z %s %n %t %% and glibc's `%-X` (no padding) flag. Unknown specifiers are
-/// copied through unchanged, as glibc does.
-fn strftime(format: &str, local: i64, zone: &Zone) -> String {
-    let days = local.div_euclid(86_400);
-    let secs = local.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    let (hour, minute, second) = (secs / 3600, (secs / 60) % 60, secs % 60);
-    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let yday = days - days_from_civil(year, 1, 1) + 1;
-    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
-
-    let mut out = String::new();
-    let mut chars = format.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
+/// CPython handles `%f` itself and prints nothing for `%z`/`%Z` (a naive datetime
+/// has no zone); every other directive goes to glibc, which accepts the flags
+/// `-` (no padding), `_` (space padding), `0` (zero padding) and `^` (upper case),
+/// and ignores the `E`/`O` modifiers in the C locale.
+fn python_strftime(format: &str, t: &NaiveDateTime) -> String {
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut rest = format;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let directive = directive_len(rest);
+        let (text, len) = match directive {
+            Some(len) => (format_directive(&rest[..len], t), len),
+            None => (None, 1),
+        };
+        match text {
+            Some(text) => out.push_str(&text),
+            None => out.push_str(&rest[..len]),
         }
-        let no_pad = chars.peek() == Some(&'-');
-        if no_pad {
-            chars.next();
-        }
-        let Some(spec) = chars.next() else {
-            out.push('%');
-            if no_pad {
-                out.push('-');
-            }
-            break;
-        };
-        let num = |v: i64, width: usize| {
-            if no_pad {
-                v.to_string()
-            } else {
-                format!("{v:0width$}")
-            }
-        };
-        let s = match spec {
-            'Y' => year.to_string(),
-            'y' => num(year.rem_euclid(100), 2),
-            'C' => num(year.div_euclid(100), 2),
-            'm' => num(month as i64, 2),
-            'd' => num(day as i64, 2),
-            'e' => {
-                if no_pad {
-                    day.to_string()
-                } else {
-                    format!("{day:>2}")
-                }
-            }
-            'H' => num(hour, 2),
-            'I' => num(hour12, 2),
-            'M' => num(minute, 2),
-            'S' => num(second, 2),
-            'j' => num(yday, 3),
-            'p' => (if hour < 12 { "AM" } else { "PM" }).to_string(),
-            'B' => MONTHS[month as usize - 1].to_string(),
-            'b' | 'h' => MONTHS[month as usize - 1][..3].to_string(),
-            'A' => WEEKDAYS[weekday].to_string(),
-            'a' => WEEKDAYS[weekday][..3].to_string(),
-            'w' => weekday.to_string(),
-            'u' => (if weekday == 0 { 7 } else { weekday }).to_string(),
-            'F' => format!("{year}-{month:02}-{day:02}"),
-            'T' => format!("{hour:02}:{minute:02}:{second:02}"),
-            'R' => format!("{hour:02}:{minute:02}"),
-            'D' => format!("{month:02}/{day:02}/{:02}", year.rem_euclid(100)),
-            'z' => {
-                let o = zone.offset_s;
-                let sign = if o < 0 { '-' } else { '+' };
-                format!("{sign}{:02}{:02}", o.abs() / 3600, (o.abs() / 60) % 60)
-            }
-            'Z' => zone.abbrev.clone(),
-            's' => (local - zone.offset_s).to_string(),
-            'n' => "\n".to_string(),
-            't' => "\t".to_string(),
-            '%' => "%".to_string(),
-            other => {
-                if no_pad {
-                    format!("%-{other}")
-                } else {
-                    format!("%{other}")
-                }
-            }
-        };
-        out.push_str(&s);
+        rest = &rest[len..];
     }
+    out.push_str(rest);
     out
 }
 
-/// Days since 1970-01-01 of a civil date (inverse of [`civil_from_days`]).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Byte length of the directive at the start of `s` (which begins with `%`):
+/// `%`, an optional flag, an optional `E`/`O`, one conversion character.
+fn directive_len(s: &str) -> Option<usize> {
+    let mut len = 1;
+    let bytes = s.as_bytes();
+    if matches!(bytes.get(len), Some(b'-' | b'_' | b'0' | b'^')) {
+        len += 1;
+    }
+    if matches!(bytes.get(len), Some(b'E' | b'O')) {
+        len += 1;
+    }
+    let c = s[len..].chars().next()?;
+    Some(len + c.len_utf8())
+}
+
+/// One directive, or `None` when glibc would copy it through.
+fn format_directive(directive: &str, t: &NaiveDateTime) -> Option<String> {
+    let conversion = directive.chars().last()?;
+    let flag = directive[1..]
+        .chars()
+        .next()
+        .filter(|c| "-_0^".contains(*c));
+    match conversion {
+        'z' | 'Z' => return Some(String::new()),
+        'f' => return Some(format!("{:06}", t.and_utc().timestamp_subsec_micros())),
+        // glibc's mktime: the naive datetime read as local time.
+        's' => {
+            return chrono::Local
+                .from_local_datetime(t)
+                .earliest()
+                .map(|d| d.timestamp().to_string())
+        }
+        c if !GLIBC_CONVERSIONS.contains(c) => return None,
+        _ => {}
+    }
+    let chrono_spec = match flag {
+        Some(f @ ('-' | '_' | '0')) => format!("%{f}{conversion}"),
+        _ => format!("%{conversion}"),
+    };
+    let items: Vec<Item<'_>> = StrftimeItems::new(&chrono_spec).collect();
+    if items.iter().any(|i| matches!(i, Item::Error)) {
+        return None;
+    }
+    let mut text = String::new();
+    write!(text, "{}", t.format_with_items(items.into_iter())).ok()?;
+    if flag == Some('^') {
+        text = text.to_uppercase();
+    }
+    Some(text)
 }
 
 #[cfg(test)]
@@ -926,28 +748,36 @@ mod tests {
         assert_eq!(parts[3], "%Q");
     }
 
+    /// `tests/fixtures/strftime.json` (scripts/make_strftime_fixture.py): what
+    /// Python's `datetime.strftime` prints at fixed instants.
     #[test]
-    fn strftime_known_instant() {
-        // python3 -c 'import datetime; print(datetime.datetime(2024, 7, 26, 15, 4, 5).strftime("%Y %y %m %d %H %I %M %S %p %B %b %A %a %j %-d %e %F %T %%"))'
-        let t = days_from_civil(2024, 7, 26) * 86_400 + 15 * 3600 + 4 * 60 + 5;
-        assert_eq!(
-            strftime(
-                "%Y %y %m %d %H %I %M %S %p %B %b %A %a %j %-d %e %F %T %%",
-                t,
-                &Zone::utc()
-            ),
-            "2024 24 07 26 15 03 04 05 PM July Jul Friday Fri 208 26 26 2024-07-26 15:04:05 %"
+    fn strftime_matches_python_at_fixed_instants() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/strftime.json"
         );
-        // python3 -c 'import datetime; print(datetime.datetime(2000, 1, 1, 0, 30).strftime("%I %p %j %a %w"))'
-        let t = days_from_civil(2000, 1, 1) * 86_400 + 30 * 60;
-        assert_eq!(
-            strftime("%I %p %j %a %w", t, &Zone::utc()),
-            "12 AM 001 Sat 6"
-        );
-        assert_eq!(
-            civil_from_days(days_from_civil(1969, 12, 31)),
-            (1969, 12, 31)
-        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        assert!(cases.len() > 100);
+        for case in cases {
+            let t: NaiveDateTime = case["datetime"].as_str().unwrap().parse().unwrap();
+            let format = case["format"].as_str().unwrap();
+            assert_eq!(
+                python_strftime(format, &t),
+                case["output"].as_str().unwrap(),
+                "{t} {format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn strftime_odd_formats_do_not_panic() {
+        let t: NaiveDateTime = "2024-07-26T15:04:05".parse().unwrap();
+        // Python: '%', 'abc%', '%-', '%E'
+        for (format, python) in [("%", "%"), ("abc%", "abc%"), ("%-", "%-"), ("%E", "%E")] {
+            assert_eq!(python_strftime(format, &t), python);
+        }
+        assert_eq!(python_strftime("%-é%_", &t), "%-é%_");
     }
 
     // ---- Jinja2 semantics ----

@@ -3,8 +3,31 @@
 
 use crate::modeling::{CausalLM, CausalLMInput};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
+
+/// Errors from [`generate`] and [`GenerationConfig::from_pretrained`].
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    #[error(
+        "input_ids must be a [batch, seq] tensor with at least one token per row, got shape {0:?}"
+    )]
+    InputShape(Vec<i64>),
+    #[error("attention_mask has shape {mask:?}, but input_ids has shape {input:?}: pass one mask value per token")]
+    MaskShape { mask: Vec<i64>, input: Vec<i64> },
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a valid generation config: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// Decoding settings, with transformers' `GenerationConfig` names and defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,16 +86,18 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Er
 
 impl GenerationConfig {
     /// Reads `generation_config.json` from a model directory; unknown keys are ignored.
-    pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Option<Self>, String> {
+    pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Option<Self>, GenerationError> {
         let path = dir.as_ref().join("generation_config.json");
         if !path.exists() {
             return Ok(None);
         }
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(source) => return Err(GenerationError::Read { path, source }),
+        };
         serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|source| GenerationError::Parse { path, source })
     }
 
     /// How many new tokens a prompt of `prompt_len` may receive.
@@ -95,12 +120,18 @@ pub fn position_ids_from_mask(attention_mask: &Tensor) -> Tensor {
     pos.masked_fill(&attention_mask.eq(0), 0)
 }
 
+/// Called after each decoding step of [`generate`] with the new token of every row.
+pub type OnStep<'a> = &'a mut dyn FnMut(&[i64]);
+
 /// Applies repetition penalty, then (when sampling) temperature, top-k and top-p
 /// to next-token scores, in the order transformers' logits processors run.
 ///
 /// # Shapes
 /// `scores`: `[batch, vocab]` fp32; `sequences`: `[batch, seq]` int64 (prompt,
 /// padding included, plus everything generated so far).
+// `scores /= t` would divide the caller's tensor in place (`scores` may still be
+// its shallow clone).
+#[allow(clippy::assign_op_pattern)]
 pub fn process_logits(scores: &Tensor, sequences: &Tensor, cfg: &GenerationConfig) -> Tensor {
     let mut scores = scores.shallow_clone();
     if cfg.repetition_penalty != 1.0 {
@@ -149,17 +180,28 @@ pub struct GenerateOutput {
 /// (rows that already finished get the pad token) — a chat CLI streams from it.
 ///
 /// # Shapes
-/// `input_ids`, `attention_mask`: `[batch, prompt]` int64.
+/// `input_ids`, `attention_mask`: `[batch, prompt]` int64, `batch` and `prompt` ≥ 1.
 pub fn generate(
     model: &dyn CausalLM,
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
     cfg: &GenerationConfig,
-    mut on_step: Option<&mut dyn FnMut(&[i64])>,
-) -> GenerateOutput {
+    mut on_step: Option<OnStep<'_>>,
+) -> Result<GenerateOutput, GenerationError> {
     let _guard = tch::no_grad_guard();
     let device = model.device();
-    let (batch, prompt_len) = input_ids.size2().expect("input_ids must be [batch, seq]");
+    let (batch, prompt_len) = match input_ids.size()[..] {
+        [batch, len] if batch > 0 && len > 0 => (batch, len),
+        _ => return Err(GenerationError::InputShape(input_ids.size())),
+    };
+    if let Some(m) = attention_mask {
+        if m.size() != input_ids.size() {
+            return Err(GenerationError::MaskShape {
+                mask: m.size(),
+                input: input_ids.size(),
+            });
+        }
+    }
     let input_ids = input_ids.to_device(device);
     let mut mask = match attention_mask {
         Some(m) => m.to_device(device).to_kind(Kind::Int64),
@@ -213,7 +255,7 @@ pub fn generate(
                 .unsqueeze(1)
                 .eq_tensor(&eos.unsqueeze(0))
                 .any_dim(1, false);
-            unfinished = unfinished * hit.logical_not().to_kind(Kind::Int64);
+            unfinished *= hit.logical_not().to_kind(Kind::Int64);
         }
         if unfinished.max().int64_value(&[]) == 0 {
             break;
@@ -225,8 +267,8 @@ pub fn generate(
         positions = positions.narrow(1, positions.size()[1] - 1, 1) + 1;
         step_ids = next.unsqueeze(1);
     }
-    GenerateOutput {
+    Ok(GenerateOutput {
         sequences,
         new_tokens,
-    }
+    })
 }

@@ -1,7 +1,6 @@
 //! Building blocks a model shares with the trainer: a `Linear` layer that can
 //! carry a LoRA adapter (PEFT's `LoraLayer` wrapping `nn.Linear`).
 
-use crate::peft::LoraLayer;
 use tch::{nn, Tensor};
 
 /// A dense layer `y = x Wᵀ + b` with HF parameter names (`weight` `[out, in]`,
@@ -46,5 +45,36 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.forward_t(x, false)
+    }
+}
+
+/// One adapter on one linear layer.
+///
+/// # Shapes
+/// `lora_a`: `[r, in]`, `lora_b`: `[out, r]` (both fp32 by default).
+#[derive(Debug)]
+pub struct LoraLayer {
+    pub lora_a: Tensor,
+    pub lora_b: Tensor,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraLayer {
+    /// `base + scaling · B(A(dropout(x)))`, computed in the adapter dtype and cast
+    /// back to the base output's dtype (PEFT casts the input to the adapter dtype,
+    /// adds, and returns the base result dtype).
+    pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
+        let x = x.to_kind(self.lora_a.kind());
+        let x = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x
+        };
+        let delta = x
+            .linear::<Tensor>(&self.lora_a, None)
+            .linear::<Tensor>(&self.lora_b, None)
+            * self.scaling;
+        (base + delta).to_kind(base.kind())
     }
 }

@@ -8,7 +8,9 @@
 //! `base_model.model.<module>.lora_A.weight` / `lora_B.weight`) plus
 //! `adapter_config.json`, which `PeftModel.from_pretrained` opens.
 
+// Re-exported: the adapter type lives beside the layer that carries it.
 use crate::nn::Linear;
+pub use crate::nn::LoraLayer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -321,37 +323,6 @@ impl LoraConfig {
             "use_dora": false,
             "use_rslora": self.use_rslora,
         })
-    }
-}
-
-/// One adapter on one linear layer.
-///
-/// # Shapes
-/// `lora_a`: `[r, in]`, `lora_b`: `[out, r]` (both fp32 by default).
-#[derive(Debug)]
-pub struct LoraLayer {
-    pub lora_a: Tensor,
-    pub lora_b: Tensor,
-    pub scaling: f64,
-    pub dropout: f64,
-}
-
-impl LoraLayer {
-    /// `base + scaling · B(A(dropout(x)))`, computed in the adapter dtype and cast
-    /// back to the base output's dtype (PEFT casts the input to the adapter dtype,
-    /// adds, and returns the base result dtype).
-    pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
-        let x = x.to_kind(self.lora_a.kind());
-        let x = if train && self.dropout > 0.0 {
-            x.dropout(self.dropout, true)
-        } else {
-            x
-        };
-        let delta = x
-            .linear::<Tensor>(&self.lora_a, None)
-            .linear::<Tensor>(&self.lora_b, None)
-            * self.scaling;
-        (base + delta).to_kind(base.kind())
     }
 }
 

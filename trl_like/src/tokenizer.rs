@@ -10,10 +10,13 @@ use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
 use tch::{Device, Tensor};
-use tokenizers::models::ModelWrapper;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, Tokenizer,
+};
 
 use crate::chat_template::{json_dumps, ChatTemplate, ChatTemplateError, JsonDumpsOptions};
+use crate::config::UnknownChoice;
 
 /// Named special-token attributes, in transformers' `SPECIAL_TOKENS_ATTRIBUTES` order.
 const SPECIAL_TOKEN_ATTRS: [&str; 7] = [
@@ -107,14 +110,12 @@ impl PaddingSide {
 }
 
 impl std::str::FromStr for PaddingSide {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownChoice;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownChoice> {
         match s {
             "left" => Ok(PaddingSide::Left),
             "right" => Ok(PaddingSide::Right),
-            other => Err(format!(
-                "padding_side must be \"left\" or \"right\", got {other:?}"
-            )),
+            other => Err(UnknownChoice::new(other, &["left", "right"])),
         }
     }
 }
@@ -590,7 +591,9 @@ impl PreTrainedTokenizer {
         }
 
         let padding_side = match config.get("padding_side") {
-            Some(Value::String(s)) => s.parse().map_err(|e: String| invalid(&cfg_path, e))?,
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e: UnknownChoice| invalid(&cfg_path, format!("padding_side: {e}")))?,
             Some(Value::Null) | None => match &saved_padding {
                 Some(p) if matches!(p.direction, tokenizers::PaddingDirection::Left) => {
                     PaddingSide::Left
@@ -1214,21 +1217,41 @@ fn to_u32(ids: &[i64]) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// The backend's own stream over this crate's tokenizer type.
+type BackendStream<'a> = tokenizers::DecodeStream<
+    'a,
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
 /// Incremental detokenizer for streaming generation output (transformers'
-/// `TextStreamer` / tokenizers' `DecodeStream`).
+/// `TextStreamer`), over tokenizers' `DecodeStream`: each token is decoded once
+/// with a small window of left context, and text is held back while it ends in
+/// an incomplete UTF-8 character.
 ///
-/// Decoding token by token is wrong for byte-level BPE (a character can span
-/// tokens) and for decoders that depend on neighbours (leading-space rules), so
-/// the text of a small window of ids is decoded and only the growth past the
-/// previously emitted part is returned, holding back while the tail is an
-/// incomplete UTF-8 character (decoded as U+FFFD).
-#[derive(Debug)]
+/// Emits the decoder's output verbatim: `clean_up_tokenization_spaces` (which
+/// [`PreTrainedTokenizer::decode`] honours for non-BPE models only) is not applied.
 pub struct DecodeStream<'a> {
     tokenizer: &'a PreTrainedTokenizer,
     skip_special_tokens: bool,
-    /// Ids since `prefix_start`; `ids[..read]` have been emitted.
-    ids: Vec<i64>,
-    read: usize,
+    inner: BackendStream<'a>,
+    /// Ids fed since text was last emitted (an incomplete character, or skipped
+    /// special tokens), for [`finish`](Self::finish).
+    pending: Vec<u32>,
+    /// The id that completed the last emitted text: left context for `finish`.
+    context: Option<u32>,
+}
+
+impl std::fmt::Debug for DecodeStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodeStream")
+            .field("skip_special_tokens", &self.skip_special_tokens)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> DecodeStream<'a> {
@@ -1237,56 +1260,57 @@ impl<'a> DecodeStream<'a> {
         Self {
             tokenizer,
             skip_special_tokens,
-            ids: Vec::new(),
-            read: 0,
+            inner: tokenizer.tokenizer.decode_stream(skip_special_tokens),
+            pending: Vec::new(),
+            context: None,
         }
     }
 
     /// Feeds one token id; returns the text it completes, if any.
     pub fn step(&mut self, id: i64) -> Result<Option<String>> {
-        if u32::try_from(id).is_err() {
-            return Err(TokenizerError::InvalidTokenId(id));
+        let id = u32::try_from(id).map_err(|_| TokenizerError::InvalidTokenId(id))?;
+        self.pending.push(id);
+        let text = self.inner.step(id).map_err(|e| TokenizerError::Backend {
+            context: "decode".into(),
+            message: e.to_string(),
+        })?;
+        if text.is_some() {
+            self.pending.clear();
+            self.context = Some(id);
         }
-        self.ids.push(id);
-        self.emit(false)
+        Ok(text)
     }
 
     /// Flushes whatever is held back (an incomplete character comes out as U+FFFD)
     /// and resets the stream.
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let out = self.emit(true)?;
-        self.ids.clear();
-        self.read = 0;
-        Ok(out)
-    }
-
-    fn emit(&mut self, flush: bool) -> Result<Option<String>> {
-        let skip = self.skip_special_tokens;
-        // The already-emitted ids stay as left context so the decoder sees the same
-        // neighbours as a full decode would.
-        let prefix = self.tokenizer.decode(&self.ids[..self.read], skip)?;
-        let full = self.tokenizer.decode(&self.ids, skip)?;
-        if full.len() <= prefix.len() || (!flush && full.ends_with('\u{FFFD}')) {
+        let pending = std::mem::take(&mut self.pending);
+        let context = self.context.take();
+        self.inner = self
+            .tokenizer
+            .tokenizer
+            .decode_stream(self.skip_special_tokens);
+        if pending.is_empty() {
             return Ok(None);
         }
-        let new_text = match full.strip_prefix(prefix.as_str()) {
-            Some(rest) => rest.to_string(),
-            // A decoder rewrote the context; emit past the common part.
-            None => {
-                let common = full
-                    .char_indices()
-                    .zip(prefix.chars())
-                    .take_while(|((_, a), b)| a == b)
-                    .last()
-                    .map_or(0, |((i, c), _)| i + c.len_utf8());
-                full[common..].to_string()
-            }
+        let decode = |ids: &[u32]| {
+            self.tokenizer
+                .tokenizer
+                .decode(ids, self.skip_special_tokens)
+                .map_err(|e| TokenizerError::Backend {
+                    context: "decode".into(),
+                    message: e.to_string(),
+                })
         };
-        // Keep only the newest emitted token as context for the next step.
-        let keep_from = self.ids.len().saturating_sub(1);
-        self.ids.drain(..keep_from);
-        self.read = self.ids.len();
-        Ok(Some(new_text))
+        let prefix = decode(context.as_slice())?;
+        let with_context: Vec<u32> = context.into_iter().chain(pending.iter().copied()).collect();
+        let full = decode(&with_context)?;
+        let rest = match full.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest.to_string(),
+            // A decoder rewrote the context: the pending ids on their own.
+            None => decode(&pending)?,
+        };
+        Ok((!rest.is_empty()).then_some(rest))
     }
 }
 
@@ -1432,29 +1456,35 @@ mod tests {
     #[test]
     fn decode_stream_matches_full_decode() {
         let Some(t) = tiny() else { return };
+        let mut flushed_partial = 0;
         for text in [
             "Hello, 世界! 🎉 résumé\n  indented",
             "[gMASK]<sop><|user|>\n你好",
         ] {
-            let ids = t.encode(text, false).unwrap();
-            for skip in [false, true] {
-                let mut stream = t.decode_stream(skip);
-                let mut out = String::new();
-                for &id in &ids {
-                    if let Some(piece) = stream.step(id).unwrap() {
-                        assert!(
-                            !piece.contains('\u{FFFD}'),
-                            "partial character leaked: {piece:?}"
-                        );
-                        out.push_str(&piece);
+            let all_ids = t.encode(text, false).unwrap();
+            // Every prefix: those that end inside a character make `finish` flush it.
+            for ids in (1..=all_ids.len()).map(|n| &all_ids[..n]) {
+                for skip in [false, true] {
+                    let mut stream = t.decode_stream(skip);
+                    let mut out = String::new();
+                    for &id in ids {
+                        if let Some(piece) = stream.step(id).unwrap() {
+                            assert!(
+                                !piece.contains('\u{FFFD}'),
+                                "partial character leaked: {piece:?}"
+                            );
+                            out.push_str(&piece);
+                        }
                     }
+                    if let Some(rest) = stream.finish().unwrap() {
+                        flushed_partial += usize::from(rest.ends_with('\u{FFFD}'));
+                        out.push_str(&rest);
+                    }
+                    assert_eq!(out, t.decode(ids, skip).unwrap());
                 }
-                if let Some(rest) = stream.finish().unwrap() {
-                    out.push_str(&rest);
-                }
-                assert_eq!(out, t.decode(&ids, skip).unwrap());
             }
         }
+        assert!(flushed_partial > 0, "no prefix ended inside a character");
     }
 
     #[test]

@@ -1,24 +1,12 @@
 //! `DataArguments`: the tutorial's `DataTrainingArguments` (which data files
 //! to read, in what shape, and how much to hold out for evaluation).
 
-use super::{ConfigError, ConfigGroup, FieldSpec};
+use super::{ConfigError, ConfigGroup, ConfigValue, FieldSpec, FieldType, ValueKind};
+pub use crate::data::DatasetFormat;
 
-config_enum! {
-    /// The layout of the records in the data files.
-    pub enum DatasetFormat {
-        /// Detect from the first record's keys.
-        Auto = "auto",
-        /// `instruction` / `input` / `output` (optionally `system`, `history`).
-        Alpaca = "alpaca",
-        /// `conversations: [{from, value}]` (optionally `tools`, `system`).
-        Sharegpt = "sharegpt",
-        /// `messages: [{role, content}]`, the chat-template format.
-        Messages = "messages",
-        /// A plain text column (`dataset_text_field`).
-        Text = "text",
-        /// `prompt` / `completion`.
-        PromptCompletion = "prompt_completion",
-    }
+impl ConfigValue for DatasetFormat {
+    // `tokenized` is only ever detected, never asked for.
+    const TYPE: FieldType = FieldType::required(ValueKind::Enum(DatasetFormat::CHOICES));
 }
 
 config_struct! {

@@ -124,11 +124,11 @@ macro_rules! config_enum {
         }
 
         impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
+            type Err = $crate::config::UnknownChoice;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
                 match s {
                     $($s => Ok(Self::$variant),)+
-                    _ => Err(format!("expected one of {}, got {s:?}", Self::CHOICES.join(", "))),
+                    _ => Err($crate::config::UnknownChoice::new(s, Self::CHOICES)),
                 }
             }
         }
@@ -152,6 +152,24 @@ pub use sft::{
     IntervalStrategy, LossType, OptimizerName, PackingStrategy, ResumeFrom, SFTConfig,
     SamplingStrategy, SaveStrategy, SchedulerType, TruncationMode,
 };
+
+/// A string that names none of an enum setting's choices (`FromStr` of the
+/// setting enums).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected one of {}, got {value:?}", choices.join(", "))]
+pub struct UnknownChoice {
+    pub value: String,
+    pub choices: &'static [&'static str],
+}
+
+impl UnknownChoice {
+    pub fn new(value: &str, choices: &'static [&'static str]) -> Self {
+        Self {
+            value: value.to_string(),
+            choices,
+        }
+    }
+}
 
 /// The kind of value a field holds, as the parser sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,6 +19,42 @@ config_enum! {
     }
 }
 
+impl TorchDtype {
+    /// A dtype name as transformers accepts it: one of [`CHOICES`](Self::CHOICES) or
+    /// a short spelling found in checkpoints and scripts (`bf16`, `fp16`, `half`,
+    /// `fp32`, `float`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "auto" => Self::Auto,
+            "bfloat16" | "bf16" => Self::Bfloat16,
+            "float16" | "fp16" | "half" => Self::Float16,
+            "float32" | "fp32" | "float" => Self::Float32,
+            _ => return None,
+        })
+    }
+
+    /// The libtorch element type; `None` for `auto`, which the loader resolves
+    /// (from the checkpoint, the device, ...).
+    pub fn to_kind(self) -> Option<tch::Kind> {
+        match self {
+            Self::Auto => None,
+            Self::Bfloat16 => Some(tch::Kind::BFloat16),
+            Self::Float16 => Some(tch::Kind::Half),
+            Self::Float32 => Some(tch::Kind::Float),
+        }
+    }
+
+    /// The name `config.json` records for weights of `kind` (float32 for any kind
+    /// other than bfloat16 and float16).
+    pub fn from_kind(kind: tch::Kind) -> Self {
+        match kind {
+            tch::Kind::BFloat16 => Self::Bfloat16,
+            tch::Kind::Half => Self::Float16,
+            _ => Self::Float32,
+        }
+    }
+}
+
 config_enum! {
     /// 4-bit quantization data type (bitsandbytes).
     pub enum Bnb4bitQuantType {

@@ -85,6 +85,13 @@ config_enum! {
     }
 }
 
+impl Default for TruncationMode {
+    /// TRL's default.
+    fn default() -> Self {
+        Self::KeepStart
+    }
+}
+
 config_enum! {
     /// How sequences are packed into `max_length` blocks when `packing` is on.
     pub enum PackingStrategy {

@@ -8,40 +8,74 @@
 //! - `text`: a ready `text` field. `prompt_completion`: `prompt` + `completion`.
 
 use super::{DataError, Record};
+use crate::config::UnknownChoice;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-/// `--dataset_format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl std::fmt::Display for DatasetFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DatasetFormat {
+    type Err = UnknownChoice;
+    /// One of [`CHOICES`](Self::CHOICES), or `tokenized`.
+    fn from_str(s: &str) -> Result<Self, UnknownChoice> {
+        if s == "tokenized" {
+            return Ok(Self::Tokenized);
+        }
+        Self::CHOICES
+            .iter()
+            .position(|c| *c == s)
+            .map(|i| ALL[i])
+            .ok_or_else(|| UnknownChoice::new(s, Self::CHOICES))
+    }
+}
+
+/// The variants in the order of [`DatasetFormat::CHOICES`].
+const ALL: [DatasetFormat; 6] = [
+    DatasetFormat::Auto,
+    DatasetFormat::Alpaca,
+    DatasetFormat::Sharegpt,
+    DatasetFormat::Messages,
+    DatasetFormat::Text,
+    DatasetFormat::PromptCompletion,
+];
+
+/// The layout of the records in the data files (`--dataset_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DatasetFormat {
+    /// Detect from the first record's keys.
     Auto,
+    /// `instruction` / `input` / `output` (optionally `system`, `history`).
     Alpaca,
+    /// `conversations: [{from, value}]` (optionally `tools`, `system`).
     Sharegpt,
+    /// `messages: [{role, content}]`, the chat-template format.
     Messages,
+    /// A plain text column (`dataset_text_field`).
     Text,
+    /// `prompt` / `completion`.
     PromptCompletion,
-    /// Records that carry `input_ids` (and optionally `labels`).
+    /// Records that carry `input_ids` (and optionally `labels`); detected, not a choice.
     Tokenized,
 }
 
 impl DatasetFormat {
-    pub fn parse(name: &str) -> Result<Self, String> {
-        Ok(match name {
-            "auto" => Self::Auto,
-            "alpaca" => Self::Alpaca,
-            "sharegpt" => Self::Sharegpt,
-            "messages" => Self::Messages,
-            "text" => Self::Text,
-            "prompt_completion" => Self::PromptCompletion,
-            "tokenized" => Self::Tokenized,
-            other => {
-                return Err(format!(
-                    "unknown dataset_format {other:?} (expected auto, alpaca, sharegpt, messages, text or prompt_completion)"
-                ))
-            }
-        })
-    }
+    /// The formats a user can ask for (`--dataset_format`, YAML).
+    pub const CHOICES: &'static [&'static str] = &[
+        "auto",
+        "alpaca",
+        "sharegpt",
+        "messages",
+        "text",
+        "prompt_completion",
+    ];
 
-    pub fn name(self) -> &'static str {
+    /// The name used in YAML files and on the command line.
+    pub fn as_str(&self) -> &'static str {
         match self {
             Self::Auto => "auto",
             Self::Alpaca => "alpaca",
@@ -51,6 +85,11 @@ impl DatasetFormat {
             Self::PromptCompletion => "prompt_completion",
             Self::Tokenized => "tokenized",
         }
+    }
+
+    /// Same as [`as_str`](Self::as_str).
+    pub fn name(self) -> &'static str {
+        self.as_str()
     }
 
     /// Picks the format from the fields of a record.
@@ -230,8 +269,7 @@ pub fn to_example(
             };
             let mut messages = Vec::with_capacity(list.len());
             for (i, m) in list.iter().enumerate() {
-                let ok =
-                    m.get("role").map_or(false, Value::is_string) && m.get("content").is_some();
+                let ok = m.get("role").is_some_and(Value::is_string) && m.get("content").is_some();
                 if !ok {
                     return Err(bad(format!(
                         "messages[{i}] needs a string \"role\" and a \"content\""

@@ -22,12 +22,7 @@ use std::path::Path;
 /// Label value of positions that take no loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TruncationMode {
-    #[default]
-    KeepStart,
-    KeepEnd,
-}
+pub use crate::config::TruncationMode;
 
 /// The SFTConfig fields that shape tokenization.
 #[derive(Debug, Clone, Default)]

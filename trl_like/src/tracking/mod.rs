@@ -23,6 +23,7 @@ mod font;
 mod jsonl;
 mod plot;
 mod raster;
+mod scene;
 mod tensorboard;
 
 use std::path::{Path, PathBuf};

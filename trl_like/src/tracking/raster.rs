@@ -6,7 +6,7 @@
 use std::io::Write;
 
 use super::font;
-use super::plot::{Anchor, Rgb, Scene, Shape, TextMetrics, TextRole};
+use super::scene::{Anchor, Rgb, Scene, Shape, TextMetrics, TextRole};
 
 /// Samples per pixel along each axis.
 const SS: usize = 3;
@@ -274,24 +274,14 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     let start = out.len();
     out.extend_from_slice(kind);
     out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
+    out.extend_from_slice(&crc32(&out[start..]).to_be_bytes());
 }
 
-/// CRC-32 (ISO-HDLC, the zlib/PNG one), bitwise: PNG chunks are few.
+/// CRC-32 (ISO-HDLC, the zlib/PNG one), from the crc32fast that flate2 links.
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    crc.sum()
 }
 
 #[cfg(test)]

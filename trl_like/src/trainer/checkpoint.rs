@@ -295,7 +295,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     ) -> Result<(), TrainerError> {
         let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
         let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE))
-            .map_err(TrainerError::Checkpoint)?;
+            .map_err(|e| TrainerError::Checkpoint(e.to_string()))?;
         if let Some(now) = &self.run_record {
             let messages = super::output_dir::check_resume(dir, &self.args, now)?;
             if self.is_world_process_zero() {

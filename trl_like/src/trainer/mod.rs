@@ -40,9 +40,10 @@ pub use hooks::{LossOutput, TrainingHooks};
 pub use loss::LOSS_CHUNK_TOKENS;
 pub use packing::prepare_and_pack;
 pub use sft::{
-    prepare_dataset, FormattingFunc, PrepareStats, SFTHooks, SFTTrainer, SFTTrainerBuilder,
+    prepare_dataset, FormattingError, FormattingFunc, PrepareStats, SFTHooks, SFTTrainer,
+    SFTTrainerBuilder,
 };
-pub use state::{TrainerControl, TrainerState};
+pub use state::{StateFileError, TrainerControl, TrainerState};
 
 use crate::config::SFTConfig;
 use crate::distributed::ProcessGroup;

@@ -11,7 +11,7 @@ use crate::data::tokenize::{
 };
 use crate::data::{
     collate_with, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions,
-    TokenizedExample, TruncationMode,
+    TokenizedExample,
 };
 use crate::modeling::{CausalLMInput, PreTrainedModel};
 use crate::peft::{LoraConfig, PeftAdapter};
@@ -20,7 +20,11 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 /// Turns a raw record into the text to train on (the tutorial's `formatting_func`).
-pub type FormattingFunc = Box<dyn Fn(&Value) -> Result<String, String>>;
+pub type FormattingFunc = Box<dyn Fn(&Value) -> Result<String, FormattingError>>;
+
+/// Why a [`FormattingFunc`] could not format a record (any error; its message
+/// is reported with the record's file and line).
+pub type FormattingError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `SFTTrainer` = the shared loop with SFT's data and loss.
 pub type SFTTrainer<M> = Trainer<M, SFTHooks>;
@@ -332,10 +336,7 @@ pub fn prepare_dataset(
 ) -> Result<(Vec<TokenizedExample>, PrepareStats), TrainerError> {
     let opts = TokenizeOptions {
         max_length: args.max_length,
-        truncation_mode: match args.truncation_mode {
-            crate::config::TruncationMode::KeepStart => TruncationMode::KeepStart,
-            crate::config::TruncationMode::KeepEnd => TruncationMode::KeepEnd,
-        },
+        truncation_mode: args.truncation_mode,
         completion_only_loss: args.completion_only_loss,
         assistant_only_loss: args.assistant_only_loss,
     };
@@ -347,15 +348,16 @@ pub fn prepare_dataset(
     stats.format = Some(format);
     let mut out = Vec::with_capacity(dataset.len());
     for record in &dataset.records {
-        let example = match formatting_func {
-            Some(f) => f(&record.value).map(Example::Text).map_err(|message| {
-                crate::data::DataError::Record {
-                    origin: record.origin.clone(),
-                    message,
-                }
-            }),
-            None => formats::to_example(record, format, &args.dataset_text_field),
-        };
+        let example =
+            match formatting_func {
+                Some(f) => f(&record.value).map(Example::Text).map_err(|e| {
+                    crate::data::DataError::Record {
+                        origin: record.origin.clone(),
+                        message: e.to_string(),
+                    }
+                }),
+                None => formats::to_example(record, format, &args.dataset_text_field),
+            };
         let tokenized = example.and_then(|ex| {
             tokenize_example(tokenizer, &ex, &opts).map_err(|source| {
                 crate::data::DataError::Tokenizer {

@@ -4,7 +4,24 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Errors from [`TrainerState::load_from_json`].
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a trainer_state.json: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// Progress of a training run (transformers' `TrainerState`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,10 +93,15 @@ impl TrainerState {
         crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
-    pub fn load_from_json(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not a trainer_state.json: {e}", path.display()))
+    pub fn load_from_json(path: &Path) -> Result<Self, StateFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StateFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| StateFileError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
