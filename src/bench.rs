@@ -27,11 +27,11 @@
 //!   computes no weight gradients) and the peak 989 TFLOP/s (H100/H200 dense bf16)
 //!   unless `--peak_tflops` says otherwise.
 
-use crate::glm::{GlmConfig, GlmForCausalLM};
 use crate::runtime;
 use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::ArgAction;
+use glm4::glm::{GlmConfig, GlmForCausalLM};
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
@@ -756,7 +756,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         m.wait_first();
     }
 
-    let tokenizer = crate::load_tokenizer(&repo_path(TINY_DIR))?;
+    let tokenizer = glm4::load_tokenizer(&repo_path(TINY_DIR))?;
     let dataset = if a.data == "synthetic" {
         // Enough distinct sequences that no measured step repeats a batch.
         let count = a.batch_size * (a.warmup + a.steps);

@@ -7,24 +7,31 @@ pub mod glm;
 /// (tool-aware; starts with `[gMASK]<sop>`).
 pub const GLM4_CHAT_TEMPLATE: &str = include_str!("glm4_chat_template.jinja");
 
-pub mod bench;
-pub mod preview;
-pub mod runtime;
-pub mod sft;
+pub mod tutorial;
 
 use std::path::Path;
 use trl_like::tokenizer::PreTrainedTokenizer;
 
+/// Why a model directory's tokenizer could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "model directory {dir} does not exist; download it with `glm4 download THUDM/glm-4-9b-hf --local_dir {quoted}` \
+         (or pass --model_name_or_path DIR of a downloaded model)"
+    )]
+    MissingModelDir { dir: String, quoted: String },
+    #[error(transparent)]
+    Tokenizer(#[from] trl_like::tokenizer::TokenizerError),
+}
+
 /// Fails with how to get the model when `dir` is not a directory (rather
 /// than with the first file that is missing from it).
-pub fn require_model_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn require_model_dir(dir: &Path) -> Result<(), LoadError> {
     if !dir.is_dir() {
-        anyhow::bail!(
-            "model directory {} does not exist; download it with `glm4 download THUDM/glm-4-9b-hf --local_dir {}` \
-             (or pass --model_name_or_path DIR of a downloaded model)",
-            dir.display(),
-            shell_quote(&dir.display().to_string())
-        );
+        return Err(LoadError::MissingModelDir {
+            dir: dir.display().to_string(),
+            quoted: shell_quote(&dir.display().to_string()),
+        });
     }
     Ok(())
 }
@@ -44,7 +51,7 @@ pub fn shell_quote(s: &str) -> String {
 /// Loads a model directory's tokenizer the way the tutorial prepares it:
 /// the pad token falls back to the eos token, and a tokenizer without a chat
 /// template gets the GLM-4 one (with a notice on stderr).
-pub fn load_tokenizer(dir: &Path) -> anyhow::Result<PreTrainedTokenizer> {
+pub fn load_tokenizer(dir: &Path) -> Result<PreTrainedTokenizer, LoadError> {
     require_model_dir(dir)?;
     let mut tokenizer = PreTrainedTokenizer::from_pretrained(dir)?;
     if tokenizer.pad_token_id().is_none() {
@@ -53,7 +60,7 @@ pub fn load_tokenizer(dir: &Path) -> anyhow::Result<PreTrainedTokenizer> {
         }
     }
     if tokenizer.chat_template().is_none() {
-        eprintln!(
+        log::info!(
             "note: {} has no chat template; using the GLM-4 template",
             dir.display()
         );

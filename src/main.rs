@@ -1,12 +1,15 @@
 //! `glm4`: fine-tune and run GLM-4 from Rust. Thin CLI over the `glm4` and
 //! `trl_like` crates; every subcommand mirrors a script of the Python tutorial.
 
+mod bench;
 mod logger;
+mod preview;
+mod runtime;
+mod sft;
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use glm4::glm::{GlmConfig, GlmForCausalLM};
-use glm4::runtime;
 use serde_json::json;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -57,7 +60,7 @@ enum Command {
     /// Fold a LoRA adapter into the base weights and save a plain transformers checkpoint (PEFT's merge_and_unload).
     Merge(MergeArgs),
     /// Training throughput and peak memory on any GLM-4 shape without weights: `glm4 bench --model_config glm-4-9b --random_init ...`.
-    Bench(glm4::bench::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -227,10 +230,10 @@ fn main() {
         Command::Download(a) => cmd_download(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
-        Command::Sft { args } => glm4::sft::run_sft(&args),
-        Command::Preview { args } => glm4::preview::run_preview(&args),
+        Command::Sft { args } => sft::run_sft(&args),
+        Command::Preview { args } => preview::run_preview(&args),
         Command::Merge(a) => cmd_merge(a),
-        Command::Bench(a) => glm4::bench::run_bench(a),
+        Command::Bench(a) => bench::run_bench(a),
     };
     if let Err(err) = result {
         // A `write!(stdout)?` into a closed pipe: the same quiet end as in the hook above.

@@ -19,7 +19,7 @@ pub struct PreviewFlags {
         alias = "num-examples",
         value_name = "N",
         default_value_t = 3,
-        value_parser = crate::sft::whole_number
+        value_parser = glm4::tutorial::whole_number
     )]
     pub num_examples: usize,
     /// Print one JSON object per record ({"text", "input_ids", "labels"}) on stdout.
@@ -69,7 +69,7 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
             .clone()
             .unwrap_or_default(),
     );
-    let mut tokenizer = crate::load_tokenizer(&model_dir)?;
+    let mut tokenizer = glm4::load_tokenizer(&model_dir)?;
     // What SFTTrainer applies (eos_token, chat_template_path), so the preview shows what trains.
     trl_like::data::tokenize::apply_sft_tokenizer_args(&mut tokenizer, &setup.args)?;
     let data = load_data(&setup.data_args)?;

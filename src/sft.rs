@@ -2,17 +2,17 @@
 //! `ChatGLM4ModelConfig` / `DataTrainingArguments` / `MySFTConfig` subclasses),
 //! data loading and split, the `SavePredictCallback`, and `main()`.
 
-use crate::glm::{GlmConfig, GlmForCausalLM};
 use crate::runtime;
 use anyhow::{bail, Context, Result};
+use glm4::glm::{GlmConfig, GlmForCausalLM};
+use glm4::tutorial::{tutorial_defaults, AppFlags, SftFlags, TUTORIAL_PROMPTS};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::{Device, Kind};
 use trl_like::config::{
-    DataArguments, IntervalStrategy, ModelConfig, NoArgs, ParseError, SFTConfig, TorchDtype,
-    TrlParser,
+    DataArguments, IntervalStrategy, ModelConfig, NoArgs, ParseError, SFTConfig, TrlParser,
 };
 use trl_like::data::{Dataset, DatasetFormat};
 use trl_like::distributed::{Backend, DistEnv, ProcessGroup};
@@ -22,44 +22,6 @@ use trl_like::tokenizer::PaddingSide;
 use trl_like::trainer::{
     CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
 };
-
-/// The tutorial's defaults on top of TRL's.
-pub fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
-    let model = ModelConfig {
-        model_name_or_path: Some("./weights/glm-4-9b-hf".into()),
-        dtype: TorchDtype::Bfloat16,
-        use_peft: true,
-        lora_r: 8,
-        lora_alpha: 32,
-        lora_dropout: 0.1,
-        lora_target_modules: Some(vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
-        ..ModelConfig::default()
-    };
-    let data = DataArguments {
-        data_files: vec!["./data/alpaca_gpt4_data_zh.json".into()],
-        ..DataArguments::default()
-    };
-    let sft = SFTConfig {
-        output_dir: "./output/lora-glm4-9b-alpaca".into(),
-        num_train_epochs: 3.0,
-        per_device_train_batch_size: 2,
-        per_device_eval_batch_size: 4,
-        gradient_accumulation_steps: 1,
-        learning_rate: 5e-4,
-        bf16: Some(true),
-        bf16_full_eval: true,
-        max_length: Some(512),
-        eval_strategy: IntervalStrategy::Steps,
-        eval_steps: Some(0.1),
-        logging_steps: 10.0,
-        save_steps: 0.1,
-        ..SFTConfig::default()
-    };
-    (model, data, sft)
-}
-
-/// The two questions the tutorial's callback asks at every checkpoint.
-pub const TUTORIAL_PROMPTS: [&str; 2] = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"];
 
 /// Options of `glm4 sft` that are not TRL fields, as the run uses them.
 #[derive(Debug, Clone)]
@@ -85,50 +47,11 @@ impl Default for AppOptions {
     }
 }
 
-/// The `glm4 sft` options besides the TRL fields: parsed by the same clap
-/// command as the fields (see [`parse`]) and listed under their own heading.
-#[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "glm4 options (besides the TRL fields above)")]
-pub struct AppFlags {
-    /// A question for the prediction callback (repeatable; default: the tutorial's two).
-    #[arg(
-        long = "predict_prompt",
-        alias = "predict-prompt",
-        value_name = "TEXT",
-        action = clap::ArgAction::Append,
-        default_values = TUTORIAL_PROMPTS
-    )]
-    pub predict_prompt: Vec<String>,
-    /// A JSON list of tools, put on a system message before the second prompt.
-    #[arg(long = "predict_tools", alias = "predict-tools", value_name = "FILE")]
-    pub predict_tools: Option<PathBuf>,
-    /// Answer length at each checkpoint.
-    #[arg(
-        long = "predict_max_new_tokens",
-        alias = "predict-max-new-tokens",
-        value_name = "N",
-        default_value_t = 512,
-        value_parser = whole_number
-    )]
-    pub predict_max_new_tokens: usize,
-    /// Do not generate answers at checkpoints.
-    #[arg(long = "no_predict", alias = "no-predict")]
-    pub no_predict: bool,
-    /// Where to train: auto, cpu, cuda or cuda:N (auto: CUDA when available, unless --use_cpu).
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
-    pub device: String,
-}
-
-/// A count given on the command line.
-pub fn whole_number(s: &str) -> Result<usize, String> {
-    s.parse()
-        .map_err(|_| "expected a whole number (0, 1, 2, ...)".to_string())
-}
-
-impl AppFlags {
-    /// The options the run uses; reads the `--predict_tools` file.
-    pub fn resolve(self) -> Result<AppOptions> {
-        let predict_tools = match &self.predict_tools {
+/// The options the run uses; reads the `--predict_tools` file.
+pub fn resolve_app_flags(flags: AppFlags) -> Result<AppOptions> {
+    let this = flags;
+    {
+        let predict_tools = match &this.predict_tools {
             None => None,
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -140,22 +63,13 @@ impl AppFlags {
             }
         };
         Ok(AppOptions {
-            predict_prompts: self.predict_prompt,
+            predict_prompts: this.predict_prompt,
             predict_tools,
-            predict_max_new_tokens: self.predict_max_new_tokens,
-            predict: !self.no_predict,
-            device: self.device,
+            predict_max_new_tokens: this.predict_max_new_tokens,
+            predict: !this.no_predict,
+            device: this.device,
         })
     }
-}
-
-/// The `glm4 sft` options plus a subcommand's own (`glm4 preview`'s), in one clap command.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SftFlags<E: clap::Args> {
-    #[command(flatten)]
-    pub app: AppFlags,
-    #[command(flatten)]
-    pub extra: E,
 }
 
 /// The tutorial's `SavePredictCallback`: at every checkpoint, answer the test
@@ -462,7 +376,7 @@ pub fn parse_with<E: clap::Args>(raw: &[String]) -> Result<Option<(SftSetup, E)>
                 model_args: parsed.model,
                 data_args: parsed.data,
                 args: parsed.sft,
-                app: flags.app.resolve()?,
+                app: resolve_app_flags(flags.app)?,
             };
             Ok(Some((setup, flags.extra)))
         }
@@ -708,7 +622,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     if let Some(g) = &group {
         g.barrier()?;
     }
-    let tokenizer = crate::load_tokenizer(&model_dir)?;
+    let tokenizer = glm4::load_tokenizer(&model_dir)?;
     let raw_data = load_data(&setup.data_args)?;
     let raw_data = check_records(raw_data, &setup)?;
     let seed = setup.args.seed;
@@ -799,7 +713,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
 /// the adapter after LoRA, the output folder itself after full fine-tuning
 /// (it holds the whole model); paths quoted for the shell.
 pub fn closing_summary(model_dir: &Path, output_dir: &Path, peft: bool, predict: bool) -> String {
-    let q = |p: &Path| crate::shell_quote(&p.display().to_string());
+    let q = |p: &Path| glm4::shell_quote(&p.display().to_string());
     let mut out = String::new();
     if peft {
         out += &format!("adapter:         {}\n", output_dir.display());
@@ -828,20 +742,6 @@ pub fn closing_summary(model_dir: &Path, output_dir: &Path, peft: bool, predict:
             q(output_dir)
         );
     }
-    out
-}
-
-/// `docs/FLAGS.md`: every `glm4 sft` flag with the tutorial's defaults, generated
-/// from the config structs (a test keeps the committed file in sync).
-pub fn flags_markdown() -> String {
-    let (m, d, s) = tutorial_defaults();
-    let mut out = String::from(
-        "# `glm4 sft` flags and YAML keys\n\n\
-         Generated from the code by `UPDATE_DOCS=1 cargo test --release --test docs` — do not edit by hand.\n\
-         Each setting is a YAML key (in the file given with `--config`) and a flag; flags override the file,\n\
-         the file overrides these defaults (the tutorial's, on top of TRL 1.16's).\n",
-    );
-    out.push_str(&TrlParser::new(m, d, s).help_markdown_with::<AppFlags>());
     out
 }
 
@@ -876,6 +776,6 @@ mod tests {
         );
         assert!(!full.contains("--adapter_path"), "{full}");
         assert!(!full.contains("predictions.jsonl"), "{full}");
-        assert_eq!(crate::shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(glm4::shell_quote("it's"), "'it'\\''s'");
     }
 }

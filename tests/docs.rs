@@ -12,7 +12,7 @@ fn root() -> PathBuf {
 #[test]
 fn flags_reference_is_up_to_date() {
     let path = root().join("docs/FLAGS.md");
-    let generated = glm4::sft::flags_markdown();
+    let generated = glm4::tutorial::flags_markdown();
     if std::env::var("UPDATE_DOCS").is_ok() {
         std::fs::write(&path, &generated).unwrap();
     }

@@ -23,6 +23,18 @@ pub enum AttentionMask {
     Segments(Vec<i64>),
 }
 
+/// What every layer of one forward pass shares: the rotary embedding, its
+/// cos/sin tables for the batch's positions, and the attention mask.
+#[derive(Clone, Copy)]
+pub struct Positions<'a> {
+    pub rotary: &'a Rotary,
+    /// `[batch, seq, rotary_dim]`.
+    pub cos: &'a Tensor,
+    /// `[batch, seq, rotary_dim]`.
+    pub sin: &'a Tensor,
+    pub mask: &'a AttentionMask,
+}
+
 impl AttentionMask {
     /// The mask for [`CausalLMInput::seq_lens`](trl_like::modeling::CausalLMInput):
     /// checks that they describe the `[batch, seq]` input (one row, positive
@@ -74,17 +86,20 @@ impl Attention {
     }
 
     /// # Shapes
-    /// `x`: `[batch, seq, hidden]`; `cos`/`sin`: `[batch, seq, rotary_dim]` → `[batch, seq, hidden]`.
+    /// `x`: `[batch, seq, hidden]`; `pos.cos`/`pos.sin`: `[batch, seq, rotary_dim]` → `[batch, seq, hidden]`.
     pub fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttentionMask,
+        pos: &Positions,
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
+        let Positions {
+            rotary,
+            cos,
+            sin,
+            mask,
+        } = *pos;
         let (b, t, _) = x
             .size3()
             .expect("hidden states must be [batch, seq, hidden]");

@@ -2,10 +2,9 @@
 //! GLM-4-0414 (`model_type: "glm4"`) also normalises each block's output
 //! (`post_self_attn_layernorm`, `post_mlp_layernorm`) before the residual add.
 
-use super::attention::{Attention, AttentionMask};
+use super::attention::{Attention, Positions};
 use super::mlp::Mlp;
 use super::rms_norm::RmsNorm;
-use super::rotary::Rotary;
 use super::GlmConfig;
 use tch::{nn, Tensor};
 use trl_like::modeling::KvCache;
@@ -39,22 +38,13 @@ impl DecoderLayer {
     pub fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttentionMask,
+        pos: &Positions,
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
-        let mut attn = self.self_attn.forward(
-            &self.input_layernorm.forward(x),
-            rotary,
-            cos,
-            sin,
-            mask,
-            cache,
-            train,
-        );
+        let mut attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), pos, cache, train);
         if let Some(norm) = &self.post_self_attn_layernorm {
             attn = norm.forward(&attn);
         }

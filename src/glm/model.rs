@@ -3,7 +3,7 @@
 //! they are: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, …
 
 use super::attention::build_mask;
-use super::attention::AttentionMask;
+use super::attention::{AttentionMask, Positions};
 use super::decoder_layer::DecoderLayer;
 use super::loading::{load_safetensors, save_safetensors, LoadError, MAX_SHARD_BYTES};
 use super::rms_norm::RmsNorm;
@@ -63,10 +63,7 @@ impl GlmModel {
         for layer in &self.layers {
             hidden = layer.forward(
                 &hidden,
-                &self.rotary,
-                &ctx.cos,
-                &ctx.sin,
-                &ctx.mask,
+                &ctx.positions(&self.rotary),
                 cache.as_deref_mut(),
                 train,
             );
@@ -265,6 +262,17 @@ pub struct GlmLayerContext {
     mask: AttentionMask,
 }
 
+impl GlmLayerContext {
+    fn positions<'a>(&'a self, rotary: &'a Rotary) -> Positions<'a> {
+        Positions {
+            rotary,
+            cos: &self.cos,
+            sin: &self.sin,
+            mask: &self.mask,
+        }
+    }
+}
+
 impl Checkpointable for GlmForCausalLM {
     type LayerContext = GlmLayerContext;
 
@@ -288,15 +296,7 @@ impl Checkpointable for GlmForCausalLM {
         ctx: &GlmLayerContext,
         train: bool,
     ) -> Tensor {
-        self.model.layers[index].forward(
-            hidden,
-            &self.model.rotary,
-            &ctx.cos,
-            &ctx.sin,
-            &ctx.mask,
-            None,
-            train,
-        )
+        self.model.layers[index].forward(hidden, &ctx.positions(&self.model.rotary), None, train)
     }
 
     fn final_norm(&self, hidden: &Tensor) -> Tensor {

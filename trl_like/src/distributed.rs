@@ -422,7 +422,7 @@ impl ProcessGroup {
         );
         self.all_reduce(&mut flat, ReduceOp::Sum)?;
         if scale != 1.0 {
-            flat = flat * scale;
+            flat *= scale;
         }
         tch::no_grad(|| {
             let mut offset = 0;

@@ -67,11 +67,11 @@ pub fn collate(
     for e in examples {
         let pad = width - e.input_ids.len();
         ids.extend_from_slice(&e.input_ids);
-        ids.extend(std::iter::repeat(pad_token_id).take(pad));
-        mask.extend(std::iter::repeat(1i64).take(e.input_ids.len()));
-        mask.extend(std::iter::repeat(0i64).take(pad));
+        ids.extend(std::iter::repeat_n(pad_token_id, pad));
+        mask.extend(std::iter::repeat_n(1i64, e.input_ids.len()));
+        mask.extend(std::iter::repeat_n(0i64, pad));
         labels.extend_from_slice(&e.labels);
-        labels.extend(std::iter::repeat(IGNORE_INDEX).take(pad));
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
         num_loss_tokens += e
             .labels
             .iter()

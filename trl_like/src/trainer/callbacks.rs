@@ -95,20 +95,20 @@ impl TrainerCallback for DefaultFlowCallback {
         }
         if args.logging_strategy == IntervalStrategy::Steps
             && state.logging_steps > 0
-            && step % state.logging_steps == 0
+            && step.is_multiple_of(state.logging_steps)
         {
             control.should_log = true;
         }
         if args.eval_strategy == IntervalStrategy::Steps
             && state.eval_steps > 0
-            && step % state.eval_steps == 0
+            && step.is_multiple_of(state.eval_steps)
             && args.eval_delay <= step as f64
         {
             control.should_evaluate = true;
         }
         if args.save_strategy == SaveStrategy::Steps
             && state.save_steps > 0
-            && step % state.save_steps == 0
+            && step.is_multiple_of(state.save_steps)
         {
             control.should_save = true;
         }
@@ -118,7 +118,7 @@ impl TrainerCallback for DefaultFlowCallback {
             // an evaluation step already, and saves at the end with a steps strategy.
             if args.eval_strategy == IntervalStrategy::Steps
                 && state.eval_steps > 0
-                && step % state.eval_steps != 0
+                && !step.is_multiple_of(state.eval_steps)
                 && args.eval_delay <= step as f64
             {
                 control.should_evaluate = true;

@@ -21,11 +21,8 @@ pub const RECORD_FILE: &str = "run_record.json";
 /// Why an output folder cannot be used as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputDirError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error(
         "output_dir {dir} is in use by another run ({holder}); wait for it to finish, \
          or choose another --output_dir"
@@ -50,9 +47,9 @@ pub enum OutputDirError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputDirError + '_ {
-    move |source| OutputDirError::Io {
+    move |error| OutputDirError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -694,9 +691,10 @@ pub fn check_resume(
             Some(Value::String(s)) => s.clone(),
             Some(v) => v.to_string(),
         };
+        // A setting the checkpoint does not record (an older writer) is not compared.
         let changed = |k: &str| {
-            let (a, b) = (then_args.get(k), now_args.get(k));
-            (a != b).then(|| format!("{k} {} -> {}", show(a), show(b)))
+            let (a, b) = (then_args.get(k)?, now_args.get(k));
+            (Some(a) != b).then(|| format!("{k} {} -> {}", show(Some(a)), show(b)))
         };
         // The data order follows data_seed, or seed when data_seed is unset.
         let order_seed = |m: &serde_json::Map<String, Value>| {
@@ -705,7 +703,7 @@ pub fn check_resume(
                 .or_else(|| m.get("seed"))
                 .cloned()
         };
-        if order_seed(then_args) != order_seed(&now_args) {
+        if order_seed(then_args).is_some() && order_seed(then_args) != order_seed(&now_args) {
             data_problems.push(format!(
                 "the data order changed (seed/data_seed {} -> {})",
                 show(order_seed(then_args).as_ref()),
