@@ -737,7 +737,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
             })?,
     };
     if device == Device::Cpu && kind != Kind::Float {
-        eprintln!(
+        log::info!(
             "note: {kind:?} matmuls on CPUs without AMX/AVX512-BF16 are far slower than float32"
         );
     }

@@ -17,7 +17,7 @@ use trl_like::config::{
 use trl_like::data::{Dataset, DatasetFormat};
 use trl_like::distributed::{Backend, DistEnv, ProcessGroup};
 use trl_like::generation::{generate, GenerationConfig};
-use trl_like::peft::{LoraConfig, TargetModules};
+use trl_like::peft::get_peft_config;
 use trl_like::tokenizer::PaddingSide;
 use trl_like::trainer::{
     CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
@@ -157,8 +157,8 @@ impl TrainerCallback for SavePredictCallback {
             return;
         }
         if let Err(e) = self.predict(state, ctx) {
-            eprintln!(
-                "warning: the prediction callback failed at step {}: {e:#}",
+            log::warn!(
+                "the prediction callback failed at step {}: {e:#}",
                 state.global_step
             );
         }
@@ -209,7 +209,7 @@ fn install_interrupt_handler() -> InterruptTarget {
         }
     });
     if let Err(e) = result {
-        eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop training without a checkpoint");
+        log::warn!("cannot install the Ctrl-C handler ({e}); an interrupt will stop training without a checkpoint");
     }
     target
 }
@@ -294,7 +294,7 @@ pub fn check_records(data: Dataset, setup: &SftSetup) -> Result<Dataset> {
             Ok(_) => kept.push(record),
             Err(e) if setup.data_args.skip_bad_records => {
                 if skipped < 5 {
-                    eprintln!("warning: skipping {e}");
+                    log::warn!("skipping {e}");
                 }
                 skipped += 1;
             }
@@ -314,40 +314,6 @@ pub fn check_records(data: Dataset, setup: &SftSetup) -> Result<Dataset> {
         bail!("no usable records: all {total} were skipped");
     }
     Ok(Dataset { records: kept })
-}
-
-/// The LoRA config TRL's `get_peft_config(model_args)` builds.
-pub fn peft_config(model: &ModelConfig) -> Result<Option<LoraConfig>> {
-    if !model.use_peft {
-        return Ok(None);
-    }
-    if model
-        .lora_modules_to_save
-        .as_ref()
-        .is_some_and(|m| !m.is_empty())
-    {
-        bail!("--lora_modules_to_save is not supported yet");
-    }
-    let targets = if model.targets_all_linear() {
-        TargetModules::AllLinear
-    } else {
-        // PEFT's default for GLM is q/k/v like the tutorial's.
-        TargetModules::Names(
-            model
-                .lora_target_modules
-                .clone()
-                .unwrap_or_else(|| vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
-        )
-    };
-    let mut cfg = LoraConfig::new(
-        model.lora_r as i64,
-        model.lora_alpha as f64,
-        model.lora_dropout,
-        targets,
-    );
-    cfg.use_rslora = model.use_rslora;
-    cfg.use_dora = model.use_dora;
-    Ok(Some(cfg))
 }
 
 /// Everything `glm4 sft` / `glm4 preview` parse from their arguments.
@@ -450,7 +416,7 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
     let config = GlmConfig::from_pretrained(&dir)?;
     let mut kind = runtime::resolve_dtype(model_args.dtype, config.checkpoint_dtype(), device);
     if device == Device::Cpu && kind != Kind::Float {
-        eprintln!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
+        log::info!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
         kind = Kind::Float;
     }
     Ok(GlmForCausalLM::from_pretrained(&dir, Some(kind), device)?)
@@ -502,11 +468,11 @@ fn check_attn_implementation(model_args: &ModelConfig, device: Device) -> Result
             "--attn_implementation flash_attention_2 needs a CUDA device (this run is on the CPU); \
              use --attn_implementation sdpa"
         ),
-        Some("flash_attention_2") => eprintln!(
+        Some("flash_attention_2") => log::info!(
             "note: --attn_implementation flash_attention_2 runs as scaled-dot-product attention, \
              whose flash kernel libtorch picks for unmasked bf16/fp16 batches"
         ),
-        Some("eager") => eprintln!(
+        Some("eager") => log::info!(
             "note: --attn_implementation eager runs as scaled-dot-product attention \
              (the same computation; only rounding differs)"
         ),
@@ -660,7 +626,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let mut builder = SFTTrainer::builder(model, setup.args.clone())
         .train_dataset(&train)
         .processing_class(tokenizer)
-        .peft_config(peft_config(&setup.model_args)?)
+        .peft_config(get_peft_config(&setup.model_args)?)
         .callbacks(callbacks);
     if let Some(eval) = eval {
         builder = builder.eval_dataset(eval);

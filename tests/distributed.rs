@@ -250,12 +250,9 @@ fn wait_at_most(mut child: Child, limit: Duration, what: &str) -> (bool, String)
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
+            if let Some(mut stderr) = child.stderr.take() {
+                stderr.read_to_string(&mut err).unwrap();
+            }
             return (status.success(), err);
         }
         if start.elapsed() > limit {
@@ -384,16 +381,39 @@ fn an_interrupt_on_one_rank_stops_all_ranks_after_the_same_step() {
         ],
     );
     let port = free_port();
-    let r0 = spawn_rank(0, 2, port, &args, &[]);
+    let mut r0 = spawn_rank(0, 2, port, &args, &[]);
     let r1 = spawn_rank(1, 2, port, &args, &[]);
-    // Let them train a little, then interrupt rank 1 alone.
-    std::thread::sleep(Duration::from_secs(4));
+    // Interrupt rank 1 alone once training has started (rank 0 says so; a
+    // fixed sleep raced the model load on a busy machine, and a signal before
+    // training exits at once by design).
+    let stderr0 = r0.stderr.take().unwrap();
+    let (started, wait_start) = std::sync::mpsc::channel();
+    let reader0 = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr0)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("Running training") {
+                let _ = started.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    wait_start
+        .recv_timeout(Duration::from_secs(300))
+        .expect("training starts");
+    std::thread::sleep(Duration::from_millis(500));
     Command::new("kill")
         .args(["-INT", &r1.id().to_string()])
         .status()
         .unwrap();
     let (ok1, err1) = wait_at_most(r1, Duration::from_secs(120), "rank 1");
-    let (ok0, err0) = wait_at_most(r0, Duration::from_secs(120), "rank 0");
+    let (ok0, _) = wait_at_most(r0, Duration::from_secs(120), "rank 0");
+    let err0 = reader0.join().unwrap();
     assert!(ok1, "rank 1:\n{err1}");
     assert!(ok0, "rank 0:\n{err0}");
     assert!(

@@ -173,6 +173,46 @@ pub enum PeftError {
     },
 }
 
+/// The LoRA config of a `ModelConfig` (TRL's `get_peft_config(model_args)`):
+/// `None` when `use_peft` is off (full fine-tuning).
+pub fn get_peft_config(
+    model: &crate::config::ModelConfig,
+) -> Result<Option<LoraConfig>, PeftError> {
+    if !model.use_peft {
+        return Ok(None);
+    }
+    if model
+        .lora_modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(PeftError::Config(
+            "--lora_modules_to_save is not supported yet; remove it from the config or flags"
+                .into(),
+        ));
+    }
+    let targets = if model.targets_all_linear() {
+        TargetModules::AllLinear
+    } else {
+        // PEFT's default for GLM is q/k/v like the tutorial's.
+        TargetModules::Names(
+            model
+                .lora_target_modules
+                .clone()
+                .unwrap_or_else(|| vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
+        )
+    };
+    let mut cfg = LoraConfig::new(
+        model.lora_r as i64,
+        model.lora_alpha as f64,
+        model.lora_dropout,
+        targets,
+    );
+    cfg.use_rslora = model.use_rslora;
+    cfg.use_dora = model.use_dora;
+    Ok(Some(cfg))
+}
+
 impl LoraConfig {
     pub fn new(r: i64, lora_alpha: f64, lora_dropout: f64, target_modules: TargetModules) -> Self {
         Self {

@@ -111,8 +111,8 @@ pub fn drop_examples_without_loss(
              raise --max_length (or use --truncation_mode keep_end)"
         )));
     }
-    eprintln!(
-        "warning: dropped {} of {total} {split} examples with no token to learn from: {why}",
+    log::warn!(
+        "dropped {} of {total} {split} examples with no token to learn from: {why}",
         dropped.len()
     );
     Ok(kept)

@@ -475,9 +475,7 @@ impl TrainerCallback for EarlyStoppingCallback {
             .and_then(|m| m.get(&key))
             .and_then(Value::as_f64)
         else {
-            eprintln!(
-                "warning: early stopping needs metric {key}, which the evaluation did not report"
-            );
+            log::warn!("early stopping needs metric {key}, which the evaluation did not report");
             return;
         };
         let greater = args.resolved_greater_is_better().unwrap_or(false);

@@ -91,7 +91,7 @@ pub fn resolve_resume(
         return Ok(None);
     }
     if let Some((_, p)) = list_checkpoints(output_dir).pop() {
-        eprintln!("found checkpoint {} in output_dir; resuming (pass --overwrite_output_dir to start over)", p.display());
+        log::info!("found checkpoint {} in output_dir; resuming (pass --overwrite_output_dir to start over)", p.display());
         return Ok(Some(p));
     }
     if !super::output_dir::is_empty(output_dir) {
@@ -183,7 +183,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             format!("eval_{metric}")
         };
         let Some(value) = metrics.get(&key).and_then(Value::as_f64) else {
-            eprintln!("warning: metric_for_best_model {key} is not among the evaluation metrics");
+            log::warn!("metric_for_best_model {key} is not among the evaluation metrics");
             return;
         };
         if !value.is_finite() {
@@ -299,7 +299,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         if let Some(now) = &self.run_record {
             let messages = super::output_dir::check_resume(dir, &self.args, now)?;
             if self.is_world_process_zero() {
-                messages.iter().for_each(|m| eprintln!("{m}"));
+                messages.iter().for_each(|m| log::info!("{m}"));
             }
         }
         if !dir.join(OPTIMIZER_FILE).is_file() {
@@ -354,5 +354,35 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             &self.model.named_parameters(),
             trained,
         )
+    }
+}
+
+impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
+    /// Writes the final model: the adapter (PEFT format) or full weights, plus
+    /// the tokenizer (transformers' `trainer.save_model(output_dir)`).
+    /// Only rank 0 writes (the others return at once), as in transformers.
+    pub fn save_model(&self, dir: Option<&Path>) -> Result<(), TrainerError> {
+        if !self.is_world_process_zero() {
+            return Ok(());
+        }
+        // The final save (no dir) is part of the run that holds output_dir.
+        let _lock = match dir {
+            None => Some(super::output_dir::OutputDirLock::acquire(Path::new(
+                &self.args.output_dir,
+            ))?),
+            Some(_) => None,
+        };
+        let dir = dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        match &self.peft {
+            Some(adapter) => adapter.save_pretrained(&dir)?,
+            None => self.model.save_pretrained(&dir).map_err(io_err(&dir))?,
+        }
+        self.processing_class.save_pretrained(&dir).map_err(|e| {
+            TrainerError::Checkpoint(format!("saving the tokenizer to {}: {e}", dir.display()))
+        })?;
+        Ok(())
     }
 }

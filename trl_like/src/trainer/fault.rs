@@ -6,7 +6,7 @@
 /// spot (`abort`, no cleanup — as close to `kill -9` as a process can do to
 /// itself, and deterministic). With `TRL_LIKE_CRASH_RANK` set, only the
 /// process of that `RANK` dies.
-#[cfg(feature = "fault-injection")]
+#[cfg(any(test, feature = "fault-injection"))]
 pub(crate) fn crash_point(var: &str, step: usize) {
     let rank_matches = match std::env::var("TRL_LIKE_CRASH_RANK") {
         Ok(r) => std::env::var("RANK").ok().as_deref() == Some(r.trim()),
@@ -23,13 +23,13 @@ pub(crate) fn crash_point(var: &str, step: usize) {
     }
 }
 
-#[cfg(not(feature = "fault-injection"))]
+#[cfg(not(any(test, feature = "fault-injection")))]
 #[inline(always)]
 pub(crate) fn crash_point(_var: &str, _step: usize) {}
 
 /// Whether `TRL_LIKE_NAN_AT_STEP` (a comma-separated list of 1-based steps)
 /// poisons the loss of optimizer step `step`.
-#[cfg(feature = "fault-injection")]
+#[cfg(any(test, feature = "fault-injection"))]
 pub(crate) fn nan_at_step(step: usize) -> bool {
     std::env::var("TRL_LIKE_NAN_AT_STEP").is_ok_and(|v| {
         v.split(',')
@@ -37,7 +37,7 @@ pub(crate) fn nan_at_step(step: usize) -> bool {
     })
 }
 
-#[cfg(not(feature = "fault-injection"))]
+#[cfg(not(any(test, feature = "fault-injection")))]
 #[inline(always)]
 pub(crate) fn nan_at_step(_step: usize) -> bool {
     false

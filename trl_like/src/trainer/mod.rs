@@ -25,6 +25,7 @@ pub mod loss;
 pub mod output_dir;
 mod packing;
 mod parallel;
+mod report;
 mod sampler;
 pub mod sft;
 pub mod state;
@@ -52,7 +53,7 @@ use crate::optim::{decay_groups, AdamW, LrScheduler};
 use crate::peft::PeftAdapter;
 use crate::tokenizer::PreTrainedTokenizer;
 use crate::tracking::{make_trackers, plot_training_curves, Tracker};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -335,38 +336,6 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         Ok(())
     }
 
-    /// transformers' "***** Running training *****" banner (rank 0).
-    fn print_run_header(&self, plan: &StepPlan) {
-        if !self.is_world_process_zero() {
-            return;
-        }
-        let ga = self.args.gradient_accumulation_steps.max(1);
-        let world_size = self.rank_and_world_size().1;
-        if world_size > 1 {
-            let backend = self
-                .process_group
-                .as_ref()
-                .map_or("", |g| g.backend().name());
-            let bs = self.args.per_device_train_batch_size;
-            log::info!(
-                "data parallel: {world_size} ranks ({backend} backend), global batch {bs} x {world_size} x {ga} = {}",
-                bs * world_size * ga
-            );
-        }
-        let (trainable, total) = self.trainable_parameters();
-        log::info!(
-            "***** Running training *****\n  examples = {}, epochs = {}, batch size = {}, accumulation = {}, optimizer steps = {}\n  trainable params: {} || all params: {} || trainable%: {:.4}",
-            self.train_dataset.len(),
-            plan.num_epochs,
-            self.args.per_device_train_batch_size,
-            ga,
-            plan.max_steps,
-            trainable,
-            total,
-            100.0 * trainable as f64 / total.max(1) as f64
-        );
-    }
-
     /// The epochs and their optimizer steps, from where a resumed run stopped.
     fn run_epochs(
         &mut self,
@@ -445,38 +414,6 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         Ok(())
     }
 
-    /// transformers' closing speed metrics and `train_loss`.
-    fn train_metrics(&self, start: (Instant, usize), tokens_at_start: i64) -> Map<String, Value> {
-        let (clock, start_step) = start;
-        let runtime = clock.elapsed().as_secs_f64().max(1e-9);
-        let ga = self.args.gradient_accumulation_steps.max(1);
-        let world_size = self.rank_and_world_size().1;
-        let steps = (self.state.global_step - start_step) as f64;
-        let samples = steps * (self.args.per_device_train_batch_size * ga * world_size) as f64;
-        let tokens = (self.state.num_input_tokens_seen - tokens_at_start) as f64;
-        let mut metrics = Map::new();
-        metrics.insert("train_runtime".into(), json!(round(runtime, 4)));
-        metrics.insert(
-            "train_samples_per_second".into(),
-            json!(round(samples / runtime, 3)),
-        );
-        metrics.insert(
-            "train_steps_per_second".into(),
-            json!(round(steps / runtime, 3)),
-        );
-        metrics.insert(
-            "train_tokens_per_second".into(),
-            json!(round(tokens / runtime, 3)),
-        );
-        metrics.insert("total_flos".into(), json!(self.state.total_flos));
-        metrics.insert("train_loss".into(), json!(self.train_loss()));
-        metrics
-    }
-
-    fn train_loss(&self) -> f64 {
-        self.loop_state.total_loss / self.state.global_step.max(1) as f64
-    }
-
     /// Logs the closing metrics, then (rank 0) writes `trainer_state.json`
     /// — unless interrupted: then only the checkpoint says where the run is —,
     /// the loss curves, and flushes the trackers.
@@ -542,34 +479,6 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
                 }
             }
         }
-    }
-
-    /// Writes the final model: the adapter (PEFT format) or full weights, plus
-    /// the tokenizer (transformers' `trainer.save_model(output_dir)`).
-    /// Only rank 0 writes (the others return at once), as in transformers.
-    pub fn save_model(&self, dir: Option<&Path>) -> Result<(), TrainerError> {
-        if !self.is_world_process_zero() {
-            return Ok(());
-        }
-        // The final save (no dir) is part of the run that holds output_dir.
-        let _lock = match dir {
-            None => Some(output_dir::OutputDirLock::acquire(Path::new(
-                &self.args.output_dir,
-            ))?),
-            Some(_) => None,
-        };
-        let dir = dir
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(&self.args.output_dir));
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        match &self.peft {
-            Some(adapter) => adapter.save_pretrained(&dir)?,
-            None => self.model.save_pretrained(&dir).map_err(io_err(&dir))?,
-        }
-        self.processing_class.save_pretrained(&dir).map_err(|e| {
-            TrainerError::Checkpoint(format!("saving the tokenizer to {}: {e}", dir.display()))
-        })?;
-        Ok(())
     }
 }
 

@@ -391,14 +391,14 @@ pub fn prepare(
             .as_ref()
             .is_some_and(|p| resolve(p).starts_with(resolve(output_dir)));
         if inside {
-            eprintln!(
+            log::info!(
                 "note: resuming from {} as resume_from_checkpoint asks; overwrite_output_dir leaves its run in place",
                 resume.as_ref().expect("checked").display()
             );
         } else {
             let removed = clear_previous_run(output_dir)?;
             if !removed.is_empty() {
-                eprintln!(
+                log::info!(
                     "overwrite_output_dir: removed the previous run's {} from {}",
                     removed.join(", "),
                     output_dir.display()
