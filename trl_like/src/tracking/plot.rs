@@ -316,27 +316,77 @@ fn fmt_sig(v: f64) -> String {
     }
 }
 
+/// One panel placed on the page: its pixel edges, the shared step axis and
+/// its own value axis, which together map data to pixels.
 struct Panel<'a> {
     top: f64,
     bottom: f64,
+    left: f64,
+    right: f64,
+    x: &'a Axis,
     y: Axis,
     y_label: &'static str,
     series: Vec<&'a Series>,
     empty_note: &'static str,
 }
 
-fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scene {
-    let mut shapes = Vec::new();
+impl Panel<'_> {
+    fn sx(&self, v: f64) -> f64 {
+        self.left + (v - self.x.lo) / (self.x.hi - self.x.lo) * (self.right - self.left)
+    }
 
-    // Step axis shared by both panels; it starts at 0 (or earlier) like the run itself.
+    fn sy(&self, v: f64) -> f64 {
+        self.bottom - (v - self.y.lo) / (self.y.hi - self.y.lo) * (self.bottom - self.top)
+    }
+}
+
+fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scene {
+    let x = step_axis(curves);
+    let y_axes = [loss_axis(curves), lr_axis(curves)];
+    let rows = Rows::new(height, m);
+    let columns = plot_columns(width, &x, &y_axes, m);
+
+    let mut shapes = vec![Shape::Rect {
+        x: 0.0,
+        y: 0.0,
+        w: width,
+        h: height,
+        fill: Some(WHITE),
+        stroke: None,
+    }];
+    draw_titles(&mut shapes, curves, width, &rows, m);
+    for panel in &stack_panels(curves, &x, y_axes, &rows, columns) {
+        draw_panel(&mut shapes, panel, m);
+    }
+    let (left, right) = columns;
+    shapes.push(text(
+        (left + right) / 2.0,
+        rows.x_label_base,
+        "step",
+        TextRole::AxisLabel,
+        TEXT_COLOR,
+        Anchor::Middle,
+    ));
+    Scene {
+        width,
+        height,
+        shapes,
+    }
+}
+
+/// Shared by both panels; it starts at 0 (or earlier) like the run itself.
+fn step_axis(curves: &Curves) -> Axis {
     let steps = curves
         .all()
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
         .collect::<Vec<_>>();
     let (smin, smax) = min_max(&steps).unwrap_or((0.0, 1.0));
-    let x = Axis::new(smin.min(0.0), smax, 8, true, 0.02);
+    Axis::new(smin.min(0.0), smax, 8, true, 0.02)
+}
 
+/// Train and eval loss share one axis so the two curves can be compared.
+fn loss_axis(curves: &Curves) -> Axis {
     let losses: Vec<f64> = curves
         .train
         .points
@@ -344,50 +394,82 @@ fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scen
         .chain(&curves.eval.points)
         .map(|p| p.1)
         .collect();
-    let loss_axis = match min_max(&losses) {
+    match min_max(&losses) {
         Some((lo, hi)) => Axis::new(lo, hi, 6, false, 0.05),
         None => Axis::new(0.0, 1.0, 5, false, 0.0),
-    };
+    }
+}
+
+fn lr_axis(curves: &Curves) -> Axis {
     let lrs: Vec<f64> = curves.lr.points.iter().map(|p| p.1).collect();
-    let lr_axis = match min_max(&lrs) {
+    match min_max(&lrs) {
         // Schedules start from and decay to 0, so 0 stays on the axis.
         Some((lo, hi)) => Axis::new(lo.min(0.0), hi.max(0.0), 3, false, 0.05),
         None => Axis::new(0.0, 1.0, 2, false, 0.0),
-    };
+    }
+}
 
-    // Vertical budget.
-    let title_base = 14.0 + m.cap_height(TextRole::Title);
-    let subtitle_base = title_base + 10.0 + m.cap_height(TextRole::Subtitle);
-    let tick_h = m.cap_height(TextRole::Tick);
-    let x_label_base = height - 14.0;
-    let plots_top = (subtitle_base + 22.0).round();
-    let plots_bottom =
-        (x_label_base - m.cap_height(TextRole::AxisLabel) - 16.0 - tick_h - 10.0).round();
-    let gap = (tick_h + 30.0).round();
-    let loss_h = ((plots_bottom - plots_top - gap) * 0.68).round();
+/// The vertical budget: text baselines and the plotting area, top to bottom.
+struct Rows {
+    title_base: f64,
+    subtitle_base: f64,
+    x_label_base: f64,
+    plots_top: f64,
+    plots_bottom: f64,
+    /// Between the panels: the loss panel's step labels sit in it.
+    gap: f64,
+    loss_h: f64,
+}
 
-    // Horizontal budget: room for the widest y tick label and the rotated axis label.
-    let widest = loss_axis
-        .labels
+impl Rows {
+    fn new(height: f64, m: &dyn TextMetrics) -> Self {
+        let title_base = 14.0 + m.cap_height(TextRole::Title);
+        let subtitle_base = title_base + 10.0 + m.cap_height(TextRole::Subtitle);
+        let tick_h = m.cap_height(TextRole::Tick);
+        let x_label_base = height - 14.0;
+        let plots_top = (subtitle_base + 22.0).round();
+        let plots_bottom =
+            (x_label_base - m.cap_height(TextRole::AxisLabel) - 16.0 - tick_h - 10.0).round();
+        let gap = (tick_h + 30.0).round();
+        let loss_h = ((plots_bottom - plots_top - gap) * 0.68).round();
+        Rows {
+            title_base,
+            subtitle_base,
+            x_label_base,
+            plots_top,
+            plots_bottom,
+            gap,
+            loss_h,
+        }
+    }
+}
+
+/// The horizontal budget, as the plots' left and right edges: room for the
+/// widest y tick label and the rotated axis label on the left, for half of
+/// the last (centred) step label on the right.
+fn plot_columns(width: f64, x: &Axis, y_axes: &[Axis], m: &dyn TextMetrics) -> (f64, f64) {
+    let widest = y_axes
         .iter()
-        .chain(&lr_axis.labels)
+        .flat_map(|axis| &axis.labels)
         .map(|l| m.width(l, TextRole::Tick))
         .fold(0.0, f64::max);
     let left = (14.0 + m.cap_height(TextRole::AxisLabel) + 14.0 + widest + 8.0).round() + 0.5;
     let last_x_label = x.labels.last().map_or(0.0, |l| m.width(l, TextRole::Tick));
     let right = (width - 20.0 - last_x_label / 2.0).round() + 0.5;
+    (left, right)
+}
 
-    shapes.push(Shape::Rect {
-        x: 0.0,
-        y: 0.0,
-        w: width,
-        h: height,
-        fill: Some(WHITE),
-        stroke: None,
-    });
+/// The title and, under it, as many summary numbers as fit the width.
+fn draw_titles(
+    shapes: &mut Vec<Shape>,
+    curves: &Curves,
+    width: f64,
+    rows: &Rows,
+    m: &dyn TextMetrics,
+) {
     shapes.push(text(
         width / 2.0,
-        title_base,
+        rows.title_base,
         "Training curves",
         TextRole::Title,
         TEXT_COLOR,
@@ -403,82 +485,98 @@ fn layout(curves: &Curves, width: f64, height: f64, m: &dyn TextMetrics) -> Scen
     };
     shapes.push(text(
         width / 2.0,
-        subtitle_base,
+        rows.subtitle_base,
         &summary,
         TextRole::Subtitle,
         MUTED_COLOR,
         Anchor::Middle,
     ));
+}
 
-    let panels = [
+/// Loss on top, learning rate below it. Edges sit on half pixels so that
+/// 1-pixel lines cover one pixel row instead of blurring over two.
+fn stack_panels<'a>(
+    curves: &'a Curves,
+    x: &'a Axis,
+    [loss_axis, lr_axis]: [Axis; 2],
+    rows: &Rows,
+    (left, right): (f64, f64),
+) -> [Panel<'a>; 2] {
+    [
         Panel {
-            top: plots_top + 0.5,
-            bottom: plots_top + loss_h + 0.5,
+            top: rows.plots_top + 0.5,
+            bottom: rows.plots_top + rows.loss_h + 0.5,
+            left,
+            right,
+            x,
             y: loss_axis,
             y_label: "loss",
             series: vec![&curves.train, &curves.eval],
             empty_note: "no loss logged",
         },
         Panel {
-            top: plots_top + loss_h + gap + 0.5,
-            bottom: plots_bottom + 0.5,
+            top: rows.plots_top + rows.loss_h + rows.gap + 0.5,
+            bottom: rows.plots_bottom + 0.5,
+            left,
+            right,
+            x,
             y: lr_axis,
             y_label: "learning rate",
             series: vec![&curves.lr],
             empty_note: "no learning rate logged",
         },
-    ];
-    for panel in &panels {
-        draw_panel(&mut shapes, panel, &x, left, right, m);
-    }
-    shapes.push(text(
-        (left + right) / 2.0,
-        x_label_base,
-        "step",
-        TextRole::AxisLabel,
-        TEXT_COLOR,
-        Anchor::Middle,
-    ));
-    Scene {
-        width,
-        height,
-        shapes,
-    }
+    ]
 }
 
-fn draw_panel(
-    shapes: &mut Vec<Shape>,
-    p: &Panel,
-    x: &Axis,
-    left: f64,
-    right: f64,
-    m: &dyn TextMetrics,
-) {
-    let sx = |v: f64| left + (v - x.lo) / (x.hi - x.lo) * (right - left);
-    let sy = |v: f64| p.bottom - (v - p.y.lo) / (p.y.hi - p.y.lo) * (p.bottom - p.top);
-    let tick_h = m.cap_height(TextRole::Tick);
+fn draw_panel(shapes: &mut Vec<Shape>, p: &Panel, m: &dyn TextMetrics) {
+    draw_value_grid(shapes, p, m);
+    draw_step_grid(shapes, p, m);
+    draw_frame(shapes, p, m);
+    let drawn: Vec<&Series> = p
+        .series
+        .iter()
+        .copied()
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    if drawn.is_empty() {
+        let y = (p.top + p.bottom) / 2.0 + m.cap_height(TextRole::Note) / 2.0;
+        shapes.push(text(
+            (p.left + p.right) / 2.0,
+            y,
+            p.empty_note,
+            TextRole::Note,
+            MUTED_COLOR,
+            Anchor::Middle,
+        ));
+        return;
+    }
+    let screen_points = draw_series(shapes, p, &drawn);
+    draw_legend(shapes, p, &drawn, &screen_points, m);
+}
 
-    // Grid and ticks.
+/// Horizontal grid lines, tick marks and labels for the value axis.
+fn draw_value_grid(shapes: &mut Vec<Shape>, p: &Panel, m: &dyn TextMetrics) {
+    let tick_h = m.cap_height(TextRole::Tick);
     for (t, label) in p.y.ticks.iter().zip(&p.y.labels) {
-        let y = sy(*t).round() + 0.5;
+        let y = p.sy(*t).round() + 0.5;
         shapes.push(Shape::Line {
-            x1: left,
+            x1: p.left,
             y1: y,
-            x2: right,
+            x2: p.right,
             y2: y,
             color: GRID_COLOR,
             width: 1.0,
         });
         shapes.push(Shape::Line {
-            x1: left - 5.0,
+            x1: p.left - 5.0,
             y1: y,
-            x2: left,
+            x2: p.left,
             y2: y,
             color: AXIS_COLOR,
             width: 1.0,
         });
         shapes.push(text(
-            left - 8.0,
+            p.left - 8.0,
             y + tick_h / 2.0,
             label,
             TextRole::Tick,
@@ -486,8 +584,14 @@ fn draw_panel(
             Anchor::End,
         ));
     }
-    for (t, label) in x.ticks.iter().zip(&x.labels) {
-        let xx = sx(*t).round() + 0.5;
+}
+
+/// Vertical grid lines, tick marks and labels for the step axis; each panel
+/// gets its own labels so the learning rate reads without looking up.
+fn draw_step_grid(shapes: &mut Vec<Shape>, p: &Panel, m: &dyn TextMetrics) {
+    let tick_h = m.cap_height(TextRole::Tick);
+    for (t, label) in p.x.ticks.iter().zip(&p.x.labels) {
+        let xx = p.sx(*t).round() + 0.5;
         shapes.push(Shape::Line {
             x1: xx,
             y1: p.top,
@@ -513,10 +617,15 @@ fn draw_panel(
             Anchor::Middle,
         ));
     }
+}
+
+/// The panel's border and its rotated value-axis label, clear of the widest
+/// tick label.
+fn draw_frame(shapes: &mut Vec<Shape>, p: &Panel, m: &dyn TextMetrics) {
     shapes.push(Shape::Rect {
-        x: left,
+        x: p.left,
         y: p.top,
-        w: right - left,
+        w: p.right - p.left,
         h: p.bottom - p.top,
         fill: None,
         stroke: Some(AXIS_COLOR),
@@ -527,7 +636,7 @@ fn draw_panel(
             .map(|l| m.width(l, TextRole::Tick))
             .fold(0.0, f64::max);
     shapes.push(Shape::Text {
-        x: left - 8.0 - widest - 12.0,
+        x: p.left - 8.0 - widest - 12.0,
         y: (p.top + p.bottom) / 2.0,
         text: p.y_label.to_string(),
         role: TextRole::AxisLabel,
@@ -535,29 +644,14 @@ fn draw_panel(
         anchor: Anchor::Middle,
         vertical: true,
     });
+}
 
-    // Data.
-    let drawn: Vec<&Series> = p
-        .series
-        .iter()
-        .copied()
-        .filter(|s| !s.points.is_empty())
-        .collect();
-    if drawn.is_empty() {
-        let y = (p.top + p.bottom) / 2.0 + m.cap_height(TextRole::Note) / 2.0;
-        shapes.push(text(
-            (left + right) / 2.0,
-            y,
-            p.empty_note,
-            TextRole::Note,
-            MUTED_COLOR,
-            Anchor::Middle,
-        ));
-        return;
-    }
+/// The curves themselves; returns every drawn point in pixels, which the
+/// legend avoids.
+fn draw_series(shapes: &mut Vec<Shape>, p: &Panel, drawn: &[&Series]) -> Vec<(f64, f64)> {
     let mut screen_points = Vec::new();
-    for s in &drawn {
-        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(a, b)| (sx(a), sy(b))).collect();
+    for s in drawn {
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(a, b)| (p.sx(a), p.sy(b))).collect();
         screen_points.extend_from_slice(&pts);
         if pts.len() > 1 {
             shapes.push(Shape::Polyline {
@@ -566,6 +660,7 @@ fn draw_panel(
                 width: 2.0,
             });
         }
+        // A lone point would draw no line at all.
         if s.markers || pts.len() == 1 {
             for &(px, py) in &pts {
                 shapes.push(Shape::Marker {
@@ -577,52 +672,40 @@ fn draw_panel(
             }
         }
     }
+    screen_points
+}
 
-    // Legend in the corner that covers the fewest data points (matplotlib's loc="best", simplified).
+/// Width of a legend row's line sample.
+const LEGEND_SWATCH: f64 = 26.0;
+
+fn draw_legend(
+    shapes: &mut Vec<Shape>,
+    p: &Panel,
+    drawn: &[&Series],
+    screen_points: &[(f64, f64)],
+    m: &dyn TextMetrics,
+) {
     let row_h = m.cap_height(TextRole::Legend) + 10.0;
-    let swatch = 26.0;
     let text_w = drawn
         .iter()
         .map(|s| m.width(s.label, TextRole::Legend))
         .fold(0.0, f64::max);
-    let (w, h) = (
-        (swatch + 8.0 + text_w + 20.0).round(),
+    let size = (
+        (LEGEND_SWATCH + 8.0 + text_w + 20.0).round(),
         (row_h * drawn.len() as f64 + 10.0).round(),
     );
-    let inset = 10.0;
-    let corners = [
-        (right - inset - w, p.top + inset),
-        (left + inset, p.top + inset),
-        (right - inset - w, p.bottom - inset - h),
-        (left + inset, p.bottom - inset - h),
-    ];
-    let covered = |&(cx, cy): &(f64, f64)| {
-        let inside = |&(px, py): &(f64, f64)| {
-            px >= cx - 6.0 && px <= cx + w + 6.0 && py >= cy - 6.0 && py <= cy + h + 6.0
-        };
-        let midpoints = screen_points
-            .windows(2)
-            .map(|ab| ((ab[0].0 + ab[1].0) / 2.0, (ab[0].1 + ab[1].1) / 2.0));
-        screen_points.iter().filter(|pt| inside(pt)).count()
-            + midpoints.filter(|pt| inside(pt)).count()
-    };
-    let (cx, cy) = corners
-        .iter()
-        .copied()
-        .min_by_key(|c| covered(c))
-        .unwrap_or(corners[0]);
-    let (cx, cy) = (cx.round() + 0.5, cy.round() + 0.5);
+    let (cx, cy) = legend_corner(p, size, screen_points);
     shapes.push(Shape::Rect {
         x: cx,
         y: cy,
-        w,
-        h,
+        w: size.0,
+        h: size.1,
         fill: Some(WHITE),
         stroke: Some(Rgb(0xbb, 0xbb, 0xbb)),
     });
     for (i, s) in drawn.iter().enumerate() {
         let mid = cy + 5.0 + row_h * (i as f64 + 0.5);
-        let (x0, x1) = (cx + 10.0, cx + 10.0 + swatch);
+        let (x0, x1) = (cx + 10.0, cx + 10.0 + LEGEND_SWATCH);
         shapes.push(Shape::Line {
             x1: x0,
             y1: mid,
@@ -649,6 +732,35 @@ fn draw_panel(
             Anchor::Start,
         ));
     }
+}
+
+/// The legend goes in the corner that covers the fewest data points
+/// (matplotlib's loc="best", simplified); segment midpoints count too, so a
+/// line crossing a corner between two far-apart points still counts.
+fn legend_corner(p: &Panel, (w, h): (f64, f64), screen_points: &[(f64, f64)]) -> (f64, f64) {
+    let inset = 10.0;
+    let corners = [
+        (p.right - inset - w, p.top + inset),
+        (p.left + inset, p.top + inset),
+        (p.right - inset - w, p.bottom - inset - h),
+        (p.left + inset, p.bottom - inset - h),
+    ];
+    let covered = |&(cx, cy): &(f64, f64)| {
+        let inside = |&(px, py): &(f64, f64)| {
+            px >= cx - 6.0 && px <= cx + w + 6.0 && py >= cy - 6.0 && py <= cy + h + 6.0
+        };
+        let midpoints = screen_points
+            .windows(2)
+            .map(|ab| ((ab[0].0 + ab[1].0) / 2.0, (ab[0].1 + ab[1].1) / 2.0));
+        screen_points.iter().filter(|pt| inside(pt)).count()
+            + midpoints.filter(|pt| inside(pt)).count()
+    };
+    let (cx, cy) = corners
+        .iter()
+        .copied()
+        .min_by_key(|c| covered(c))
+        .unwrap_or(corners[0]);
+    (cx.round() + 0.5, cy.round() + 0.5)
 }
 
 fn text(x: f64, y: f64, s: &str, role: TextRole, color: Rgb, anchor: Anchor) -> Shape {
@@ -700,97 +812,115 @@ fn to_svg(scene: &Scene) -> String {
         h = scene.height
     );
     for shape in &scene.shapes {
-        match shape {
-            Shape::Rect {
-                x,
-                y,
-                w,
-                h,
-                fill,
-                stroke,
-            } => {
-                let fill = fill.map_or("none".to_string(), hex);
-                let stroke = stroke.map_or(String::new(), |c| {
-                    format!(r#" stroke="{}" stroke-width="1""#, hex(c))
-                });
-                let _ = writeln!(
-                    s,
-                    r#"<rect x="{x:.1}" y="{y:.1}" width="{w:.1}" height="{h:.1}" fill="{fill}"{stroke}/>"#
-                );
-            }
-            Shape::Line {
-                x1,
-                y1,
-                x2,
-                y2,
-                color,
-                width,
-            } => {
-                let _ = writeln!(
-                    s,
-                    r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}" stroke="{}" stroke-width="{width}"/>"#,
-                    hex(*color)
-                );
-            }
-            Shape::Polyline {
-                points,
-                color,
-                width,
-            } => {
-                let pts: Vec<String> = points
-                    .iter()
-                    .map(|(x, y)| format!("{x:.2},{y:.2}"))
-                    .collect();
-                let _ = writeln!(
-                    s,
-                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{width}" stroke-linejoin="round" stroke-linecap="round"/>"#,
-                    pts.join(" "),
-                    hex(*color)
-                );
-            }
-            Shape::Marker { x, y, r, color } => {
-                let _ = writeln!(
-                    s,
-                    r#"<circle cx="{x:.2}" cy="{y:.2}" r="{r}" fill="{}" stroke="white" stroke-width="1.5"/>"#,
-                    hex(*color)
-                );
-            }
-            Shape::Text {
-                x,
-                y,
-                text,
-                role,
-                color,
-                anchor,
-                vertical,
-            } => {
-                let anchor = match anchor {
-                    Anchor::Start => "start",
-                    Anchor::Middle => "middle",
-                    Anchor::End => "end",
-                };
-                let weight = if matches!(role, TextRole::Title) {
-                    r#" font-weight="bold""#
-                } else {
-                    ""
-                };
-                let rotate = if *vertical {
-                    format!(r#" transform="rotate(-90 {x:.1} {y:.1})""#)
-                } else {
-                    String::new()
-                };
-                let _ = writeln!(
-                    s,
-                    r#"<text x="{x:.1}" y="{y:.1}" font-size="{}" fill="{}" text-anchor="{anchor}"{weight}{rotate}>{}</text>"#,
-                    SvgMetrics::font_size(*role),
-                    hex(*color),
-                    xml_escape(text)
-                );
-            }
-        }
+        write_svg_shape(&mut s, shape);
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// One element per shape, on its own line.
+fn write_svg_shape(s: &mut String, shape: &Shape) {
+    match shape {
+        Shape::Rect {
+            x,
+            y,
+            w,
+            h,
+            fill,
+            stroke,
+        } => {
+            let fill = fill.map_or("none".to_string(), hex);
+            let stroke = stroke.map_or(String::new(), |c| {
+                format!(r#" stroke="{}" stroke-width="1""#, hex(c))
+            });
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{y:.1}" width="{w:.1}" height="{h:.1}" fill="{fill}"{stroke}/>"#
+            );
+        }
+        Shape::Line {
+            x1,
+            y1,
+            x2,
+            y2,
+            color,
+            width,
+        } => {
+            let _ = writeln!(
+                s,
+                r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}" stroke="{}" stroke-width="{width}"/>"#,
+                hex(*color)
+            );
+        }
+        Shape::Polyline {
+            points,
+            color,
+            width,
+        } => write_svg_polyline(s, points, *color, *width),
+        Shape::Marker { x, y, r, color } => {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{x:.2}" cy="{y:.2}" r="{r}" fill="{}" stroke="white" stroke-width="1.5"/>"#,
+                hex(*color)
+            );
+        }
+        Shape::Text {
+            x,
+            y,
+            text,
+            role,
+            color,
+            anchor,
+            vertical,
+        } => write_svg_text(s, (*x, *y), text, *role, *color, *anchor, *vertical),
+    }
+}
+
+fn write_svg_polyline(s: &mut String, points: &[(f64, f64)], color: Rgb, width: f64) {
+    let pts: Vec<String> = points
+        .iter()
+        .map(|(x, y)| format!("{x:.2},{y:.2}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{width}" stroke-linejoin="round" stroke-linecap="round"/>"#,
+        pts.join(" "),
+        hex(color)
+    );
+}
+
+fn write_svg_text(
+    s: &mut String,
+    (x, y): (f64, f64),
+    text: &str,
+    role: TextRole,
+    color: Rgb,
+    anchor: Anchor,
+    vertical: bool,
+) {
+    let anchor = match anchor {
+        Anchor::Start => "start",
+        Anchor::Middle => "middle",
+        Anchor::End => "end",
+    };
+    let weight = if matches!(role, TextRole::Title) {
+        r#" font-weight="bold""#
+    } else {
+        ""
+    };
+    // Rotating about the anchor point keeps the baseline where the layout put it.
+    let rotate = if vertical {
+        format!(r#" transform="rotate(-90 {x:.1} {y:.1})""#)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        r#"<text x="{x:.1}" y="{y:.1}" font-size="{}" fill="{}" text-anchor="{anchor}"{weight}{rotate}>{}</text>"#,
+        SvgMetrics::font_size(role),
+        hex(color),
+        xml_escape(text)
+    );
 }
 
 #[cfg(test)]
