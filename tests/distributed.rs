@@ -4,6 +4,8 @@
 //! error instead of hanging, and the run resumes from the last checkpoint with
 //! a different world size.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -386,23 +388,7 @@ fn an_interrupt_on_one_rank_stops_all_ranks_after_the_same_step() {
     // Interrupt rank 1 alone once training has started (rank 0 says so; a
     // fixed sleep raced the model load on a busy machine, and a signal before
     // training exits at once by design).
-    let stderr0 = r0.stderr.take().unwrap();
-    let (started, wait_start) = std::sync::mpsc::channel();
-    let reader0 = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr0)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("Running training") {
-                let _ = started.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let (wait_start, reader0) = common::watch_stderr(&mut r0, "Running training");
     wait_start
         .recv_timeout(Duration::from_secs(300))
         .expect("training starts");

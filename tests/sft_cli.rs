@@ -2,6 +2,8 @@
 //! outputs in the formats Python opens, checkpoint rotation, exact resume after
 //! a crash, and the data pipeline against TRL's own tokenization.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -628,23 +630,7 @@ fn interrupt_saves_a_checkpoint_and_exits_cleanly() {
             .unwrap();
         // Interrupt once training has started (a fixed sleep raced the model
         // load on a busy machine: a signal before training exits 130 at once).
-        let stderr = child.stderr.take().unwrap();
-        let (started, wait_start) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut all = String::new();
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("Running training") {
-                    let _ = started.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
+        let (wait_start, reader) = common::watch_stderr(&mut child, "Running training");
         wait_start
             .recv_timeout(std::time::Duration::from_secs(300))
             .expect("training starts");

@@ -1,5 +1,8 @@
-//! Checks shared by the trainer parity tests (tests/trainer_parity.rs,
-//! tests/padding_free_parity.rs): our `log_history` against TRL's.
+//! Helpers shared by the test binaries: the trainer parity checks
+//! (tests/trainer_parity.rs, tests/padding_free_parity.rs: our `log_history`
+//! against TRL's) and a stderr watcher for the interrupt tests. Each binary
+//! uses part of this module.
+#![allow(dead_code)]
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -94,4 +97,35 @@ pub fn check_final_adapter(root: &Path, setting: &str, ours: Vec<(String, Tensor
         );
     }
     worst
+}
+
+/// Reads `child`'s stderr on a thread: the receiver gets a message when a
+/// line containing `marker` appears; the handle returns all of stderr once
+/// the child closes it. For tests that must act at a point of a run (a
+/// fixed sleep races the start-up on a busy machine).
+pub fn watch_stderr(
+    child: &mut std::process::Child,
+    marker: &'static str,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<String>,
+) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (seen, wait) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(marker) {
+                let _ = seen.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    (wait, reader)
 }
