@@ -369,6 +369,288 @@ fn clean_up_tokenization(text: &str) -> String {
         .replace(" 're", "'re")
 }
 
+/// The `tokenizers` backend from `tokenizer.json`, which must exist: only fast
+/// tokenizers are supported.
+fn load_backend(tok_path: &Path) -> Result<Tokenizer> {
+    if !tok_path.is_file() {
+        return Err(invalid(
+            tok_path,
+            "not found (only fast tokenizers with a tokenizer.json are supported)",
+        ));
+    }
+    Tokenizer::from_file(tok_path).map_err(|e| TokenizerError::Backend {
+        context: format!("{}: cannot load tokenizer", tok_path.display()),
+        message: e.to_string(),
+    })
+}
+
+/// A JSON file whose top level must be an object.
+fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
+    match read_json(path)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(invalid(path, "must contain a JSON object")),
+    }
+}
+
+/// `tokenizer_config.json`, or an empty config when the directory has none
+/// (transformers then runs on its defaults).
+fn read_config(cfg_path: &Path) -> Result<Map<String, Value>> {
+    if cfg_path.is_file() {
+        read_json_object(cfg_path)
+    } else {
+        Ok(Map::new())
+    }
+}
+
+/// The chat templates: files first (transformers 5), else the config entry.
+fn load_chat_templates(
+    dir: &Path,
+    config: &Map<String, Value>,
+    cfg_path: &Path,
+) -> Result<Vec<(String, TemplateSlot)>> {
+    let templates = read_template_files(dir)?;
+    if !templates.is_empty() {
+        return Ok(templates);
+    }
+    config_chat_templates(config, cfg_path)
+}
+
+/// `chat_template.jinja` as `default`, then `chat_templates/*.jinja` by file stem
+/// in sorted order; a named file overrides an earlier template of the same name.
+fn read_template_files(dir: &Path) -> Result<Vec<(String, TemplateSlot)>> {
+    let mut templates: Vec<(String, TemplateSlot)> = Vec::new();
+    let jinja_path = dir.join("chat_template.jinja");
+    if jinja_path.is_file() {
+        let src = std::fs::read_to_string(&jinja_path).map_err(|source| TokenizerError::Io {
+            path: jinja_path.clone(),
+            error: source,
+        })?;
+        templates.push((
+            "default".into(),
+            TemplateSlot::new(src, jinja_path.display().to_string()),
+        ));
+    }
+    let tdir = dir.join("chat_templates");
+    if tdir.is_dir() {
+        let entries = std::fs::read_dir(&tdir).map_err(|source| TokenizerError::Io {
+            path: tdir.clone(),
+            error: source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jinja"))
+            .collect();
+        files.sort();
+        for p in files {
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let src = std::fs::read_to_string(&p).map_err(|source| TokenizerError::Io {
+                path: p.clone(),
+                error: source,
+            })?;
+            templates.retain(|(n, _)| *n != name);
+            let origin = p.display().to_string();
+            templates.push((name, TemplateSlot::new(src, origin)));
+        }
+    }
+    Ok(templates)
+}
+
+/// The config's `chat_template`: a single string (stored as `default`) or a list
+/// of `{"name", "template"}` entries.
+fn config_chat_templates(
+    config: &Map<String, Value>,
+    cfg_path: &Path,
+) -> Result<Vec<(String, TemplateSlot)>> {
+    let mut templates: Vec<(String, TemplateSlot)> = Vec::new();
+    match config.get("chat_template") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => templates.push((
+            "default".into(),
+            TemplateSlot::new(
+                s.clone(),
+                format!("{} (\"chat_template\")", cfg_path.display()),
+            ),
+        )),
+        Some(Value::Array(items)) => {
+            for item in items {
+                let name = item.get("name").and_then(Value::as_str);
+                let template = item.get("template").and_then(Value::as_str);
+                match (name, template) {
+                    (Some(n), Some(t)) => {
+                        let origin = format!("{} (chat_template {n:?})", cfg_path.display());
+                        templates.push((n.into(), TemplateSlot::new(t.into(), origin)))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            cfg_path,
+                            "`chat_template` list entries need string \"name\" and \"template\"",
+                        ))
+                    }
+                }
+            }
+        }
+        Some(_) => {
+            return Err(invalid(
+                cfg_path,
+                "`chat_template` must be a string or a list",
+            ))
+        }
+    }
+    Ok(templates)
+}
+
+/// `(attribute, token)` pairs such as `("eos_token", "<|endoftext|>")`, in order.
+type NamedTokens = Vec<(String, String)>;
+
+/// Named special tokens and `extra_special_tokens` as the config declares them.
+fn config_special_tokens(
+    config: &Map<String, Value>,
+    cfg_path: &Path,
+) -> Result<(NamedTokens, Vec<String>)> {
+    let mut special_tokens: Vec<(String, String)> = Vec::new();
+    for attr in SPECIAL_TOKEN_ATTRS {
+        if let Some(v) = config.get(attr) {
+            set_token(&mut special_tokens, attr, token_content(v, cfg_path, attr)?);
+        }
+    }
+    // Model-specific named tokens (e.g. `image_token`): other `*_token` keys with string values.
+    for (key, v) in config {
+        if key.ends_with("_token") && !SPECIAL_TOKEN_ATTRS.contains(&key.as_str()) {
+            if let Value::String(s) = v {
+                set_token(&mut special_tokens, key, Some(s.clone()));
+            }
+        }
+    }
+    let mut extra_special_tokens = Vec::new();
+    for key in ["extra_special_tokens", "additional_special_tokens"] {
+        match config.get(key) {
+            Some(Value::Object(named)) => {
+                for (name, v) in named {
+                    set_token(&mut special_tokens, name, token_content(v, cfg_path, name)?);
+                }
+            }
+            Some(v) if extra_special_tokens.is_empty() => {
+                extra_special_tokens = token_list(v, cfg_path, key)?
+            }
+            _ => {}
+        }
+    }
+    Ok((special_tokens, extra_special_tokens))
+}
+
+/// Merges a legacy `special_tokens_map.json` into the special tokens; its named
+/// tokens override the config's, its extra tokens are appended when new.
+fn merge_special_tokens_map(
+    stm_path: &Path,
+    special_tokens: &mut Vec<(String, String)>,
+    extra_special_tokens: &mut Vec<String>,
+) -> Result<()> {
+    let stm = read_json_object(stm_path)?;
+    for (key, v) in &stm {
+        if key == "extra_special_tokens" || key == "additional_special_tokens" {
+            for t in token_list(v, stm_path, key)? {
+                if !extra_special_tokens.contains(&t) {
+                    extra_special_tokens.push(t);
+                }
+            }
+        } else if key.ends_with("_token") {
+            set_token(special_tokens, key, token_content(v, stm_path, key)?);
+        }
+    }
+    Ok(())
+}
+
+/// Adds the config's `added_tokens_decoder` entries the backend lacks, in id
+/// order (transformers adds them at init).
+fn add_decoder_tokens(
+    tokenizer: &mut Tokenizer,
+    config: &Map<String, Value>,
+    cfg_path: &Path,
+) -> Result<()> {
+    let Some(decoder) = config.get("added_tokens_decoder") else {
+        return Ok(());
+    };
+    let m = decoder
+        .as_object()
+        .ok_or_else(|| invalid(cfg_path, "`added_tokens_decoder` must be an object"))?;
+    let mut entries: Vec<(u64, AddedToken)> = Vec::new();
+    for (id, v) in m {
+        let id: u64 = id.parse().map_err(|_| {
+            invalid(
+                cfg_path,
+                format!("added_tokens_decoder key {id:?} is not an integer id"),
+            )
+        })?;
+        entries.push((id, parse_added_token(v, cfg_path, &id.to_string())?));
+    }
+    entries.sort_by_key(|(id, _)| *id);
+    for (_, tok) in entries {
+        if tokenizer.token_to_id(&tok.content).is_none() {
+            if tok.special {
+                tokenizer.add_special_tokens(&[tok]);
+            } else {
+                tokenizer.add_tokens(&[tok]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds, as special tokens, the named and extra special tokens the backend lacks.
+fn add_missing_special_tokens(
+    tokenizer: &mut Tokenizer,
+    special_tokens: &[(String, String)],
+    extra_special_tokens: &[String],
+) {
+    let missing: Vec<AddedToken> = special_tokens
+        .iter()
+        .map(|(_, t)| t)
+        .chain(extra_special_tokens.iter())
+        .filter(|t| tokenizer.token_to_id(t).is_none())
+        .map(|t| AddedToken::from(t.clone(), true))
+        .collect();
+    if !missing.is_empty() {
+        tokenizer.add_special_tokens(&missing);
+    }
+}
+
+/// The config's `padding_side`, defaulting to the direction of `tokenizer.json`'s
+/// own padding, else right.
+fn config_padding_side(
+    config: &Map<String, Value>,
+    cfg_path: &Path,
+    saved_padding: Option<&tokenizers::PaddingParams>,
+) -> Result<PaddingSide> {
+    match config.get("padding_side") {
+        Some(Value::String(s)) => s
+            .parse()
+            .map_err(|e: UnknownChoice| invalid(cfg_path, format!("padding_side: {e}"))),
+        Some(Value::Null) | None => Ok(match saved_padding {
+            Some(p) if matches!(p.direction, tokenizers::PaddingDirection::Left) => {
+                PaddingSide::Left
+            }
+            _ => PaddingSide::Right,
+        }),
+        Some(_) => Err(invalid(
+            cfg_path,
+            "`padding_side` must be \"left\" or \"right\"",
+        )),
+    }
+}
+
+/// The config's `model_max_length`; transformers stores "no limit" as int(1e30),
+/// so huge values count as unset.
+fn config_model_max_length(config: &Map<String, Value>) -> Option<usize> {
+    config
+        .get("model_max_length")
+        .and_then(Value::as_f64)
+        .filter(|x| x.is_finite() && *x >= 0.0 && *x < 1e18)
+        .map(|x| x as usize)
+}
+
 impl PreTrainedTokenizer {
     /// Loads a tokenizer directory the way `AutoTokenizer.from_pretrained(dir)` does for
     /// fast tokenizers: `tokenizer.json` (required), `tokenizer_config.json`,
@@ -378,161 +660,17 @@ impl PreTrainedTokenizer {
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
-            return Err(invalid(
-                &tok_path,
-                "not found (only fast tokenizers with a tokenizer.json are supported)",
-            ));
-        }
-        let mut tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| TokenizerError::Backend {
-                context: format!("{}: cannot load tokenizer", tok_path.display()),
-                message: e.to_string(),
-            })?;
-
+        let mut tokenizer = load_backend(&tok_path)?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let config = if cfg_path.is_file() {
-            match read_json(&cfg_path)? {
-                Value::Object(m) => m,
-                _ => return Err(invalid(&cfg_path, "must contain a JSON object")),
-            }
-        } else {
-            Map::new()
-        };
-
-        // --- chat templates: files first (transformers 5), else the config entry ---
-        let mut templates: Vec<(String, TemplateSlot)> = Vec::new();
-        let jinja_path = dir.join("chat_template.jinja");
-        if jinja_path.is_file() {
-            let src =
-                std::fs::read_to_string(&jinja_path).map_err(|source| TokenizerError::Io {
-                    path: jinja_path.clone(),
-                    error: source,
-                })?;
-            templates.push((
-                "default".into(),
-                TemplateSlot::new(src, jinja_path.display().to_string()),
-            ));
-        }
-        let tdir = dir.join("chat_templates");
-        if tdir.is_dir() {
-            let entries = std::fs::read_dir(&tdir).map_err(|source| TokenizerError::Io {
-                path: tdir.clone(),
-                error: source,
-            })?;
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "jinja"))
-                .collect();
-            files.sort();
-            for p in files {
-                let name = p
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let src = std::fs::read_to_string(&p).map_err(|source| TokenizerError::Io {
-                    path: p.clone(),
-                    error: source,
-                })?;
-                templates.retain(|(n, _)| *n != name);
-                let origin = p.display().to_string();
-                templates.push((name, TemplateSlot::new(src, origin)));
-            }
-        }
-        if templates.is_empty() {
-            match config.get("chat_template") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) => templates.push((
-                    "default".into(),
-                    TemplateSlot::new(
-                        s.clone(),
-                        format!("{} (\"chat_template\")", cfg_path.display()),
-                    ),
-                )),
-                Some(Value::Array(items)) => {
-                    for item in items {
-                        let name = item.get("name").and_then(Value::as_str);
-                        let template = item.get("template").and_then(Value::as_str);
-                        match (name, template) {
-                            (Some(n), Some(t)) => {
-                                let origin =
-                                    format!("{} (chat_template {n:?})", cfg_path.display());
-                                templates.push((n.into(), TemplateSlot::new(t.into(), origin)))
-                            }
-                            _ => {
-                                return Err(invalid(
-                                    &cfg_path,
-                                    "`chat_template` list entries need string \"name\" and \"template\"",
-                                ))
-                            }
-                        }
-                    }
-                }
-                Some(_) => {
-                    return Err(invalid(
-                        &cfg_path,
-                        "`chat_template` must be a string or a list",
-                    ))
-                }
-            }
-        }
-
-        // --- special tokens ---
-        let mut special_tokens: Vec<(String, String)> = Vec::new();
-        for attr in SPECIAL_TOKEN_ATTRS {
-            if let Some(v) = config.get(attr) {
-                set_token(
-                    &mut special_tokens,
-                    attr,
-                    token_content(v, &cfg_path, attr)?,
-                );
-            }
-        }
-        // Model-specific named tokens (e.g. `image_token`): other `*_token` keys with string values.
-        for (key, v) in &config {
-            if key.ends_with("_token") && !SPECIAL_TOKEN_ATTRS.contains(&key.as_str()) {
-                if let Value::String(s) = v {
-                    set_token(&mut special_tokens, key, Some(s.clone()));
-                }
-            }
-        }
-        let mut extra_special_tokens = Vec::new();
-        for key in ["extra_special_tokens", "additional_special_tokens"] {
-            match config.get(key) {
-                Some(Value::Object(named)) => {
-                    for (name, v) in named {
-                        set_token(
-                            &mut special_tokens,
-                            name,
-                            token_content(v, &cfg_path, name)?,
-                        );
-                    }
-                }
-                Some(v) if extra_special_tokens.is_empty() => {
-                    extra_special_tokens = token_list(v, &cfg_path, key)?
-                }
-                _ => {}
-            }
-        }
+        let config = read_config(&cfg_path)?;
+        let templates = load_chat_templates(dir, &config, &cfg_path)?;
+        let (mut special_tokens, mut extra_special_tokens) =
+            config_special_tokens(&config, &cfg_path)?;
 
         // Legacy special_tokens_map.json: read only when the config lacks added_tokens_decoder.
         let stm_path = dir.join("special_tokens_map.json");
         if !config.contains_key("added_tokens_decoder") && stm_path.is_file() {
-            let stm = match read_json(&stm_path)? {
-                Value::Object(m) => m,
-                _ => return Err(invalid(&stm_path, "must contain a JSON object")),
-            };
-            for (key, v) in &stm {
-                if key == "extra_special_tokens" || key == "additional_special_tokens" {
-                    for t in token_list(v, &stm_path, key)? {
-                        if !extra_special_tokens.contains(&t) {
-                            extra_special_tokens.push(t);
-                        }
-                    }
-                } else if key.ends_with("_token") {
-                    set_token(&mut special_tokens, key, token_content(v, &stm_path, key)?);
-                }
-            }
+            merge_special_tokens_map(&stm_path, &mut special_tokens, &mut extra_special_tokens)?;
         }
 
         // tokenizer.json's own padding supplies defaults for pad_token and padding_side.
@@ -553,66 +691,11 @@ impl PreTrainedTokenizer {
                 message: e.to_string(),
             })?;
 
-        // --- added tokens the backend lacks (transformers adds them at init) ---
-        if let Some(decoder) = config.get("added_tokens_decoder") {
-            let m = decoder
-                .as_object()
-                .ok_or_else(|| invalid(&cfg_path, "`added_tokens_decoder` must be an object"))?;
-            let mut entries: Vec<(u64, AddedToken)> = Vec::new();
-            for (id, v) in m {
-                let id: u64 = id.parse().map_err(|_| {
-                    invalid(
-                        &cfg_path,
-                        format!("added_tokens_decoder key {id:?} is not an integer id"),
-                    )
-                })?;
-                entries.push((id, parse_added_token(v, &cfg_path, &id.to_string())?));
-            }
-            entries.sort_by_key(|(id, _)| *id);
-            for (_, tok) in entries {
-                if tokenizer.token_to_id(&tok.content).is_none() {
-                    if tok.special {
-                        tokenizer.add_special_tokens(&[tok]);
-                    } else {
-                        tokenizer.add_tokens(&[tok]);
-                    }
-                }
-            }
-        }
-        let missing: Vec<AddedToken> = special_tokens
-            .iter()
-            .map(|(_, t)| t)
-            .chain(extra_special_tokens.iter())
-            .filter(|t| tokenizer.token_to_id(t).is_none())
-            .map(|t| AddedToken::from(t.clone(), true))
-            .collect();
-        if !missing.is_empty() {
-            tokenizer.add_special_tokens(&missing);
-        }
+        add_decoder_tokens(&mut tokenizer, &config, &cfg_path)?;
+        add_missing_special_tokens(&mut tokenizer, &special_tokens, &extra_special_tokens);
 
-        let padding_side = match config.get("padding_side") {
-            Some(Value::String(s)) => s
-                .parse()
-                .map_err(|e: UnknownChoice| invalid(&cfg_path, format!("padding_side: {e}")))?,
-            Some(Value::Null) | None => match &saved_padding {
-                Some(p) if matches!(p.direction, tokenizers::PaddingDirection::Left) => {
-                    PaddingSide::Left
-                }
-                _ => PaddingSide::Right,
-            },
-            Some(_) => {
-                return Err(invalid(
-                    &cfg_path,
-                    "`padding_side` must be \"left\" or \"right\"",
-                ))
-            }
-        };
-        // transformers stores "no limit" as int(1e30); treat huge values as unset.
-        let model_max_length = config
-            .get("model_max_length")
-            .and_then(Value::as_f64)
-            .filter(|x| x.is_finite() && *x >= 0.0 && *x < 1e18)
-            .map(|x| x as usize);
+        let padding_side = config_padding_side(&config, &cfg_path, saved_padding.as_ref())?;
+        let model_max_length = config_model_max_length(&config);
         let flag = |k: &str| config.get(k).and_then(Value::as_bool).unwrap_or(false);
 
         Ok(Self {
@@ -1058,36 +1141,39 @@ impl PreTrainedTokenizer {
             path: dir.into(),
             error: source,
         })?;
-        let write = |path: PathBuf, text: &str| -> Result<PathBuf> {
-            crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| {
-                TokenizerError::Io {
-                    path: path.clone(),
-                    error: source,
-                }
-            })?;
-            Ok(path)
-        };
         let mut written = Vec::new();
+        let tok_path = dir.join("tokenizer.json");
+        let tok_json = self.backend_json(&tok_path)?;
+        written.push(write_text(tok_path, &tok_json)?);
 
-        // tokenizer.json with the padding/truncation it was loaded with.
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg_text = config_text(self.saved_config(), &cfg_path)?;
+        written.push(write_text(cfg_path, &cfg_text)?);
+
+        self.write_chat_templates(dir, &mut written)?;
+        Ok(written)
+    }
+
+    /// `tokenizer.json` with the padding/truncation it was loaded with.
+    fn backend_json(&self, tok_path: &Path) -> Result<String> {
         let mut backend = self.tokenizer.clone();
         backend.with_padding(self.saved_padding.clone());
-        let tok_path = dir.join("tokenizer.json");
         backend
             .with_truncation(self.saved_truncation.clone())
             .map_err(|e| TokenizerError::Backend {
                 context: tok_path.display().to_string(),
                 message: e.to_string(),
             })?;
-        let tok_json = backend
+        backend
             .to_string(true)
             .map_err(|e| TokenizerError::Backend {
                 context: tok_path.display().to_string(),
                 message: e.to_string(),
-            })?;
-        written.push(write(tok_path, &tok_json)?);
+            })
+    }
 
-        // tokenizer_config.json: the loaded config with the current state on top.
+    /// `tokenizer_config.json`'s content: the loaded config with the current state on top.
+    fn saved_config(&self) -> Map<String, Value> {
         let mut cfg = self.config.clone();
         for key in [
             "chat_template",
@@ -1129,6 +1215,15 @@ impl PreTrainedTokenizer {
         }
         cfg.entry("tokenizer_class")
             .or_insert_with(|| Value::String("PreTrainedTokenizerFast".into()));
+        cfg.insert("added_tokens_decoder".into(), self.added_tokens_decoder());
+        if let Some(templates) = self.chat_template_config() {
+            cfg.insert("chat_template".into(), templates);
+        }
+        cfg
+    }
+
+    /// The backend's added tokens as transformers' `added_tokens_decoder`, in id order.
+    fn added_tokens_decoder(&self) -> Value {
         let mut added: Vec<(u32, AddedToken)> = self
             .tokenizer
             .get_added_tokens_decoder()
@@ -1145,12 +1240,16 @@ impl PreTrainedTokenizer {
                 }),
             );
         }
-        cfg.insert("added_tokens_decoder".into(), Value::Object(decoder));
+        Value::Object(decoder)
+    }
+
+    /// The config's `chat_template`: a string for a single template, a list of
+    /// `{"name", "template"}` for several, nothing when there is none.
+    fn chat_template_config(&self) -> Option<Value> {
         if self.chat_templates.is_single() {
-            cfg.insert(
-                "chat_template".into(),
-                Value::String(self.chat_templates.templates[0].1.source.clone()),
-            );
+            Some(Value::String(
+                self.chat_templates.templates[0].1.source.clone(),
+            ))
         } else if !self.chat_templates.templates.is_empty() {
             let list = self
                 .chat_templates
@@ -1158,24 +1257,18 @@ impl PreTrainedTokenizer {
                 .iter()
                 .map(|(n, t)| serde_json::json!({"name": n, "template": t.source}))
                 .collect();
-            cfg.insert("chat_template".into(), Value::Array(list));
+            Some(Value::Array(list))
+        } else {
+            None
         }
-        // Same bytes as transformers: json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n".
-        let opts = JsonDumpsOptions {
-            indent: Some("  ".into()),
-            sort_keys: true,
-            ..Default::default()
-        };
-        let cfg_text = json_dumps(&minijinja::Value::from_serialize(Value::Object(cfg)), &opts)
-            .map_err(|e| invalid(&dir.join("tokenizer_config.json"), e.to_string()))?;
-        written.push(write(
-            dir.join("tokenizer_config.json"),
-            &(cfg_text + "\n"),
-        )?);
+    }
 
+    /// Writes `default` to `chat_template.jinja` and each other template to
+    /// `chat_templates/<name>.jinja`, appending the paths to `written`.
+    fn write_chat_templates(&self, dir: &Path, written: &mut Vec<PathBuf>) -> Result<()> {
         for (name, t) in &self.chat_templates.templates {
             if name == "default" {
-                written.push(write(dir.join("chat_template.jinja"), &t.source)?);
+                written.push(write_text(dir.join("chat_template.jinja"), &t.source)?);
             } else {
                 // Template names come from files/configs: keep them to a plain file name.
                 if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
@@ -1188,11 +1281,33 @@ impl PreTrainedTokenizer {
                     path: tdir.clone(),
                     error: source,
                 })?;
-                written.push(write(tdir.join(format!("{name}.jinja")), &t.source)?);
+                written.push(write_text(tdir.join(format!("{name}.jinja")), &t.source)?);
             }
         }
-        Ok(written)
+        Ok(())
     }
+}
+
+/// Writes `text` to `path` atomically, so an interrupted save never leaves a
+/// truncated file behind; returns `path` for the list of written files.
+fn write_text(path: PathBuf, text: &str) -> Result<PathBuf> {
+    crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|source| TokenizerError::Io {
+        path: path.clone(),
+        error: source,
+    })?;
+    Ok(path)
+}
+
+/// Same bytes as transformers: json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n".
+fn config_text(cfg: Map<String, Value>, cfg_path: &Path) -> Result<String> {
+    let opts = JsonDumpsOptions {
+        indent: Some("  ".into()),
+        sort_keys: true,
+        ..Default::default()
+    };
+    let text = json_dumps(&minijinja::Value::from_serialize(Value::Object(cfg)), &opts)
+        .map_err(|e| invalid(cfg_path, e.to_string()))?;
+    Ok(text + "\n")
 }
 
 /// transformers' `_alias_reasoning_fields`: `{"thinking": r, **message, "reasoning_content": r}`
