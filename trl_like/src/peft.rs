@@ -491,53 +491,9 @@ impl PeftAdapter {
         device: Device,
         trainable: bool,
     ) -> Result<Self, PeftError> {
-        let file_err = |path: &Path, message: String| PeftError::File {
-            path: path.display().to_string(),
-            message,
-        };
-        let cfg_path = dir.join("adapter_config.json");
-        let text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let config: LoraConfig =
-            serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let peft_type = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["peft_type"].as_str().map(str::to_string));
-        if let Some(t) = peft_type.filter(|t| t != "LORA") {
-            return Err(file_err(
-                &cfg_path,
-                format!("peft_type {t:?} is not supported (only LORA)"),
-            ));
-        }
-        config.validate()?;
+        let config = read_adapter_config(dir)?;
         let weights = dir.join("adapter_model.safetensors");
-        let tensors =
-            Tensor::read_safetensors(&weights).map_err(|e| file_err(&weights, e.to_string()))?;
-        let mut by_module: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-        for (key, t) in tensors {
-            let Some(rest) = key.strip_prefix("base_model.model.") else {
-                return Err(file_err(
-                    &weights,
-                    format!("unexpected tensor {key} (not a LoRA weight)"),
-                ));
-            };
-            let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-                (m, 0)
-            } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-                (m, 1)
-            } else {
-                return Err(file_err(
-                    &weights,
-                    format!("unsupported tensor {key} (only lora_A / lora_B weights are)"),
-                ));
-            };
-            let slot = by_module.entry(module.to_string()).or_default();
-            if which == 0 {
-                slot.0 = Some(t);
-            } else {
-                slot.1 = Some(t);
-            }
-        }
+        let by_module = read_adapter_tensors(&weights)?;
         let vs = nn::VarStore::new(device);
         let mut linears: BTreeMap<String, &mut Linear> =
             model.linear_layers_mut().into_iter().collect();
@@ -551,87 +507,19 @@ impl PeftAdapter {
                     format!("{module} has only one of lora_A / lora_B"),
                 ));
             };
-            if !linears.contains_key(&module) {
+            let Some(linear) = linears.get_mut(&module) else {
                 return Err(PeftError::UnknownModule {
                     adapter,
                     module,
                     available,
                 });
-            }
-            let linear = linears.get_mut(&module).expect("checked above");
-            let expect_a = vec![config.r, linear.in_features()];
-            let expect_b = vec![linear.out_features(), config.r];
-            for (name, t, expected) in [("lora_A", &a, &expect_a), ("lora_B", &b, &expect_b)] {
-                if t.size() != *expected {
-                    return Err(PeftError::Shape {
-                        adapter,
-                        name: peft_key(&module, name),
-                        expected: expected.clone(),
-                        found: t.size(),
-                    });
-                }
-            }
-            let root = vs.root();
-            let mut va = var_at(
-                &root,
-                &peft_key(&module, "lora_A"),
-                &expect_a,
-                nn::Init::Const(0.0),
-            );
-            let mut vb = var_at(
-                &root,
-                &peft_key(&module, "lora_B"),
-                &expect_b,
-                nn::Init::Const(0.0),
-            );
-            tch::no_grad(|| {
-                va.copy_(&a);
-                vb.copy_(&b);
-            });
-            if !trainable {
-                va = va.set_requires_grad(false);
-                vb = vb.set_requires_grad(false);
-            }
-            linear.lora = Some(LoraLayer {
-                lora_a: va,
-                lora_b: vb,
-                scaling: config.scaling(),
-                dropout: config.lora_dropout,
-            });
+            };
+            let lora = loaded_layer(&vs.root(), &config, linear, &module, [&a, &b], &adapter)?;
+            linear.lora = Some(frozen_unless(lora, trainable));
             modules.push(module);
         }
-        // PEFT builds the adapters from the config and then loads the tensors
-        // into them; a file that holds other modules would silently train or
-        // run something else than the config says.
-        let expected: Vec<String> = linears
-            .keys()
-            .filter(|m| config.targets(m))
-            .cloned()
-            .collect();
-        if expected != modules {
-            let missing: Vec<&String> = expected.iter().filter(|m| !modules.contains(m)).collect();
-            let extra: Vec<&String> = modules.iter().filter(|m| !expected.contains(m)).collect();
-            let mut detail = String::new();
-            if let Some(m) = missing.first() {
-                detail.push_str(&format!(
-                    "; {} named by the config missing from the file (e.g. {m})",
-                    missing.len()
-                ));
-            }
-            if let Some(m) = extra.first() {
-                detail.push_str(&format!(
-                    "; {} in the file the config does not name (e.g. {m})",
-                    extra.len()
-                ));
-            }
-            return Err(PeftError::ConfigMismatch {
-                adapter,
-                config: config.describe_targets(),
-                expected: summarize_modules(&expected),
-                found: summarize_modules(&modules),
-                detail,
-            });
-        }
+        let names: Vec<&String> = linears.keys().collect();
+        check_file_matches_config(&config, &names, &modules, adapter)?;
         Ok(Self {
             config,
             vs,
@@ -683,6 +571,160 @@ impl PeftAdapter {
     pub fn num_parameters(&self) -> i64 {
         self.vs.variables().values().map(|t| t.numel() as i64).sum()
     }
+}
+
+fn file_err(path: &Path, message: String) -> PeftError {
+    PeftError::File {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+/// `adapter_config.json`, refused unless it describes a valid LoRA adapter.
+fn read_adapter_config(dir: &Path) -> Result<LoraConfig, PeftError> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text =
+        std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+    let config: LoraConfig =
+        serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+    let peft_type = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["peft_type"].as_str().map(str::to_string));
+    if let Some(t) = peft_type.filter(|t| t != "LORA") {
+        return Err(file_err(
+            &cfg_path,
+            format!("peft_type {t:?} is not supported (only LORA)"),
+        ));
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// A module's (lora_A, lora_B) as found in the file; either may be missing.
+type LoraPair = (Option<Tensor>, Option<Tensor>);
+
+/// `adapter_model.safetensors` grouped by module; any tensor that is not a
+/// LoRA A / B weight is refused rather than ignored.
+fn read_adapter_tensors(weights: &Path) -> Result<BTreeMap<String, LoraPair>, PeftError> {
+    let tensors =
+        Tensor::read_safetensors(weights).map_err(|e| file_err(weights, e.to_string()))?;
+    let mut by_module: BTreeMap<String, LoraPair> = BTreeMap::new();
+    for (key, t) in tensors {
+        let Some(rest) = key.strip_prefix("base_model.model.") else {
+            return Err(file_err(
+                weights,
+                format!("unexpected tensor {key} (not a LoRA weight)"),
+            ));
+        };
+        let slot = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+            &mut by_module.entry(m.to_string()).or_default().0
+        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            &mut by_module.entry(m.to_string()).or_default().1
+        } else {
+            return Err(file_err(
+                weights,
+                format!("unsupported tensor {key} (only lora_A / lora_B weights are)"),
+            ));
+        };
+        *slot = Some(t);
+    }
+    Ok(by_module)
+}
+
+/// One module's adapter built from the file's tensors, after checking their
+/// shapes against the config's rank and the layer's features.
+fn loaded_layer(
+    root: &nn::Path,
+    config: &LoraConfig,
+    linear: &Linear,
+    module: &str,
+    [a, b]: [&Tensor; 2],
+    adapter: &str,
+) -> Result<LoraLayer, PeftError> {
+    let expect_a = vec![config.r, linear.in_features()];
+    let expect_b = vec![linear.out_features(), config.r];
+    for (name, t, expected) in [("lora_A", a, &expect_a), ("lora_B", b, &expect_b)] {
+        if t.size() != *expected {
+            return Err(PeftError::Shape {
+                adapter: adapter.to_string(),
+                name: peft_key(module, name),
+                expected: expected.clone(),
+                found: t.size(),
+            });
+        }
+    }
+    let mut va = var_at(
+        root,
+        &peft_key(module, "lora_A"),
+        &expect_a,
+        nn::Init::Const(0.0),
+    );
+    let mut vb = var_at(
+        root,
+        &peft_key(module, "lora_B"),
+        &expect_b,
+        nn::Init::Const(0.0),
+    );
+    tch::no_grad(|| {
+        va.copy_(a);
+        vb.copy_(b);
+    });
+    Ok(LoraLayer {
+        lora_a: va,
+        lora_b: vb,
+        scaling: config.scaling(),
+        dropout: config.lora_dropout,
+    })
+}
+
+/// An adapter loaded for inference only keeps its weights out of autograd.
+fn frozen_unless(mut lora: LoraLayer, trainable: bool) -> LoraLayer {
+    if !trainable {
+        lora.lora_a = lora.lora_a.set_requires_grad(false);
+        lora.lora_b = lora.lora_b.set_requires_grad(false);
+    }
+    lora
+}
+
+/// PEFT builds the adapters from the config and then loads the tensors into
+/// them; a file that holds other modules would silently train or run
+/// something else than the config says.
+fn check_file_matches_config(
+    config: &LoraConfig,
+    linears: &[&String],
+    modules: &[String],
+    adapter: String,
+) -> Result<(), PeftError> {
+    let expected: Vec<String> = linears
+        .iter()
+        .filter(|m| config.targets(m))
+        .map(|m| m.to_string())
+        .collect();
+    if expected == modules {
+        return Ok(());
+    }
+    let missing: Vec<&String> = expected.iter().filter(|m| !modules.contains(m)).collect();
+    let extra: Vec<&String> = modules.iter().filter(|m| !expected.contains(m)).collect();
+    let mut detail = String::new();
+    if let Some(m) = missing.first() {
+        detail.push_str(&format!(
+            "; {} named by the config missing from the file (e.g. {m})",
+            missing.len()
+        ));
+    }
+    if let Some(m) = extra.first() {
+        detail.push_str(&format!(
+            "; {} in the file the config does not name (e.g. {m})",
+            extra.len()
+        ));
+    }
+    Err(PeftError::ConfigMismatch {
+        adapter,
+        config: config.describe_targets(),
+        expected: summarize_modules(&expected),
+        found: summarize_modules(modules),
+        detail,
+    })
 }
 
 fn linears_list(linears: &BTreeMap<String, &mut Linear>) -> String {

@@ -1030,134 +1030,162 @@ fn scalar_string(v: &Value) -> Option<String> {
 /// type deserializes from. Strings are parsed for non-string fields, because
 /// YAML 1.1 readers (PyYAML) and shells hand numbers over as text.
 fn coerce(spec: &FieldSpec, v: Value) -> Result<Value, String> {
-    let optional = spec.ty.optional;
-    let none_ok = |v: &Value| match v {
+    if let Some(done) = coerce_none(spec, &v)? {
+        return Ok(done);
+    }
+    match spec.ty.kind {
+        ValueKind::Bool => coerce_bool(&v),
+        ValueKind::Int => coerce_int(&v, false),
+        ValueKind::UInt => coerce_int(&v, true),
+        ValueKind::Float => coerce_float(&v),
+        ValueKind::Str => scalar_string(&v)
+            .map(Value::String)
+            .ok_or_else(|| format!("expected a string, got {}", kind_name(&v))),
+        ValueKind::Enum(choices) => coerce_enum(&v, choices),
+        ValueKind::List => coerce_list(&v),
+        ValueKind::Json => coerce_json(v),
+    }
+}
+
+/// A none spelling (null, "none", ["none"]): `Some` with the field's empty value
+/// when it has one, `None` to coerce the value as any other (a string field
+/// keeps the word "none").
+fn coerce_none(spec: &FieldSpec, v: &Value) -> Result<Option<Value>, String> {
+    let none = match v {
         Value::Null => true,
         Value::String(s) => is_none_word(s),
         Value::Array(a) => a.len() == 1 && a[0].as_str().is_some_and(is_none_word),
         _ => false,
     };
-    if none_ok(&v) {
-        if optional {
-            return Ok(Value::Null);
-        }
-        if spec.ty.kind == ValueKind::Json {
-            return Ok(Value::Object(Map::new()));
-        }
-        if v.is_null() {
-            return Err("this setting cannot be none".into());
-        }
+    if !none {
+        return Ok(None);
     }
-    match spec.ty.kind {
-        ValueKind::Bool => match &v {
-            Value::Bool(b) => Ok(Value::Bool(*b)),
-            Value::Number(n) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
-                Ok(Value::Bool(n.as_u64() == Some(1)))
-            }
-            Value::String(s) => parse_bool(s)
-                .map(Value::Bool)
-                .ok_or_else(|| "expected true or false".into()),
-            _ => Err(format!("expected true or false, got {}", kind_name(&v))),
-        },
-        ValueKind::Int | ValueKind::UInt => {
-            let unsigned = spec.ty.kind == ValueKind::UInt;
-            let want = if unsigned {
-                "a non-negative integer"
+    if spec.ty.optional {
+        return Ok(Some(Value::Null));
+    }
+    if spec.ty.kind == ValueKind::Json {
+        return Ok(Some(Value::Object(Map::new())));
+    }
+    if v.is_null() {
+        return Err("this setting cannot be none".into());
+    }
+    Ok(None)
+}
+
+fn coerce_bool(v: &Value) -> Result<Value, String> {
+    match v {
+        Value::Bool(b) => Ok(Value::Bool(*b)),
+        Value::Number(n) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
+            Ok(Value::Bool(n.as_u64() == Some(1)))
+        }
+        Value::String(s) => parse_bool(s)
+            .map(Value::Bool)
+            .ok_or_else(|| "expected true or false".into()),
+        _ => Err(format!("expected true or false, got {}", kind_name(v))),
+    }
+}
+
+/// An integer field; a float is accepted when it is whole (YAML writes `1e3`).
+fn coerce_int(v: &Value, unsigned: bool) -> Result<Value, String> {
+    let want = if unsigned {
+        "a non-negative integer"
+    } else {
+        "an integer"
+    };
+    let n: i128 = match v {
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i as i128
+            } else if let Some(u) = n.as_u64() {
+                u as i128
             } else {
-                "an integer"
-            };
-            let n: i128 = match &v {
-                Value::Number(n) => {
-                    if let Some(i) = n.as_i64() {
-                        i as i128
-                    } else if let Some(u) = n.as_u64() {
-                        u as i128
-                    } else {
-                        match n.as_f64() {
-                            Some(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
-                                f as i128
-                            }
-                            _ => return Err(format!("expected {want}")),
-                        }
-                    }
+                match n.as_f64() {
+                    Some(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.0e15 => f as i128,
+                    _ => return Err(format!("expected {want}")),
                 }
-                Value::String(s) => s
-                    .trim()
-                    .parse::<i128>()
-                    .map_err(|_| format!("expected {want}"))?,
-                _ => return Err(format!("expected {want}, got {}", kind_name(&v))),
-            };
-            if unsigned {
-                u64::try_from(n)
-                    .map(|u| Value::Number(u.into()))
-                    .map_err(|_| format!("expected {want}"))
-            } else {
-                i64::try_from(n)
-                    .map(|i| Value::Number(i.into()))
-                    .map_err(|_| format!("expected {want}"))
             }
         }
-        ValueKind::Float => {
-            let f = match &v {
-                Value::Number(n) => n.as_f64(),
-                Value::String(s) => parse_float(s),
-                _ => return Err(format!("expected a number, got {}", kind_name(&v))),
-            };
-            match f {
-                Some(f) if f.is_finite() => Ok(Value::Number(
-                    Number::from_f64(f).ok_or("expected a number")?,
-                )),
-                Some(f) if f.is_nan() => Err("expected a finite number, got not-a-number".into()),
-                Some(_) => Err("expected a finite number, got an infinity".into()),
-                None => Err("expected a number".into()),
-            }
-        }
-        ValueKind::Str => scalar_string(&v)
-            .map(Value::String)
-            .ok_or_else(|| format!("expected a string, got {}", kind_name(&v))),
-        ValueKind::Enum(choices) => {
-            let s = scalar_string(&v)
-                .ok_or_else(|| format!("expected a string, got {}", kind_name(&v)))?;
-            if choices.contains(&s.as_str()) {
-                Ok(Value::String(s))
-            } else {
-                let hint = suggest(&s, choices.iter().copied())
-                    .map(|c| format!(" (did you mean {c}?)"))
-                    .unwrap_or_default();
-                Err(format!("expected one of {}{hint}", choices.join(", ")))
-            }
-        }
-        ValueKind::List => match &v {
-            Value::Array(items) => items
-                .iter()
-                .map(|i| {
-                    scalar_string(i)
-                        .map(Value::String)
-                        .ok_or_else(|| format!("list items must be strings, got {}", kind_name(i)))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(Value::Array),
-            other => scalar_string(other)
-                .map(|s| Value::Array(vec![Value::String(s)]))
-                .ok_or_else(|| {
-                    format!(
-                        "expected a string or a list of strings, got {}",
-                        kind_name(other)
-                    )
-                }),
+        Value::String(s) => s
+            .trim()
+            .parse::<i128>()
+            .map_err(|_| format!("expected {want}"))?,
+        _ => return Err(format!("expected {want}, got {}", kind_name(v))),
+    };
+    if unsigned {
+        u64::try_from(n)
+            .map(|u| Value::Number(u.into()))
+            .map_err(|_| format!("expected {want}"))
+    } else {
+        i64::try_from(n)
+            .map(|i| Value::Number(i.into()))
+            .map_err(|_| format!("expected {want}"))
+    }
+}
+
+fn coerce_float(v: &Value) -> Result<Value, String> {
+    let f = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => parse_float(s),
+        _ => return Err(format!("expected a number, got {}", kind_name(v))),
+    };
+    match f {
+        Some(f) if f.is_finite() => Ok(Value::Number(
+            Number::from_f64(f).ok_or("expected a number")?,
+        )),
+        Some(f) if f.is_nan() => Err("expected a finite number, got not-a-number".into()),
+        Some(_) => Err("expected a finite number, got an infinity".into()),
+        None => Err("expected a number".into()),
+    }
+}
+
+fn coerce_enum(v: &Value, choices: &[&str]) -> Result<Value, String> {
+    let s = scalar_string(v).ok_or_else(|| format!("expected a string, got {}", kind_name(v)))?;
+    if choices.contains(&s.as_str()) {
+        Ok(Value::String(s))
+    } else {
+        let hint = suggest(&s, choices.iter().copied())
+            .map(|c| format!(" (did you mean {c}?)"))
+            .unwrap_or_default();
+        Err(format!("expected one of {}{hint}", choices.join(", ")))
+    }
+}
+
+/// A list of strings; a single scalar stands for a one-item list.
+fn coerce_list(v: &Value) -> Result<Value, String> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                scalar_string(i)
+                    .map(Value::String)
+                    .ok_or_else(|| format!("list items must be strings, got {}", kind_name(i)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        other => scalar_string(other)
+            .map(|s| Value::Array(vec![Value::String(s)]))
+            .ok_or_else(|| {
+                format!(
+                    "expected a string or a list of strings, got {}",
+                    kind_name(other)
+                )
+            }),
+    }
+}
+
+/// A mapping; on the command line it arrives as a JSON object string.
+fn coerce_json(v: Value) -> Result<Value, String> {
+    match v {
+        Value::Object(m) => Ok(Value::Object(m)),
+        Value::String(s) => match serde_json::from_str::<Value>(&s) {
+            Ok(Value::Object(m)) => Ok(Value::Object(m)),
+            Ok(other) => Err(format!("expected a JSON object, got {}", kind_name(&other))),
+            Err(e) => Err(format!("expected a JSON object: {e}")),
         },
-        ValueKind::Json => match v {
-            Value::Object(m) => Ok(Value::Object(m)),
-            Value::String(s) => match serde_json::from_str::<Value>(&s) {
-                Ok(Value::Object(m)) => Ok(Value::Object(m)),
-                Ok(other) => Err(format!("expected a JSON object, got {}", kind_name(&other))),
-                Err(e) => Err(format!("expected a JSON object: {e}")),
-            },
-            other => Err(format!(
-                "expected a mapping (or a JSON object string), got {}",
-                kind_name(&other)
-            )),
-        },
+        other => Err(format!(
+            "expected a mapping (or a JSON object string), got {}",
+            kind_name(&other)
+        )),
     }
 }
 

@@ -449,6 +449,17 @@ impl SFTConfig {
     /// Checks ranges and combinations (transformers' `_validate_args` rules
     /// plus the obvious ranges). The error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // The order is part of the contract: with several mistakes, the first
+        // one reported must not change between releases.
+        self.validate_run_length_and_batches()?;
+        self.validate_optimizer()?;
+        self.validate_precision()?;
+        self.validate_intervals()?;
+        self.validate_data_and_integrations()
+    }
+
+    /// Output directory, how long to train, batch sizes and the process group.
+    fn validate_run_length_and_batches(&self) -> Result<(), ConfigError> {
         if self.output_dir.trim().is_empty() {
             return Err(ConfigError::invalid("output_dir", "must not be empty"));
         }
@@ -494,7 +505,11 @@ impl SFTConfig {
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
         )?;
+        Ok(())
+    }
 
+    /// Learning rate, optimizer hyper-parameters, warmup and scheduler.
+    fn validate_optimizer(&self) -> Result<(), ConfigError> {
         check_finite("learning_rate", self.learning_rate)?;
         if self.learning_rate <= 0.0 {
             return Err(ConfigError::invalid(
@@ -540,7 +555,11 @@ impl SFTConfig {
                 "must set `min_lr` or `min_lr_rate` for lr_scheduler_type cosine_with_min_lr",
             ));
         }
+        Ok(())
+    }
 
+    /// Mixed-precision flags that exclude each other, and embedding noise.
+    fn validate_precision(&self) -> Result<(), ConfigError> {
         if self.fp16 && self.use_bf16() {
             return Err(ConfigError::conflict(
                 "fp16",
@@ -564,7 +583,11 @@ impl SFTConfig {
                 ));
             }
         }
+        Ok(())
+    }
 
+    /// Logging, evaluation and saving cadence, and best-model selection.
+    fn validate_intervals(&self) -> Result<(), ConfigError> {
         // Step intervals: transformers requires whole numbers above 1 and a
         // non-zero value for a "steps" strategy; below 1 is a ratio.
         check_interval(
@@ -593,8 +616,12 @@ impl SFTConfig {
         if let Some(limit) = self.save_total_limit {
             check_at_least_one("save_total_limit", limit)?;
         }
-        self.validate_best_model()?;
+        self.validate_best_model()
+    }
 
+    /// Integrations, resuming, remote code, and the dataset / length settings
+    /// (packing needs a block length).
+    fn validate_data_and_integrations(&self) -> Result<(), ConfigError> {
         if self.report_to.len() > 1 && self.report_to.iter().any(|r| r == "none") {
             return Err(ConfigError::invalid(
                 "report_to",

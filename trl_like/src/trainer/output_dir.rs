@@ -571,6 +571,19 @@ const DATA_ORDER: &[&str] = &[
     "dataloader_drop_last",
 ];
 
+type Args = serde_json::Map<String, Value>;
+
+/// What a resume check found, each list in the order it is printed.
+#[derive(Default)]
+struct ResumeFindings {
+    /// Reasons to refuse whatever `ignore_data_skip` says.
+    refused: Vec<String>,
+    /// Reasons the skipped steps would cover other samples: refused, or a
+    /// warning under `ignore_data_skip`.
+    data_problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
 /// Compares this run with the one that wrote `checkpoint` (its
 /// [`RECORD_FILE`] and `training_args.json`): refuses what would make the
 /// resumed run wrong — another base model or adapter shape, other training
@@ -584,146 +597,210 @@ pub fn check_resume(
     now: &RunRecord,
 ) -> Result<Vec<String>, OutputDirError> {
     let ckpt = checkpoint.display().to_string();
-    let mut refused: Vec<String> = Vec::new();
-    let mut data_problems: Vec<String> = Vec::new();
-    let mut warnings: Vec<String> = Vec::new();
+    let mut found = ResumeFindings::default();
 
-    let then_args: Option<serde_json::Map<String, Value>> =
-        std::fs::read_to_string(checkpoint.join("training_args.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
+    let then_args: Option<Args> = std::fs::read_to_string(checkpoint.join("training_args.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     let now_args = match serde_json::to_value(args) {
         Ok(Value::Object(m)) => m,
         _ => serde_json::Map::new(),
     };
-    let record_path = checkpoint.join(RECORD_FILE);
-    let then: Option<RunRecord> = match std::fs::read_to_string(&record_path) {
-        Ok(text) => Some(
-            serde_json::from_str(&text).map_err(|e| OutputDirError::BadRecord {
-                checkpoint: ckpt.clone(),
-                message: e.to_string(),
-            })?,
-        ),
-        Err(_) => None,
-    };
-
-    match &then {
+    match read_record(checkpoint, &ckpt)? {
         Some(then) => {
-            if then.base_fingerprint != now.base_fingerprint {
-                refused.push(format!(
-                    "it was trained on the base model {} and this run loads {}, whose weights differ",
-                    then.base_model, now.base_model
-                ));
-            }
-            if then.trained != now.trained {
-                refused.push(format!(
-                    "it trained {} and this run trains {}",
-                    then.trained, now.trained
-                ));
-            }
-            if then.train_examples != now.train_examples
-                || then.train_fingerprint != now.train_fingerprint
-            {
-                data_problems.push(format!(
-                    "its training data differ ({} tokenized examples, fingerprint {}; now {}, {}: \
-                     another data file, split, template or max_length)",
-                    then.train_examples,
-                    then.train_fingerprint,
-                    now.train_examples,
-                    now.train_fingerprint
-                ));
-            }
-            let geometry = |r: &RunRecord| {
-                format!(
-                    "{} per device x {} accumulation x {} processes = {}",
-                    r.per_device_train_batch_size,
-                    r.gradient_accumulation_steps,
-                    r.world_size,
-                    r.global_batch()
-                )
-            };
-            let group_by_length =
-                args.sampling_strategy() == crate::config::SamplingStrategy::GroupByLength;
-            if then.global_batch() != now.global_batch()
-                || (group_by_length
-                    && then.per_device_train_batch_size != now.per_device_train_batch_size)
-            {
-                data_problems.push(format!(
-                    "its batch was {}, this run's is {}, so the steps already done would skip other samples",
-                    geometry(then),
-                    geometry(now)
-                ));
-            } else if geometry(then) != geometry(now) {
-                warnings.push(format!(
-                    "note: the batch is split differently ({} then, {} now); the global batch is the same",
-                    geometry(then),
-                    geometry(now)
-                ));
-            }
+            check_model(&then, now, &mut found);
+            check_data(&then, now, &mut found);
+            check_batch_geometry(&then, now, args, &mut found);
         }
-        None => {
-            warnings.push(format!(
-                "note: {ckpt} has no {RECORD_FILE} (an older checkpoint): its training data and base model \
-                 cannot be compared with this run's"
-            ));
-            if let Some(then_args) = &then_args {
-                let batch = |m: &serde_json::Map<String, Value>| {
-                    let get = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(1).max(1);
-                    get("per_device_train_batch_size") * get("gradient_accumulation_steps")
-                };
-                // Its process count is not recorded: a mismatch may be a changed world size.
-                if batch(then_args) != batch(&now_args) {
-                    warnings.push(format!(
-                        "warning: per-device batch x accumulation was {} and is {} now; unless the number \
-                         of processes changed to make up for it, the resumed run skips other samples than \
-                         the first run saw",
-                        batch(then_args),
-                        batch(&now_args)
-                    ));
-                }
-            }
-        }
+        None => check_unrecorded(&ckpt, then_args.as_ref(), &now_args, &mut found),
     }
-
     if let Some(then_args) = &then_args {
-        let show = |v: Option<&Value>| match v {
-            None | Some(Value::Null) => "unset".to_string(),
-            Some(Value::String(s)) => s.clone(),
-            Some(v) => v.to_string(),
-        };
-        // A setting the checkpoint does not record (an older writer) is not compared.
-        let changed = |k: &str| {
-            let (a, b) = (then_args.get(k)?, now_args.get(k));
-            (Some(a) != b).then(|| format!("{k} {} -> {}", show(Some(a)), show(b)))
-        };
-        // The data order follows data_seed, or seed when data_seed is unset.
-        let order_seed = |m: &serde_json::Map<String, Value>| {
-            m.get("data_seed")
-                .filter(|v| !v.is_null())
-                .or_else(|| m.get("seed"))
-                .cloned()
-        };
-        if order_seed(then_args).is_some() && order_seed(then_args) != order_seed(&now_args) {
-            data_problems.push(format!(
-                "the data order changed (seed/data_seed {} -> {})",
-                show(order_seed(then_args).as_ref()),
-                show(order_seed(&now_args).as_ref())
-            ));
-        }
-        data_problems.extend(DATA_ORDER.iter().filter_map(|k| {
-            changed(k)
+        check_data_order(then_args, &now_args, &mut found);
+        check_future_settings(then_args, &now_args, &ckpt, &mut found);
+    }
+    resume_verdict(found, args, ckpt)
+}
+
+/// The checkpoint's [`RECORD_FILE`]; `None` when an older writer left none.
+fn read_record(checkpoint: &Path, ckpt: &str) -> Result<Option<RunRecord>, OutputDirError> {
+    match std::fs::read_to_string(checkpoint.join(RECORD_FILE)) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| OutputDirError::BadRecord {
+                checkpoint: ckpt.to_string(),
+                message: e.to_string(),
+            }),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Another base model or another adapter shape: the saved weights mean
+/// something else on top of it.
+fn check_model(then: &RunRecord, now: &RunRecord, found: &mut ResumeFindings) {
+    if then.base_fingerprint != now.base_fingerprint {
+        found.refused.push(format!(
+            "it was trained on the base model {} and this run loads {}, whose weights differ",
+            then.base_model, now.base_model
+        ));
+    }
+    if then.trained != now.trained {
+        found.refused.push(format!(
+            "it trained {} and this run trains {}",
+            then.trained, now.trained
+        ));
+    }
+}
+
+fn check_data(then: &RunRecord, now: &RunRecord, found: &mut ResumeFindings) {
+    if then.train_examples != now.train_examples || then.train_fingerprint != now.train_fingerprint
+    {
+        found.data_problems.push(format!(
+            "its training data differ ({} tokenized examples, fingerprint {}; now {}, {}: \
+             another data file, split, template or max_length)",
+            then.train_examples, then.train_fingerprint, now.train_examples, now.train_fingerprint
+        ));
+    }
+}
+
+/// Another global batch makes the skipped steps cover other samples; so does
+/// another per-device batch under group_by_length, whose length-sorted
+/// mega-batches are counted in per-device batches.
+/// The same global batch split differently is only a note.
+fn check_batch_geometry(
+    then: &RunRecord,
+    now: &RunRecord,
+    args: &SFTConfig,
+    found: &mut ResumeFindings,
+) {
+    let geometry = |r: &RunRecord| {
+        format!(
+            "{} per device x {} accumulation x {} processes = {}",
+            r.per_device_train_batch_size,
+            r.gradient_accumulation_steps,
+            r.world_size,
+            r.global_batch()
+        )
+    };
+    let group_by_length =
+        args.sampling_strategy() == crate::config::SamplingStrategy::GroupByLength;
+    if then.global_batch() != now.global_batch()
+        || (group_by_length && then.per_device_train_batch_size != now.per_device_train_batch_size)
+    {
+        found.data_problems.push(format!(
+            "its batch was {}, this run's is {}, so the steps already done would skip other samples",
+            geometry(then),
+            geometry(now)
+        ));
+    } else if geometry(then) != geometry(now) {
+        found.warnings.push(format!(
+            "note: the batch is split differently ({} then, {} now); the global batch is the same",
+            geometry(then),
+            geometry(now)
+        ));
+    }
+}
+
+/// A checkpoint without [`RECORD_FILE`]: only its training_args.json can be
+/// compared, so a batch change is a warning, not a refusal.
+fn check_unrecorded(
+    ckpt: &str,
+    then_args: Option<&Args>,
+    now_args: &Args,
+    found: &mut ResumeFindings,
+) {
+    found.warnings.push(format!(
+        "note: {ckpt} has no {RECORD_FILE} (an older checkpoint): its training data and base model \
+         cannot be compared with this run's"
+    ));
+    let Some(then_args) = then_args else {
+        return;
+    };
+    let batch = |m: &Args| {
+        let get = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(1).max(1);
+        get("per_device_train_batch_size") * get("gradient_accumulation_steps")
+    };
+    // Its process count is not recorded: a mismatch may be a changed world size.
+    if batch(then_args) != batch(now_args) {
+        found.warnings.push(format!(
+            "warning: per-device batch x accumulation was {} and is {} now; unless the number \
+             of processes changed to make up for it, the resumed run skips other samples than \
+             the first run saw",
+            batch(then_args),
+            batch(now_args)
+        ));
+    }
+}
+
+fn show_setting(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "unset".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// `"k then -> now"` when setting `k` changed. A setting the checkpoint does
+/// not record (an older writer) is not compared.
+fn changed_setting(then_args: &Args, now_args: &Args, k: &str) -> Option<String> {
+    let (a, b) = (then_args.get(k)?, now_args.get(k));
+    (Some(a) != b).then(|| format!("{k} {} -> {}", show_setting(Some(a)), show_setting(b)))
+}
+
+/// Settings that decide which batches the skipped steps consumed ([`DATA_ORDER`]).
+fn check_data_order(then_args: &Args, now_args: &Args, found: &mut ResumeFindings) {
+    // The data order follows data_seed, or seed when data_seed is unset.
+    let order_seed = |m: &Args| {
+        m.get("data_seed")
+            .filter(|v| !v.is_null())
+            .or_else(|| m.get("seed"))
+            .cloned()
+    };
+    if order_seed(then_args).is_some() && order_seed(then_args) != order_seed(now_args) {
+        found.data_problems.push(format!(
+            "the data order changed (seed/data_seed {} -> {})",
+            show_setting(order_seed(then_args).as_ref()),
+            show_setting(order_seed(now_args).as_ref())
+        ));
+    }
+    found
+        .data_problems
+        .extend(DATA_ORDER.iter().filter_map(|k| {
+            changed_setting(then_args, now_args, k)
                 .filter(|_| *k != "data_seed")
                 .map(|c| format!("the data order changed ({c})"))
         }));
-        let future: Vec<String> = FUTURE_ONLY.iter().filter_map(|k| changed(k)).collect();
-        if !future.is_empty() {
-            warnings.push(format!(
-                "warning: settings changed since {ckpt}; they apply from the resumed step on: {}",
-                future.join(", ")
-            ));
-        }
-    }
+}
 
+/// [`FUTURE_ONLY`] settings that changed: one warning naming them all.
+fn check_future_settings(
+    then_args: &Args,
+    now_args: &Args,
+    ckpt: &str,
+    found: &mut ResumeFindings,
+) {
+    let future: Vec<String> = FUTURE_ONLY
+        .iter()
+        .filter_map(|k| changed_setting(then_args, now_args, k))
+        .collect();
+    if !future.is_empty() {
+        found.warnings.push(format!(
+            "warning: settings changed since {ckpt}; they apply from the resumed step on: {}",
+            future.join(", ")
+        ));
+    }
+}
+
+/// The warnings to print, or the refusal with the way out that applies.
+fn resume_verdict(
+    found: ResumeFindings,
+    args: &SFTConfig,
+    ckpt: String,
+) -> Result<Vec<String>, OutputDirError> {
+    let ResumeFindings {
+        mut refused,
+        data_problems,
+        mut warnings,
+    } = found;
     if args.ignore_data_skip {
         if !data_problems.is_empty() {
             warnings.push(format!(
