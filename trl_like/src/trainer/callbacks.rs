@@ -47,7 +47,7 @@ macro_rules! events {
 }
 
 events! {
-    /// End of `SFTTrainer::new`.
+    /// End of the trainer's construction (`Trainer::new`, called by `SFTTrainerBuilder::build`).
     on_init_end,
     /// Start of `train()`.
     on_train_begin,
