@@ -45,6 +45,17 @@ enum WsdShape {
 }
 
 /// The schedule's lambda and its arguments (the `partial(...)` in transformers).
+/// `get_wsd_schedule`'s settings: warm up, hold, decay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Wsd {
+    num_stable_steps: i64,
+    num_decay_steps: i64,
+    warmup_type: WsdShape,
+    decay_type: WsdShape,
+    min_lr_ratio: f64,
+    num_cycles: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Schedule {
     Linear,
@@ -72,14 +83,7 @@ enum Schedule {
         min_lr_rate: f64,
         warmup_lr_rate: Option<f64>,
     },
-    WarmupStableDecay {
-        num_stable_steps: i64,
-        num_decay_steps: i64,
-        warmup_type: WsdShape,
-        decay_type: WsdShape,
-        min_lr_ratio: f64,
-        num_cycles: f64,
-    },
+    WarmupStableDecay(Wsd),
 }
 
 /// A transformers learning-rate schedule (`get_scheduler(name, ...)`) as a
@@ -149,14 +153,14 @@ impl<'a> Kwargs<'a> {
             Some(s) => s,
             None => total - warmup - num_decay_steps,
         };
-        Ok(Schedule::WarmupStableDecay {
+        Ok(Schedule::WarmupStableDecay(Wsd {
             num_stable_steps,
             num_decay_steps,
             warmup_type: kw.wsd_shape("warmup_type", WsdShape::Linear)?,
             decay_type: kw.wsd_shape("decay_type", WsdShape::Cosine)?,
             min_lr_ratio: kw.float_or("min_lr_ratio", 0.0)?,
             num_cycles: kw.float_or("num_cycles", 0.5)?,
-        })
+        }))
     }
 
     fn err(&self, message: String) -> OptimError {
@@ -480,7 +484,7 @@ impl LrScheduler {
                 min_lr_rate,
                 warmup_lr_rate,
             ),
-            Schedule::WarmupStableDecay { .. } => self.warmup_stable_decay(s),
+            Schedule::WarmupStableDecay(wsd) => self.warmup_stable_decay(s, wsd),
         }
     }
 
@@ -509,18 +513,15 @@ impl LrScheduler {
     }
 
     /// `get_wsd_schedule`'s lambda: warm up, hold, decay, then stay at `min_lr_ratio`.
-    fn warmup_stable_decay(&self, s: i64) -> f64 {
-        let Schedule::WarmupStableDecay {
+    fn warmup_stable_decay(&self, s: i64, wsd: Wsd) -> f64 {
+        let Wsd {
             num_stable_steps,
             num_decay_steps,
             warmup_type,
             decay_type,
             min_lr_ratio,
             num_cycles,
-        } = self.schedule
-        else {
-            unreachable!("called for the warmup_stable_decay schedule only")
-        };
+        } = wsd;
         let warmup = self.num_warmup_steps;
         if s < warmup {
             let progress = warmup_ratio(s, warmup);

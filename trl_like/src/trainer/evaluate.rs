@@ -1,7 +1,9 @@
 //! Logging, evaluation and the log / evaluate / save decision after each
 //! step (transformers' `log`, `evaluate` and `_maybe_log_save_evaluate`).
 
-use super::{release_free_memory, round, Event, Payload, Trainer, TrainerError, TrainingHooks};
+use super::{
+    release_free_memory, round, Event, LossOutput, Payload, Trainer, TrainerError, TrainingHooks,
+};
 use crate::distributed::ReduceOp;
 use crate::modeling::PreTrainedModel;
 use crate::optim::AdamW;
@@ -85,17 +87,9 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         };
         let starts = (0..n).step_by(bs).enumerate();
         for (_, first) in starts.filter(|(i, _)| i % world_size == rank) {
-            let out = {
-                let Some(eval) = &self.eval_dataset else {
-                    break;
-                };
-                let examples: Vec<&H::Example> = eval[first..(first + bs).min(n)].iter().collect();
-                let batch = self.hooks.collate(&examples, self.device);
-                let out = self.hooks.compute_loss(&self.model, &batch, None, false)?;
-                // transformers repeats each batch's mean loss batch-size times, then averages.
-                sums.loss += out.loss * examples.len() as f64;
-                out
-            };
+            let (out, rows) = self.eval_batch(first, bs)?;
+            // transformers repeats each batch's mean loss batch-size times, then averages.
+            sums.loss += out.loss * rows as f64;
             for ((_, sum), (_, x)) in sums.metrics.iter_mut().zip(&out.metrics) {
                 *sum += x;
             }
@@ -103,6 +97,15 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             self.fire(Event::PredictionStep, Payload::None);
         }
         Ok(sums)
+    }
+
+    /// The loss of the evaluation rows `first..first + bs`, and how many there are.
+    fn eval_batch(&self, first: usize, bs: usize) -> Result<(LossOutput, usize), TrainerError> {
+        let eval = self.eval_dataset.as_deref().unwrap_or_default();
+        let rows: Vec<&H::Example> = eval[first..(first + bs).min(eval.len())].iter().collect();
+        let batch = self.hooks.collate(&rows, self.device);
+        let out = self.hooks.compute_loss(&self.model, &batch, None, false)?;
+        Ok((out, rows.len()))
     }
 
     /// Appends an entry to `log_history` (with epoch and step), sends it to the

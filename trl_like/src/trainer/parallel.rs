@@ -87,9 +87,8 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         totals.tokens = v[1] as i64;
         totals.interrupted = v[2] > 0.0;
         totals.flos = v[3];
-        let mut summed = v[4..].iter();
-        for (_, x) in totals.metrics.iter_mut().flatten() {
-            *x = summed.next().copied().unwrap_or(*x) / world;
+        for ((_, x), sum) in totals.metrics.iter_mut().flatten().zip(&v[4..]) {
+            *x = sum / world;
         }
         Ok(())
     }
