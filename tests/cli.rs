@@ -137,10 +137,9 @@ fn generate_text_output_is_the_continuation() {
     );
 }
 
-/// A piped chat answers each line; with greedy decoding and no penalty the
-/// first answer equals `generate --chat` for the same message.
-#[test]
-fn piped_chat_answers_each_line() {
+/// `glm4 chat` on the tiny model, greedy and without a repetition penalty,
+/// with `input` on its stdin and `max_length` tokens per answer.
+fn piped_chat(max_length: &str, input: &[u8]) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
         .args([
             "chat",
@@ -151,7 +150,7 @@ fn piped_chat_answers_each_line() {
             "--repetition_penalty",
             "1.0",
             "--max_length",
-            "40",
+            max_length,
         ])
         .current_dir(root())
         .stdin(Stdio::piped())
@@ -159,13 +158,15 @@ fn piped_chat_answers_each_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all("你好\n告诉我1+2等于多少？\nexit\n".as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A piped chat answers each line; with greedy decoding and no penalty the
+/// first answer equals `generate --chat` for the same message.
+#[test]
+fn piped_chat_answers_each_line() {
+    let out = piped_chat("40", "你好\n告诉我1+2等于多少？\nexit\n".as_bytes());
     assert!(out.status.success(), "{}", stderr(&out));
     // chat's --max_length is the answer budget, as in the tutorial's chat_cli.py.
     let single = glm4(&[
@@ -195,28 +196,9 @@ fn piped_chat_answers_each_line() {
 /// goes on and answers the next line (it used to end the whole chat).
 #[test]
 fn chat_skips_an_invalid_utf8_line() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glm4"))
-        .args([
-            "chat",
-            "--model_name_or_path",
-            "weights/tiny-glm",
-            "--do_sample",
-            "false",
-            "--repetition_penalty",
-            "1.0",
-            "--max_length",
-            "12",
-        ])
-        .current_dir(root())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let mut input = b"caf\xe9 in Latin-1\n".to_vec();
     input.extend_from_slice("你好\nexit\n".as_bytes());
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = piped_chat("12", &input);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("input line 1 is not valid UTF-8 text: skipped"),

@@ -11,40 +11,10 @@ use trl_like::config::{
 };
 
 /// The tutorial's application defaults (instruct_train.py's
-/// `ChatGLM4ModelConfig`, `DataTrainingArguments` and `MySFTConfig`),
-/// set the way an application sets them.
+/// `ChatGLM4ModelConfig`, `DataTrainingArguments` and `MySFTConfig`): the
+/// ones `glm4 sft` starts from.
 fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
-    let model = ModelConfig {
-        model_name_or_path: Some("./weights/glm-4-9b-hf".into()),
-        dtype: TorchDtype::Bfloat16,
-        use_peft: true,
-        lora_r: 8,
-        lora_alpha: 32,
-        lora_dropout: 0.1,
-        lora_target_modules: Some(vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]),
-        ..ModelConfig::default()
-    };
-    let data = DataArguments {
-        data_files: vec!["./data/alpaca_gpt4_data_zh.json".into()],
-        ..DataArguments::default()
-    };
-    let sft = SFTConfig {
-        output_dir: "./output/lora-glm4-9b-alpaca".into(),
-        num_train_epochs: 3.0,
-        per_device_train_batch_size: 2,
-        per_device_eval_batch_size: 4,
-        gradient_accumulation_steps: 1,
-        learning_rate: 5e-4,
-        bf16: Some(true),
-        bf16_full_eval: true,
-        max_length: Some(512),
-        eval_strategy: IntervalStrategy::Steps,
-        eval_steps: Some(0.1),
-        logging_steps: 10.0,
-        save_steps: 0.1,
-        ..SFTConfig::default()
-    };
-    (model, data, sft)
+    glm4::tutorial::tutorial_defaults()
 }
 
 fn tutorial_parser() -> TrlParser {
