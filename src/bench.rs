@@ -44,6 +44,7 @@ use std::time::Instant;
 use tch::{Device, Kind};
 use trl_like::config::{
     IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TorchDtype,
+    TrainingArguments,
 };
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
@@ -354,7 +355,7 @@ impl TimingCallback {
 impl TrainerCallback for TimingCallback {
     fn on_step_begin(
         &mut self,
-        _a: &SFTConfig,
+        _a: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -368,7 +369,7 @@ impl TrainerCallback for TimingCallback {
 
     fn on_pre_optimizer_step(
         &mut self,
-        _a: &SFTConfig,
+        _a: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -382,7 +383,7 @@ impl TrainerCallback for TimingCallback {
 
     fn on_optimizer_step(
         &mut self,
-        _a: &SFTConfig,
+        _a: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -396,7 +397,7 @@ impl TrainerCallback for TimingCallback {
 
     fn on_step_end(
         &mut self,
-        _a: &SFTConfig,
+        _a: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -799,25 +800,28 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let lora = LoraConfig::new(a.lora_r, a.lora_alpha, a.lora_dropout, targets);
     let output_dir = std::env::temp_dir().join(format!("glm4-bench-{}", std::process::id()));
     let args = SFTConfig {
-        output_dir: output_dir.display().to_string(),
-        max_steps: (a.warmup + a.steps) as i64,
-        per_device_train_batch_size: a.batch_size,
-        gradient_accumulation_steps: 1,
-        learning_rate: a.learning_rate,
-        bf16: Some(kind == Kind::BFloat16),
+        args: TrainingArguments {
+            output_dir: output_dir.display().to_string(),
+            max_steps: (a.warmup + a.steps) as i64,
+            per_device_train_batch_size: a.batch_size,
+            gradient_accumulation_steps: 1,
+            learning_rate: a.learning_rate,
+            bf16: Some(kind == Kind::BFloat16),
+            gradient_checkpointing: a.gradient_checkpointing,
+            logging_strategy: IntervalStrategy::No,
+            eval_strategy: IntervalStrategy::No,
+            save_strategy: SaveStrategy::No,
+            report_to: vec!["none".into()],
+            disable_tqdm: true,
+            train_sampling_strategy: SamplingStrategy::Sequential,
+            seed: a.seed,
+            use_cpu: device == Device::Cpu,
+            ..SFTConfig::default().args
+        },
         max_length: Some(a.seq_len),
-        gradient_checkpointing: a.gradient_checkpointing,
         padding_free: a.padding_free,
         packing: a.packing,
         packing_strategy: a.packing_strategy,
-        logging_strategy: IntervalStrategy::No,
-        eval_strategy: IntervalStrategy::No,
-        save_strategy: SaveStrategy::No,
-        report_to: vec!["none".into()],
-        disable_tqdm: true,
-        train_sampling_strategy: SamplingStrategy::Sequential,
-        seed: a.seed,
-        use_cpu: device == Device::Cpu,
         ..SFTConfig::default()
     };
     let timings = Rc::new(RefCell::new(Timings::default()));

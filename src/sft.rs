@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::{Device, Kind};
 use trl_like::config::{
-    DataArguments, IntervalStrategy, ModelConfig, NoArgs, ParseError, SFTConfig, TrlParser,
+    DataArguments, IntervalStrategy, ModelConfig, NoArgs, ParseError, SFTConfig, TrainingArguments,
+    TrlParser,
 };
 use trl_like::data::{Dataset, DatasetFormat};
 use trl_like::distributed::{Backend, DistEnv, ProcessGroup};
@@ -148,7 +149,7 @@ impl SavePredictCallback {
 impl TrainerCallback for SavePredictCallback {
     fn on_save(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         _control: &mut TrainerControl,
         ctx: &mut CallbackContext,

@@ -5,7 +5,8 @@
 
 use std::path::PathBuf;
 use trl_like::config::{
-    DataArguments, IntervalStrategy, ModelConfig, SFTConfig, TorchDtype, TrlParser,
+    DataArguments, IntervalStrategy, ModelConfig, SFTConfig, TorchDtype, TrainingArguments,
+    TrlParser,
 };
 
 /// The two questions the tutorial's callback asks at every checkpoint.
@@ -28,19 +29,22 @@ pub fn tutorial_defaults() -> (ModelConfig, DataArguments, SFTConfig) {
         ..DataArguments::default()
     };
     let sft = SFTConfig {
-        output_dir: "./output/lora-glm4-9b-alpaca".into(),
-        num_train_epochs: 3.0,
-        per_device_train_batch_size: 2,
-        per_device_eval_batch_size: 4,
-        gradient_accumulation_steps: 1,
-        learning_rate: 5e-4,
-        bf16: Some(true),
-        bf16_full_eval: true,
+        args: TrainingArguments {
+            output_dir: "./output/lora-glm4-9b-alpaca".into(),
+            num_train_epochs: 3.0,
+            per_device_train_batch_size: 2,
+            per_device_eval_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-4,
+            bf16: Some(true),
+            bf16_full_eval: true,
+            eval_strategy: IntervalStrategy::Steps,
+            eval_steps: Some(0.1),
+            logging_steps: 10.0,
+            save_steps: 0.1,
+            ..SFTConfig::default().args
+        },
         max_length: Some(512),
-        eval_strategy: IntervalStrategy::Steps,
-        eval_steps: Some(0.1),
-        logging_steps: 10.0,
-        save_steps: 0.1,
         ..SFTConfig::default()
     };
     (model, data, sft)

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use trl_like::config::{
-    IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy,
+    IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TrainingArguments,
 };
 use trl_like::data::packing::{pack_examples, PackingStrategy as Strategy};
 use trl_like::data::{collate_padding_free, Dataset, Origin, Record, TokenizedExample};
@@ -281,25 +281,28 @@ const PACK_BFD_B2: Setting = Setting {
 
 fn args(s: &Setting, output_dir: &Path, recompute: bool) -> SFTConfig {
     SFTConfig {
-        output_dir: output_dir.display().to_string(),
-        per_device_train_batch_size: s.batch,
-        gradient_accumulation_steps: s.accumulation,
-        learning_rate: 5e-4,
-        max_grad_norm: 1.0,
-        logging_steps: 1.0,
-        max_steps: 4,
+        args: TrainingArguments {
+            output_dir: output_dir.display().to_string(),
+            per_device_train_batch_size: s.batch,
+            gradient_accumulation_steps: s.accumulation,
+            learning_rate: 5e-4,
+            max_grad_norm: 1.0,
+            logging_steps: 1.0,
+            max_steps: 4,
+            seed: 42,
+            bf16: Some(false),
+            gradient_checkpointing: recompute,
+            report_to: vec!["none".into()],
+            save_strategy: SaveStrategy::No,
+            eval_strategy: IntervalStrategy::No,
+            train_sampling_strategy: SamplingStrategy::Sequential,
+            disable_tqdm: true,
+            ..SFTConfig::default().args
+        },
         max_length: s.max_length,
         padding_free: !s.packing,
         packing: s.packing,
         packing_strategy: PackingStrategy::Bfd,
-        seed: 42,
-        bf16: Some(false),
-        gradient_checkpointing: recompute,
-        report_to: vec!["none".into()],
-        save_strategy: SaveStrategy::No,
-        eval_strategy: IntervalStrategy::No,
-        train_sampling_strategy: SamplingStrategy::Sequential,
-        disable_tqdm: true,
         ..SFTConfig::default()
     }
 }

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tch::{Device, Kind};
-use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
+use trl_like::config::{
+    IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TrainingArguments,
+};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
 use trl_like::trainer::{
@@ -22,7 +24,7 @@ struct Recorder(Log);
 macro_rules! record {
     ($($name:ident),*) => {
         impl TrainerCallback for Recorder {
-            $(fn $name(&mut self, _a: &SFTConfig, s: &TrainerState, _c: &mut TrainerControl, _x: &mut CallbackContext) {
+            $(fn $name(&mut self, _a: &TrainingArguments, s: &TrainerState, _c: &mut TrainerControl, _x: &mut CallbackContext) {
                 self.0.lock().unwrap().push((stringify!($name).to_string(), s.global_step));
             })*
         }
@@ -89,22 +91,25 @@ fn events_fire_in_transformers_order() {
     let out = std::env::temp_dir().join(format!("glm4-callbacks-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let args = SFTConfig {
-        output_dir: out.display().to_string(),
-        per_device_train_batch_size: 1,
-        per_device_eval_batch_size: 1,
-        gradient_accumulation_steps: 2,
-        max_steps: 3,
-        logging_steps: 1.0,
-        eval_strategy: IntervalStrategy::Steps,
-        eval_steps: Some(2.0),
-        save_strategy: SaveStrategy::Steps,
-        save_steps: 2.0,
-        report_to: vec!["none".into()],
-        bf16: Some(false),
-        gradient_checkpointing: false,
-        disable_tqdm: true,
+        args: TrainingArguments {
+            output_dir: out.display().to_string(),
+            per_device_train_batch_size: 1,
+            per_device_eval_batch_size: 1,
+            gradient_accumulation_steps: 2,
+            max_steps: 3,
+            logging_steps: 1.0,
+            eval_strategy: IntervalStrategy::Steps,
+            eval_steps: Some(2.0),
+            save_strategy: SaveStrategy::Steps,
+            save_steps: 2.0,
+            report_to: vec!["none".into()],
+            bf16: Some(false),
+            gradient_checkpointing: false,
+            disable_tqdm: true,
+            train_sampling_strategy: SamplingStrategy::Sequential,
+            ..SFTConfig::default().args
+        },
         max_length: Some(32),
-        train_sampling_strategy: SamplingStrategy::Sequential,
         ..SFTConfig::default()
     };
     let log: Log = Arc::default();

@@ -10,7 +10,9 @@ use glm4::glm::GlmForCausalLM;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
-use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
+use trl_like::config::{
+    IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TrainingArguments,
+};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::PeftAdapter;
 use trl_like::trainer::SFTTrainer;
@@ -55,22 +57,25 @@ fn records_from_batches(batches: &Value) -> Dataset {
 
 fn args(batch: usize, accumulation: usize, output_dir: &Path, recompute: bool) -> SFTConfig {
     SFTConfig {
-        output_dir: output_dir.display().to_string(),
-        per_device_train_batch_size: batch,
-        gradient_accumulation_steps: accumulation,
-        learning_rate: 5e-4,
-        max_grad_norm: 1.0,
-        logging_steps: 1.0,
-        max_steps: 4,
+        args: TrainingArguments {
+            output_dir: output_dir.display().to_string(),
+            per_device_train_batch_size: batch,
+            gradient_accumulation_steps: accumulation,
+            learning_rate: 5e-4,
+            max_grad_norm: 1.0,
+            logging_steps: 1.0,
+            max_steps: 4,
+            seed: 42,
+            bf16: Some(false),
+            gradient_checkpointing: recompute,
+            report_to: vec!["none".into()],
+            save_strategy: SaveStrategy::No,
+            eval_strategy: IntervalStrategy::No,
+            train_sampling_strategy: SamplingStrategy::Sequential,
+            disable_tqdm: true,
+            ..SFTConfig::default().args
+        },
         max_length: Some(64),
-        seed: 42,
-        bf16: Some(false),
-        gradient_checkpointing: recompute,
-        report_to: vec!["none".into()],
-        save_strategy: SaveStrategy::No,
-        eval_strategy: IntervalStrategy::No,
-        train_sampling_strategy: SamplingStrategy::Sequential,
-        disable_tqdm: true,
         ..SFTConfig::default()
     }
 }

@@ -7,7 +7,7 @@
 
 use glm4::glm::GlmForCausalLM;
 use tch::{Device, Kind};
-use trl_like::config::{IntervalStrategy, SFTConfig};
+use trl_like::config::{IntervalStrategy, SFTConfig, TrainingArguments};
 use trl_like::data::Dataset;
 use trl_like::peft::{LoraConfig, TargetModules};
 use trl_like::trainer::{
@@ -22,7 +22,7 @@ struct StopAtLoss {
 impl TrainerCallback for StopAtLoss {
     fn on_log(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         control: &mut TrainerControl,
         ctx: &mut CallbackContext,
@@ -44,7 +44,7 @@ impl TrainerCallback for StopAtLoss {
 
     fn on_evaluate(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         _control: &mut TrainerControl,
         ctx: &mut CallbackContext,
@@ -62,20 +62,23 @@ fn main() -> anyhow::Result<()> {
     let data = Dataset::from_json_files(&["data/demo_alpaca.json"])?;
     let (train, test) = data.train_test_split(0.1, 42)?;
     let args = SFTConfig {
-        output_dir: std::env::temp_dir()
-            .join("trl_like-custom-callback")
-            .display()
-            .to_string(),
-        overwrite_output_dir: true,
-        num_train_epochs: 20.0,
-        per_device_train_batch_size: 8,
-        learning_rate: 1e-2,
-        logging_steps: 5.0,
-        eval_strategy: IntervalStrategy::Steps,
-        eval_steps: Some(20.0),
-        save_strategy: trl_like::config::SaveStrategy::No,
-        bf16: Some(false),
-        gradient_checkpointing: false,
+        args: TrainingArguments {
+            output_dir: std::env::temp_dir()
+                .join("trl_like-custom-callback")
+                .display()
+                .to_string(),
+            overwrite_output_dir: true,
+            num_train_epochs: 20.0,
+            per_device_train_batch_size: 8,
+            learning_rate: 1e-2,
+            logging_steps: 5.0,
+            eval_strategy: IntervalStrategy::Steps,
+            eval_steps: Some(20.0),
+            save_strategy: trl_like::config::SaveStrategy::No,
+            bf16: Some(false),
+            gradient_checkpointing: false,
+            ..SFTConfig::default().args
+        },
         max_length: Some(128),
         ..SFTConfig::default()
     };

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use trl_like::config::{
     ConfigError, DataArguments, DatasetFormat, IntervalStrategy, ModelConfig, Origin, ParseError,
-    ResumeFrom, SFTConfig, SaveStrategy, SchedulerType, TorchDtype, TrlParser, TruncationMode,
+    ResumeFrom, SFTConfig, SaveStrategy, SchedulerType, TorchDtype, TrainingArguments, TrlParser,
+    TruncationMode,
 };
 
 /// The tutorial's application defaults (instruct_train.py's
@@ -992,8 +993,11 @@ fn total_steps_and_warmup_match_transformers() {
         (475, 1, 3.0, 1425),
     ] {
         let s = SFTConfig {
-            gradient_accumulation_steps: gas,
-            num_train_epochs: epochs,
+            args: TrainingArguments {
+                gradient_accumulation_steps: gas,
+                num_train_epochs: epochs,
+                ..SFTConfig::default().args
+            },
             ..SFTConfig::default()
         };
         assert_eq!(
@@ -1003,7 +1007,10 @@ fn total_steps_and_warmup_match_transformers() {
         );
     }
     let s = SFTConfig {
-        max_steps: 50,
+        args: TrainingArguments {
+            max_steps: 50,
+            ..SFTConfig::default().args
+        },
         ..SFTConfig::default()
     };
     assert_eq!(s.total_training_steps(10_000), 50);

@@ -1,5 +1,5 @@
-//! Training configuration: TRL's `SFTConfig` (with the transformers
-//! `TrainingArguments` it extends), TRL's `ModelConfig`, the tutorial's data
+//! Training configuration: transformers' `TrainingArguments` (the fields every
+//! trainer shares), TRL's `SFTConfig` (which embeds them), TRL's `ModelConfig`, the tutorial's data
 //! arguments, and [`TrlParser`], which fills all three from defaults, a YAML
 //! file (`--config`) and command-line flags.
 //!
@@ -21,7 +21,9 @@
 //! and a YAML file or a flag still overrides them:
 //!
 //! ```
-//! use trl_like::config::{DataArguments, ModelConfig, SFTConfig, TorchDtype, TrlParser};
+//! use trl_like::config::{
+//!     DataArguments, ModelConfig, SFTConfig, TorchDtype, TrainingArguments, TrlParser,
+//! };
 //!
 //! let model = ModelConfig {
 //!     model_name_or_path: Some("./weights/glm-4-9b-hf".into()),
@@ -31,7 +33,12 @@
 //!     ..ModelConfig::default()
 //! };
 //! let data = DataArguments { data_files: vec!["./data/alpaca_gpt4_data_zh.json".into()], ..Default::default() };
-//! let sft = SFTConfig { learning_rate: 5e-4, max_length: Some(512), ..SFTConfig::default() };
+//! let sft = SFTConfig {
+//!     // The shared training arguments sit in `args` (flattened in YAML and flags).
+//!     args: TrainingArguments { learning_rate: 5e-4, ..SFTConfig::default().args },
+//!     max_length: Some(512),
+//!     ..SFTConfig::default()
+//! };
 //! let parser = TrlParser::new(model, data, sft);
 //!
 //! let args: Vec<String> = ["--lora_r", "16", "--learning-rate=1e-4"].iter().map(|s| s.to_string()).collect();
@@ -92,6 +99,105 @@ macro_rules! config_struct {
     };
 }
 
+/// Like the plain form, with the fields of another config struct embedded
+/// first: flattened in YAML and on the command line (one key per field), in
+/// `FIELDS` ahead of the struct's own, and reachable through `Deref`
+/// (`sft.learning_rate` reads `sft.args.learning_rate`).
+macro_rules! config_struct_flattened {
+    (
+        $(#[doc = $sdoc:literal])*
+        pub struct $name:ident {
+            $(#[doc = $bdoc:literal])*
+            #[flatten]
+            $base:ident : $bty:ty = $bdefault:expr,
+            $(
+                $(#[doc = $doc:literal])*
+                $(#[alias = $alias:literal])*
+                $field:ident : $ty:ty = $default:expr
+            ),* $(,)?
+        }
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        pub struct $name {
+            $(#[doc = $bdoc])*
+            #[serde(flatten)]
+            pub $base: $bty,
+            $(
+                $(#[doc = $doc])*
+                $(#[serde(alias = $alias)])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $base: $bdefault, $($field: $default,)* }
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = $bty;
+            fn deref(&self) -> &$bty {
+                &self.$base
+            }
+        }
+
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut $bty {
+                &mut self.$base
+            }
+        }
+
+        impl $name {
+            /// Every field, the embedded struct's first: name, value type,
+            /// aliases and help text.
+            pub const FIELDS: &'static [$crate::config::FieldSpec] = {
+                const OWN: &[$crate::config::FieldSpec] = &[
+                    $(
+                        $crate::config::FieldSpec {
+                            name: stringify!($field),
+                            ty: <$ty as $crate::config::ConfigValue>::TYPE,
+                            aliases: &[$($alias),*],
+                            help: &[$($doc),*],
+                        },
+                    )*
+                ];
+                const BASE: &[$crate::config::FieldSpec] = <$bty>::FIELDS;
+                const ALL: [$crate::config::FieldSpec; BASE.len() + OWN.len()] =
+                    $crate::config::concat_fields(BASE, OWN);
+                &ALL
+            };
+        }
+    };
+}
+
+/// `a` then `b` as one array (const, so field tables stay `&'static`).
+pub(crate) const fn concat_fields<const N: usize>(
+    a: &[FieldSpec],
+    b: &[FieldSpec],
+) -> [FieldSpec; N] {
+    const EMPTY: FieldSpec = FieldSpec {
+        name: "",
+        ty: FieldType::required(ValueKind::Bool),
+        aliases: &[],
+        help: &[],
+    };
+    assert!(a.len() + b.len() == N);
+    let mut out = [EMPTY; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < b.len() {
+        out[a.len() + j] = b[j];
+        j += 1;
+    }
+    out
+}
+
 /// Defines a string-valued enum (`lr_scheduler_type: cosine`) with serde
 /// names, `as_str`, `Display`, `FromStr` and its list of choices.
 macro_rules! config_enum {
@@ -144,13 +250,15 @@ mod data;
 mod model;
 mod parser;
 mod sft;
+mod training_args;
 
 pub use data::{DataArguments, DatasetFormat};
 pub use model::{Bnb4bitQuantType, ModelConfig, TorchDtype};
 pub use parser::{NoArgs, Origin, ParseError, Parsed, TrlParser};
-pub use sft::{
-    IntervalStrategy, LossType, OptimizerName, PackingStrategy, ResumeFrom, SFTConfig,
-    SamplingStrategy, SaveStrategy, SchedulerType, TruncationMode,
+pub use sft::{LossType, PackingStrategy, SFTConfig, TruncationMode};
+pub use training_args::{
+    IntervalStrategy, OptimizerName, ResumeFrom, SamplingStrategy, SaveStrategy, SchedulerType,
+    TrainingArguments,
 };
 
 /// A string that names none of an enum setting's choices (`FromStr` of the
@@ -397,6 +505,21 @@ mod tests {
     #[test]
     fn field_tables_match_serialized_structs() {
         assert_eq!(names(SFTConfig::FIELDS), keys(&SFTConfig::default()));
+        assert_eq!(
+            names(TrainingArguments::FIELDS),
+            keys(&TrainingArguments::default())
+        );
+        // The embedded arguments come first, flattened.
+        assert_eq!(
+            &SFTConfig::FIELDS[..TrainingArguments::FIELDS.len()]
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>(),
+            &TrainingArguments::FIELDS
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+        );
         assert_eq!(names(ModelConfig::FIELDS), keys(&ModelConfig::default()));
         assert_eq!(
             names(DataArguments::FIELDS),

@@ -3,7 +3,7 @@
 //! `ProgressCallback`, `PrinterCallback`, `EarlyStoppingCallback`).
 
 use super::state::{TrainerControl, TrainerState};
-use crate::config::{IntervalStrategy, SFTConfig, SaveStrategy};
+use crate::config::{IntervalStrategy, SaveStrategy, TrainingArguments};
 use crate::modeling::CausalLM;
 use crate::tokenizer::PreTrainedTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,7 +37,7 @@ macro_rules! events {
             }
             $(
                 $(#[doc = $doc])*
-                fn $name(&mut self, _args: &SFTConfig, _state: &TrainerState, _control: &mut TrainerControl, _ctx: &mut CallbackContext) {}
+                fn $name(&mut self, _args: &TrainingArguments, _state: &TrainerState, _control: &mut TrainerControl, _ctx: &mut CallbackContext) {}
             )*
         }
 
@@ -84,7 +84,7 @@ pub struct DefaultFlowCallback;
 impl TrainerCallback for DefaultFlowCallback {
     fn on_step_end(
         &mut self,
-        args: &SFTConfig,
+        args: &TrainingArguments,
         state: &TrainerState,
         control: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -131,7 +131,7 @@ impl TrainerCallback for DefaultFlowCallback {
 
     fn on_epoch_end(
         &mut self,
-        args: &SFTConfig,
+        args: &TrainingArguments,
         state: &TrainerState,
         control: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -198,7 +198,7 @@ fn last_loss(state: &TrainerState) -> Option<f64> {
 impl TrainerCallback for ProgressCallback {
     fn on_train_begin(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -231,7 +231,7 @@ impl TrainerCallback for ProgressCallback {
 
     fn on_step_end(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -274,7 +274,7 @@ impl TrainerCallback for ProgressCallback {
 
     fn on_log(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         ctx: &mut CallbackContext,
@@ -291,7 +291,7 @@ impl TrainerCallback for ProgressCallback {
 
     fn on_train_end(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         _s: &TrainerState,
         _c: &mut TrainerControl,
         _ctx: &mut CallbackContext,
@@ -366,7 +366,7 @@ pub struct PrinterCallback;
 impl TrainerCallback for PrinterCallback {
     fn on_log(
         &mut self,
-        _args: &SFTConfig,
+        _args: &TrainingArguments,
         state: &TrainerState,
         _c: &mut TrainerControl,
         ctx: &mut CallbackContext,
@@ -457,7 +457,7 @@ impl EarlyStoppingCallback {
 impl TrainerCallback for EarlyStoppingCallback {
     fn on_evaluate(
         &mut self,
-        args: &SFTConfig,
+        args: &TrainingArguments,
         _state: &TrainerState,
         control: &mut TrainerControl,
         ctx: &mut CallbackContext,
@@ -551,7 +551,7 @@ impl CallbackHandler {
         &mut self,
         event: Event,
         payload: Payload<'a>,
-        args: &SFTConfig,
+        args: &TrainingArguments,
         state: &TrainerState,
         control: &mut TrainerControl,
         ctx: &mut CallbackContext<'a>,

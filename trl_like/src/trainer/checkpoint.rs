@@ -6,7 +6,7 @@
 use super::output_dir::RunRecord;
 use super::step::LoopState;
 use super::{io_err, Trainer, TrainerError, TrainingHooks};
-use crate::config::{ResumeFrom, SFTConfig};
+use crate::config::{ResumeFrom, TrainingArguments};
 use crate::fsutil::write_atomic;
 use crate::modeling::PreTrainedModel;
 use crate::optim::AdamW;
@@ -63,7 +63,7 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 /// `overwrite_output_dir`. A non-empty `output_dir` without checkpoints is an
 /// error (it would be overwritten), as transformers' examples treat it.
 pub fn resolve_resume(
-    args: &SFTConfig,
+    args: &TrainingArguments,
     output_dir: &Path,
 ) -> Result<Option<PathBuf>, TrainerError> {
     match args.resume_from() {

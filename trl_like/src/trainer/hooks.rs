@@ -3,6 +3,7 @@
 //! `prediction_step`, which `SFTTrainer` and the other TRL trainers override).
 
 use super::TrainerError;
+use crate::config::TrainingArguments;
 use crate::modeling::PreTrainedModel;
 use tch::Device;
 
@@ -21,6 +22,9 @@ pub struct LossOutput {
 
 /// The trainer-specific half of [`super::Trainer`].
 pub trait TrainingHooks<M: PreTrainedModel> {
+    /// The trainer's config: the shared arguments plus its own options
+    /// (written to each checkpoint's `training_args.json`).
+    type Args: std::ops::Deref<Target = TrainingArguments> + serde::Serialize + Clone;
     /// One prepared row of the training or evaluation set.
     type Example;
     /// A collated micro-batch on the model's device.

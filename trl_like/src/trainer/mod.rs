@@ -46,7 +46,6 @@ pub use sft::{
 };
 pub use state::{StateFileError, TrainerControl, TrainerState};
 
-use crate::config::SFTConfig;
 use crate::distributed::ProcessGroup;
 use crate::modeling::PreTrainedModel;
 use crate::optim::{decay_groups, AdamW, LrScheduler};
@@ -71,7 +70,9 @@ pub struct TrainOutput {
 /// The training loop over a model `M`, with the trainer-specific parts in `H`.
 pub struct Trainer<M: PreTrainedModel, H: TrainingHooks<M>> {
     pub model: M,
-    pub args: SFTConfig,
+    /// The trainer's config (`SFTConfig`, `DPOConfig`); the loop reads its
+    /// shared [`crate::config::TrainingArguments`] through `Deref`.
+    pub args: H::Args,
     pub processing_class: PreTrainedTokenizer,
     pub train_dataset: Vec<H::Example>,
     pub eval_dataset: Option<Vec<H::Example>>,
@@ -120,7 +121,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     /// and installs the default callbacks before `callbacks`.
     pub fn new(
         mut model: M,
-        args: SFTConfig,
+        args: H::Args,
         datasets: (Vec<H::Example>, Option<Vec<H::Example>>),
         processing_class: PreTrainedTokenizer,
         peft: Option<PeftAdapter>,

@@ -4,7 +4,7 @@
 //! ([`check_write_target`]), and resumes that continue the same run
 //! ([`RunRecord`], [`check_resume`]).
 
-use crate::config::SFTConfig;
+use crate::config::TrainingArguments;
 use crate::data::TokenizedExample;
 use serde_json::Value;
 use std::fs::File;
@@ -376,7 +376,7 @@ pub fn check_write_target(
 /// the user asked for explicitly (`resume_from_checkpoint`) wins over
 /// `overwrite_output_dir`: its run is continued, not cleared.
 pub fn prepare(
-    args: &SFTConfig,
+    args: &TrainingArguments,
     output_dir: &Path,
     writer: bool,
 ) -> Result<(Option<OutputDirLock>, Option<PathBuf>), super::TrainerError> {
@@ -435,7 +435,7 @@ pub struct RunRecord {
 
 impl RunRecord {
     pub fn new(
-        args: &SFTConfig,
+        args: &TrainingArguments,
         world_size: usize,
         (train_examples, train_fingerprint): (usize, String),
         base_model: String,
@@ -593,7 +593,7 @@ struct ResumeFindings {
 /// Returns the warnings and notes to print, one line each.
 pub fn check_resume(
     checkpoint: &Path,
-    args: &SFTConfig,
+    args: &TrainingArguments,
     now: &RunRecord,
 ) -> Result<Vec<String>, OutputDirError> {
     let ckpt = checkpoint.display().to_string();
@@ -669,7 +669,7 @@ fn check_data(then: &RunRecord, now: &RunRecord, found: &mut ResumeFindings) {
 fn check_batch_geometry(
     then: &RunRecord,
     now: &RunRecord,
-    args: &SFTConfig,
+    args: &TrainingArguments,
     found: &mut ResumeFindings,
 ) {
     let geometry = |r: &RunRecord| {
@@ -793,7 +793,7 @@ fn check_future_settings(
 /// The warnings to print, or the refusal with the way out that applies.
 fn resume_verdict(
     found: ResumeFindings,
-    args: &SFTConfig,
+    args: &TrainingArguments,
     ckpt: String,
 ) -> Result<Vec<String>, OutputDirError> {
     let ResumeFindings {

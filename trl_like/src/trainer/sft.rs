@@ -52,6 +52,7 @@ impl SFTHooks {
 }
 
 impl<M: PreTrainedModel> TrainingHooks<M> for SFTHooks {
+    type Args = SFTConfig;
     type Example = TokenizedExample;
     type Batch = Batch;
 
