@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use trl_like::config::{
-    ConfigError, DataArguments, DatasetFormat, IntervalStrategy, ModelConfig, Origin, ParseError,
-    ResumeFrom, SFTConfig, SaveStrategy, SchedulerType, TorchDtype, TrainingArguments, TrlParser,
-    TruncationMode,
+    ConfigError, DPOConfig, DataArguments, DatasetFormat, FDivergenceType, IntervalStrategy,
+    ModelConfig, Origin, ParseError, ResumeFrom, SFTConfig, SaveStrategy, SchedulerType,
+    TorchDtype, TrainingArguments, TrlParser, TruncationMode,
 };
 
 /// The tutorial's application defaults (instruct_train.py's
@@ -1099,6 +1099,11 @@ fn every_yaml_in_configs_parses() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .filter(|p| p.file_name().is_some_and(|n| n != "demo.yaml")) // demo.yaml belongs to the demo
+        // dpo*.yaml are `glm4 dpo` configs (DPOConfig): dpo_yaml_parses_with_the_dpo_parser.
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("dpo"))
+        })
         .collect();
     files.sort();
     assert!(files.len() >= 10, "{files:?}");
@@ -1180,4 +1185,80 @@ fn every_yaml_in_configs_parses() {
             other => panic!("configs/{other}.yaml has no test: add its key values here"),
         }
     }
+}
+
+// ---------------------------------------------------------------- DPOConfig
+
+fn dpo_parser() -> TrlParser<ModelConfig, DataArguments, DPOConfig> {
+    TrlParser::new(
+        ModelConfig::default(),
+        DataArguments::default(),
+        DPOConfig::default(),
+    )
+}
+
+#[test]
+fn dpo_fields_parse_from_yaml_and_flags() {
+    let p = yaml(
+        "learning_rate: 5.0e-6\nbeta: 0.2\nloss_type: [sigmoid, sft]\nloss_weights: [0.8, 0.2]\n\
+         f_divergence_type: js_divergence\npad_to_multiple_of: auto\n",
+    );
+    let (_, _, c) = dpo_parser()
+        .parse_args_and_config(&args(&[
+            "--config",
+            p.to_str().unwrap(),
+            "--max_length",
+            "256",
+            "--no_disable_dropout",
+        ]))
+        .unwrap();
+    assert_eq!(
+        (c.learning_rate, c.beta, c.max_length),
+        (5e-6, 0.2, Some(256))
+    );
+    assert_eq!(c.loss_type, ["sigmoid", "sft"]);
+    assert_eq!(c.loss_weights, Some(vec![0.8, 0.2]));
+    assert_eq!(c.f_divergence_type, FDivergenceType::JsDivergence);
+    assert_eq!(c.pad_to_multiple_of, None);
+    assert!(!c.disable_dropout);
+    // A list of numbers on the command line; a single number is a one-item list.
+    let (_, _, c) = dpo_parser()
+        .parse_args_and_config(&args(&["--loss_type", "hinge", "--loss_weights", "2"]))
+        .unwrap();
+    assert_eq!(
+        (c.loss_type.clone(), c.loss_weights),
+        (vec!["hinge".to_string()], Some(vec![2.0]))
+    );
+    let e = dpo_parser()
+        .parse_args_and_config(&args(&["--loss_weights", "1", "x"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("loss_weights"), "{e}");
+}
+
+#[test]
+fn dpo_bad_values_name_the_field_and_where_it_came_from() {
+    let p = yaml("beta: 0\n");
+    let e = dpo_parser()
+        .parse_args_and_config(&args(&["--config", p.to_str().unwrap()]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("beta") && e.contains("run.yaml") && e.contains("> 0"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let e = dpo_parser()
+        .parse_args_and_config(&args(&["--sync_ref_model"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sync_ref_model") && e.contains("not implemented"),
+        "{e}"
+    );
+    let e = dpo_parser()
+        .parse_args_and_config(&args(&["--loss_type", "dpo"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("loss_type") && e.contains("sigmoid"), "{e}");
 }

@@ -247,12 +247,14 @@ macro_rules! config_enum {
 }
 
 mod data;
+mod dpo;
 mod model;
 mod parser;
 mod sft;
 mod training_args;
 
 pub use data::{DataArguments, DatasetFormat};
+pub use dpo::{DPOConfig, DPOLossType, FDivergenceType};
 pub use model::{Bnb4bitQuantType, ModelConfig, TorchDtype};
 pub use parser::{NoArgs, Origin, ParseError, Parsed, TrlParser};
 pub use sft::{LossType, PackingStrategy, SFTConfig, TruncationMode};
@@ -296,6 +298,8 @@ pub enum ValueKind {
     Enum(&'static [&'static str]),
     /// A list of strings; a single string is a one-element list.
     List,
+    /// A list of finite numbers; a single number is a one-element list.
+    FloatList,
     /// A JSON object (a YAML mapping, or a JSON string on the command line).
     Json,
 }
@@ -341,6 +345,7 @@ config_value! {
     f64 => ValueKind::Float,
     String => ValueKind::Str,
     Vec<String> => ValueKind::List,
+    Vec<f64> => ValueKind::FloatList,
     serde_json::Map<String, serde_json::Value> => ValueKind::Json,
 }
 
@@ -509,6 +514,7 @@ mod tests {
             names(TrainingArguments::FIELDS),
             keys(&TrainingArguments::default())
         );
+        assert_eq!(names(DPOConfig::FIELDS), keys(&DPOConfig::default()));
         // The embedded arguments come first, flattened.
         assert_eq!(
             &SFTConfig::FIELDS[..TrainingArguments::FIELDS.len()]
@@ -542,6 +548,22 @@ mod tests {
                     !n.starts_with("no_"),
                     "{n} would clash with the --no_<bool> form"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn dpo_names_are_unique_beside_the_model_and_data_groups() {
+        let mut seen = HashSet::new();
+        for f in DPOConfig::FIELDS
+            .iter()
+            .chain(ModelConfig::FIELDS)
+            .chain(DataArguments::FIELDS)
+        {
+            assert!(f.help_text().len() > 10, "{} has no help text", f.name);
+            for n in std::iter::once(f.name).chain(f.aliases.iter().copied()) {
+                assert!(seen.insert(n), "{n} is defined twice");
+                assert!(!n.starts_with("no_"), "{n} clashes with --no_<bool>");
             }
         }
     }

@@ -411,6 +411,7 @@ fn value_name(spec: &FieldSpec) -> String {
     match spec.ty.kind {
         ValueKind::Bool => "BOOL".into(),
         ValueKind::List => "STR".into(),
+        ValueKind::FloatList => "FLOAT".into(),
         _ => type_label(spec).trim_end_matches(" (or none)").to_string(),
     }
 }
@@ -452,7 +453,7 @@ fn field_args(
                 .num_args(0..=1)
                 .default_missing_value("true")
                 .value_parser(scalar_parser(spec, name, preprocess)),
-            ValueKind::List => arg
+            ValueKind::List | ValueKind::FloatList => arg
                 .num_args(1..)
                 .allow_negative_numbers(true)
                 .value_parser(clap::value_parser!(String)),
@@ -832,7 +833,7 @@ fn arg_value(
         group: "TrlParser",
         message: format!("--{id}: {e}"),
     };
-    if spec.ty.kind != ValueKind::List {
+    if !matches!(spec.ty.kind, ValueKind::List | ValueKind::FloatList) {
         return m
             .try_get_one::<Value>(id)
             .map(Option::<&Value>::cloned)
@@ -973,6 +974,7 @@ fn type_label(spec: &FieldSpec) -> String {
         ValueKind::Str => "STR".into(),
         ValueKind::Enum(c) => format!("{{{}}}", c.join(",")),
         ValueKind::List => "STR [STR ...]".into(),
+        ValueKind::FloatList => "FLOAT [FLOAT ...]".into(),
         ValueKind::Json => "JSON".into(),
     };
     if spec.ty.optional {
@@ -1043,6 +1045,7 @@ fn coerce(spec: &FieldSpec, v: Value) -> Result<Value, String> {
             .ok_or_else(|| format!("expected a string, got {}", kind_name(&v))),
         ValueKind::Enum(choices) => coerce_enum(&v, choices),
         ValueKind::List => coerce_list(&v),
+        ValueKind::FloatList => coerce_float_list(&v),
         ValueKind::Json => coerce_json(v),
     }
 }
@@ -1170,6 +1173,18 @@ fn coerce_list(v: &Value) -> Result<Value, String> {
                     kind_name(other)
                 )
             }),
+    }
+}
+
+/// A list of numbers (`loss_weights`); a single number is a one-item list.
+fn coerce_float_list(v: &Value) -> Result<Value, String> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .map(coerce_float)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        other => coerce_float(other).map(|f| Value::Array(vec![f])),
     }
 }
 
