@@ -94,14 +94,20 @@ struct FusedLmLoss : public torch::autograd::Function<FusedLmLoss> {
       const at::Tensor h = hidden.narrow(1, start, len);
       const at::Tensor y = labels.narrow(1, start + 1, len).reshape({-1});
       // Logits in fp32 whatever the model dtype, as transformers upcasts them.
-      const at::Tensor logits = at::linear(h, weight).to(at::kFloat);
+      at::Tensor logits = at::linear(h, weight).to(at::kFloat);
       const int64_t v = logits.size(2);
       const at::Tensor logp = logits.reshape({-1, v}).log_softmax(-1, at::kFloat);
+      // At most two chunk-sized buffers at a time: the logits go once their
+      // log-probabilities exist, and the entropy terms are formed in place.
+      logits.reset();
       losses.push_back(
           at::nll_loss_nd(logp, y, {}, at::Reduction::Sum, ignore_index) / denom);
       const at::Tensor valid = y.ne(ignore_index);
       const at::Tensor valid_f = valid.to(at::kFloat);
-      const at::Tensor per_token = -(logp.exp() * logp).sum({-1}, false, at::kFloat);
+      at::Tensor p_logp = logp.exp();
+      p_logp.mul_(logp);
+      const at::Tensor per_token = -p_logp.sum({-1}, false, at::kFloat);
+      p_logp.reset();
       stats.push_back(at::stack({
           (per_token * valid_f).sum(at::kFloat),
           logp.argmax(-1, false).eq(y).logical_and(valid).sum(at::kFloat),
@@ -144,16 +150,19 @@ struct FusedLmLoss : public torch::autograd::Function<FusedLmLoss> {
       const int64_t len = std::min(chunk, positions - start);
       const at::Tensor h = hidden.narrow(1, start, len);
       const at::Tensor y = labels.narrow(1, start + 1, len).reshape({-1});
-      const at::Tensor logits_md = at::linear(h, weight);
+      at::Tensor logits_md = at::linear(h, weight);
       const int64_t v = logits_md.size(2);
-      // d loss / d logits = (softmax − one_hot(label)) for tokens that take loss.
+      const auto head_dtype = logits_md.scalar_type();
+      // d loss / d logits = (softmax − one_hot(label)) for tokens that take
+      // loss, formed in place in one fp32 chunk buffer.
       at::Tensor grad = logits_md.reshape({-1, v}).softmax(-1, at::kFloat);
+      logits_md.reset();
       const at::Tensor valid = y.ne(ignore_index);
       const at::Tensor target = y.masked_fill(valid.logical_not(), 0).unsqueeze(1);
       grad.scatter_add_(1, target, at::full({grad.size(0), 1}, -1.0, grad.options()));
       grad.mul_((valid.to(at::kFloat) * scale[index]).unsqueeze(1));
       // The fp32 cast's backward: the gradient returns in the head's dtype.
-      const at::Tensor g = grad.to(logits_md.scalar_type());
+      const at::Tensor g = grad.to(head_dtype);
       grad = at::Tensor();
       if (want_hidden) {
         grad_hidden.narrow(1, start, len).copy_(at::matmul(g.view({-1, len, v}), weight));
