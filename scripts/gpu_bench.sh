@@ -122,3 +122,30 @@ for tag in ("nogc", "gc"):
 print("GPU memory used = nvidia-smi memory.used of the whole GPU, max of 100 ms samples: the caching allocator's "
       "peak reserved memory + the CUDA context (same measure on both sides).")
 PYEOF
+
+# ---- Issue 13 items 3 and 4 (trl_like::ops, csrc/ops.cpp): a block of its own. ----
+# The C++ operations checked on this device (varlen flash attention against one
+# SDPA per sequence in bf16, the fused LM-head loss against the plain path at the
+# GLM-4-9B head's shape, the allocator statistics): one JSON object, exit 1 when a
+# check fails. Then the caching allocator's peaks of both sides' runs above
+# (glm4 bench reads them through the same C++ shim torch.cuda uses).
+# Build here first: cargo build --release -p trl_like --example ops_check
+# (carry target/release/examples/ops_check with target/release/glm4).
+OPS_BIN=${OPS_CHECK_BIN:-target/release/examples/ops_check}
+if [[ -x $OPS_BIN ]]; then
+    timeout 180 "$OPS_BIN" >"$OUTDIR/ops_check.json" 2>"$OUTDIR/ops_check.log"
+    echo "ops_check: exit $? (report $OUTDIR/ops_check.json)"
+    cat "$OUTDIR/ops_check.json"; tail -n 5 "$OUTDIR/ops_check.log"
+else
+    echo "skipped ops_check: $OPS_BIN is not built"
+fi
+"$PY" - "$OUTDIR" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+print("\ncaching allocator peaks (MiB; torch.cuda.max_memory_allocated / max_memory_reserved on both sides)")
+for name in sorted(f for f in os.listdir(out) if f.endswith(".json") and f.split("-")[0] in ("rust", "python")):
+    lines = [l for l in open(os.path.join(out, name)) if l.strip().startswith("{")]
+    if lines:
+        r = json.loads(lines[-1])
+        print(f"  {name[:-5]:<24} allocated {r.get('cuda_max_memory_allocated_mb')}  reserved {r.get('cuda_max_memory_reserved_mb')}")
+PYEOF

@@ -16,12 +16,16 @@
 //!   clipping, the optimizer). `scripts/bench_trl.py` measures TRL the same way.
 //! - **peak RSS**: the process's high-water resident set (`VmHWM` of
 //!   `/proc/self/status`, which is what `getrusage(RUSAGE_SELF).ru_maxrss` reports).
-//! - **GPU memory** (CUDA only): tch exposes no allocator statistics, so this is
-//!   the device's `memory.used` as `nvidia-smi` reports it, sampled every 100 ms
-//!   by a child `nvidia-smi -lms 100`, maximum over the run. PyTorch's caching
+//! - **GPU memory** (CUDA only, a cross-check): the device's `memory.used` as
+//!   `nvidia-smi` reports it, sampled every 100 ms by a child
+//!   `nvidia-smi -lms 100`, maximum over the run. PyTorch's caching
 //!   allocator keeps the blocks it has reserved, so this is close to the
 //!   allocator's peak *reserved* memory plus the CUDA context (about 0.5 GB) —
 //!   not `max_memory_allocated`, which is lower.
+//! - **CUDA allocator peaks** (CUDA only): `cuda_max_memory_allocated_mb` /
+//!   `cuda_max_memory_reserved_mb`, the caching allocator's own counters
+//!   (`trl_like::ops::cuda_memory_stats`, the numbers
+//!   `torch.cuda.max_memory_allocated/reserved` give) since the process started.
 //! - **MFU** (CUDA only): `tokens/s × 4·N / peak`, with N the base model's
 //!   parameters (forward 2N + backward through the activations 2N; the frozen base
 //!   computes no weight gradients) and the peak 989 TFLOP/s (H100/H200 dense bf16)
@@ -571,6 +575,12 @@ fn report(
     let mfu = peak.map(|p| tps * flops_per_token / (p * 1e12));
     let (peak_rss, _) = rss_mb();
     let (gpu_first, gpu_max) = gpu.unwrap_or((None, None));
+    const MIB: f64 = 1024.0 * 1024.0;
+    // None on CPU-only machines; an error reading them is reported, not fatal.
+    let cuda_mem = trl_like::ops::cuda_memory_stats().unwrap_or_else(|e| {
+        log::warn!("{e}");
+        None
+    });
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let fields: Vec<(&str, Value)> = vec![
         ("side", json!("rust")),
@@ -620,6 +630,9 @@ fn report(
         ("gpu_memory_used_max_mb", json!(gpu_max)),
         ("gpu_memory_used_before_mb", json!(gpu_first)),
         ("gpu_memory_note", json!(gpu.map(|_| "nvidia-smi memory.used of the whole GPU, max of 100 ms samples (≈ caching allocator's peak reserved + CUDA context)"))),
+        // The caching allocator's own counters, as bench_trl.py reads them from torch.cuda.
+        ("cuda_max_memory_allocated_mb", json!(cuda_mem.map(|m| (m.peak_allocated as f64 / MIB).round()))),
+        ("cuda_max_memory_reserved_mb", json!(cuda_mem.map(|m| (m.peak_reserved as f64 / MIB).round()))),
         ("flops_per_token", json!(flops_per_token)),
         ("peak_tflops", json!(peak)),
         ("mfu", json!(mfu.map(|m| round(m, 4)))),
@@ -692,6 +705,12 @@ fn print_report(r: &Value) {
             "  GPU memory used    {g:.0} MiB max (before the model {} MiB; nvidia-smi samples, ≈ peak reserved + context)",
             r["gpu_memory_used_before_mb"]
         );
+    }
+    if let (Some(a), Some(b)) = (
+        r["cuda_max_memory_allocated_mb"].as_f64(),
+        r["cuda_max_memory_reserved_mb"].as_f64(),
+    ) {
+        println!("  CUDA allocator     {a:.0} MiB max allocated, {b:.0} MiB max reserved");
     }
     if let Some(m) = r["mfu"].as_f64() {
         println!(

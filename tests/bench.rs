@@ -60,6 +60,13 @@ fn tiny_random_init_reports_json() {
         r["mfu"].is_null(),
         "no MFU on CPU without --peak_tflops: {r}"
     );
+    // The CUDA allocator peaks are reported as absent on CPU, not as zero.
+    for k in [
+        "cuda_max_memory_allocated_mb",
+        "cuda_max_memory_reserved_mb",
+    ] {
+        assert!(r.get(k).is_some_and(Value::is_null), "{k} on CPU: {r}");
+    }
 }
 
 /// Padded, padding-free and packed runs over the same records: the same real

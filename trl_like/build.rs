@@ -1,6 +1,7 @@
 // trl_like's build script: libtorch link settings (see link.rs) and the c10d
 // shim (csrc/c10d_shim.cpp), the C interface to libtorch's process groups that
-// `trl_like::distributed` calls.
+// `trl_like::distributed` calls; and the autograd ops (csrc/ops.cpp) that
+// `trl_like::ops` calls.
 include!("link.rs");
 
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     link_libtorch();
     build_c10d_shim();
+    build_ops();
 }
 
 /// The first directory among `candidates` that holds `probe`.
@@ -87,6 +89,54 @@ fn build_c10d_shim() {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
     build.compile("trl_c10d");
+    println!("cargo:rustc-link-search=native={lib_dir}");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// csrc/ops.cpp: the fused LM-head loss everywhere; its CUDA parts (flash
+/// attention over a padding-free row, allocator statistics) when the CUDA
+/// runtime headers are at hand (the CUDA wheels `make setup` installs).
+/// Without them the ops answer "not available" at run time.
+fn build_ops() {
+    println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    println!("cargo:rerun-if-env-changed=TRL_LIKE_NO_CUDA_OPS");
+    let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("torch-sys reports where libtorch is (DEP_TCH_LIBTORCH_LIB)");
+    let torch_include = Path::new(&lib_dir)
+        .parent()
+        .expect("libtorch lib dir has a parent")
+        .join("include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/ops.cpp")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(&torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .warnings(false)
+        .flag_if_supported("-Wno-deprecated-declarations");
+    let site = Path::new(&lib_dir).join("../..");
+    let cuda_include = std::env::var_os("TRL_LIKE_CUDA_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| site.join("nvidia/cu13/include"));
+    let with_cuda = std::env::var_os("TRL_LIKE_NO_CUDA_OPS").is_none()
+        && Path::new(&lib_dir).join("libc10_cuda.so").exists()
+        && cuda_include.join("cuda_runtime_api.h").exists()
+        && cuda_include.join("crt/host_defines.h").exists()
+        && cuda_include.join("cccl").is_dir();
+    if with_cuda {
+        build
+            .define("TRL_OPS_WITH_CUDA", None)
+            .define("USE_CUDA", None)
+            .include(&cuda_include)
+            .include(cuda_include.join("cccl"));
+    }
+    build.compile("trl_ops");
+    if with_cuda {
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
     println!("cargo:rustc-link-search=native={lib_dir}");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

@@ -19,7 +19,9 @@ pub enum AttentionMask {
     /// A padding-free row `[1, total]` of sequences of these lengths back to back:
     /// causal attention within each, none across. Runs SDPA with `is_causal`
     /// per sequence (sequences of equal length share one call), so no
-    /// `total × total` mask is built and the fast kernels stay usable.
+    /// `total × total` mask is built and the fast kernels stay usable; on
+    /// CUDA in bf16/fp16, one variable-length flash kernel for the whole row
+    /// (`trl_like::ops::varlen_causal_attention`).
     Segments(Vec<i64>),
 }
 
@@ -154,6 +156,17 @@ fn segment_attention(
     scale: f64,
     gqa: bool,
 ) -> Tensor {
+    // On CUDA in bf16/fp16: one flash kernel for the whole row (cumulative
+    // sequence lengths) instead of one SDPA call per length. Never on CPU.
+    if trl_like::ops::varlen_attention_supported(q.device(), q.kind(), q.size()[3]) {
+        match trl_like::ops::varlen_causal_attention(q, k, v, lens, scale) {
+            Ok(out) => return out,
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| log::warn!("{e}; using one SDPA call per sequence length"));
+            }
+        }
+    }
     let starts: Vec<i64> = lens
         .iter()
         .scan(0, |acc, &l| {

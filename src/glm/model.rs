@@ -218,6 +218,11 @@ impl CausalLM for GlmForCausalLM {
         self.lm_head.forward(hidden)
     }
 
+    fn lm_head_weight(&self) -> Option<Tensor> {
+        let head = &self.lm_head;
+        (head.bias.is_none() && head.lora.is_none()).then(|| head.weight.shallow_clone())
+    }
+
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.num_layers())
     }

@@ -12,6 +12,7 @@ pub mod generation;
 pub mod hub;
 pub mod modeling;
 pub mod nn;
+pub mod ops;
 pub mod optim;
 pub mod peft;
 pub mod tokenizer;

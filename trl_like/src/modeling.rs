@@ -92,6 +92,13 @@ pub trait CausalLM {
     /// `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`.
     fn lm_head(&self, hidden: &Tensor) -> Tensor;
 
+    /// The `[vocab, hidden]` matrix when `lm_head` is exactly `hidden @ Wᵀ`
+    /// (no bias, no adapter), for the fused loss ([`crate::ops::fused_lm_loss`]);
+    /// `None` (the default) keeps the loss on [`CausalLM::lm_head`].
+    fn lm_head_weight(&self) -> Option<Tensor> {
+        None
+    }
+
     /// Logits for every position: `lm_head(forward_hidden(..))`.
     fn forward(&self, input: &CausalLMInput, cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let hidden = self.forward_hidden(input, cache, train);

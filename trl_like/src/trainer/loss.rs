@@ -1,9 +1,15 @@
 //! The causal-LM loss of SFT: `lm_head` + cross-entropy over sequence chunks,
 //! with the statistics TRL logs beside the loss (entropy of the predicted
 //! distributions and token accuracy), from one `log_softmax` per chunk.
+//!
+//! Two implementations compute the same numbers: the fused C++ autograd node
+//! ([`crate::ops::fused_lm_loss`], the default whenever the model exposes a
+//! plain head weight) and [`chunked_lm_loss_plain`], built from tch calls.
+//! `TRL_LIKE_FUSED_LM_LOSS=0` in the environment forces the plain one.
 
 use crate::data::tokenize::IGNORE_INDEX;
 use crate::modeling::CausalLM;
+use std::sync::OnceLock;
 use tch::{Kind, Reduction, Tensor};
 
 /// Tokens per loss chunk: the fp32 logits of one chunk are `chunk × vocab`
@@ -23,14 +29,103 @@ pub struct LmLoss {
 }
 
 /// transformers' `ForCausalLMLoss` (shifted labels, `-100` ignored, logits in
-/// fp32) divided by `denom`, computed `chunk_tokens` positions at a time so
-/// the whole `[batch, seq, vocab]` logits never exist. With `backward`, each
-/// chunk backpropagates into a detached copy of `hidden` and the summed
-/// gradient then flows into `hidden`'s graph once.
+/// fp32) divided by `denom`, computed `chunk_tokens` tokens at a time so the
+/// whole `[batch, seq, vocab]` logits never exist; with `backward`, the loss
+/// is backpropagated into `hidden`'s graph.
+///
+/// Runs the fused operation when the model's head is a plain weight
+/// ([`CausalLM::lm_head_weight`]) and the environment does not turn it off,
+/// else [`chunked_lm_loss_plain`].
 ///
 /// # Shapes
 /// `hidden`: `[batch, seq, hidden]` (after the final norm); `labels`: `[batch, seq]`.
 pub fn chunked_lm_loss<M: CausalLM + ?Sized>(
+    model: &M,
+    hidden: &Tensor,
+    labels: &Tensor,
+    denom: f64,
+    backward: bool,
+    chunk_tokens: i64,
+) -> LmLoss {
+    if fused_enabled() {
+        if let Some(weight) = model.lm_head_weight() {
+            return fused_lm_loss(hidden, &weight, labels, denom, backward, chunk_tokens)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    chunked_lm_loss_plain(model, hidden, labels, denom, backward, chunk_tokens)
+}
+
+/// Whether [`chunked_lm_loss`] may take the fused path (`TRL_LIKE_FUSED_LM_LOSS`
+/// unset, or anything but `0` / `false`), read once.
+fn fused_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("TRL_LIKE_FUSED_LM_LOSS")
+            .map(|v| !matches!(v.trim(), "0" | "false" | "False"))
+            .unwrap_or(true)
+    })
+}
+
+/// [`chunked_lm_loss`] through the fused autograd node: one node for the
+/// whole loss, whose backward recomputes each chunk's logits and writes the
+/// cross-entropy gradient directly (no per-chunk autograd graph, no
+/// full-size gradient per chunk). `weight` is the head's `[vocab, hidden]`
+/// matrix (no bias); it gets a gradient only if it requires one.
+///
+/// # Errors
+/// When libtorch rejects the inputs (shapes, dtypes); nothing has been
+/// backpropagated then.
+pub fn fused_lm_loss(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    denom: f64,
+    backward: bool,
+    chunk_tokens: i64,
+) -> Result<LmLoss, crate::ops::OpsError> {
+    let run = || {
+        crate::ops::fused_lm_loss(
+            hidden,
+            weight,
+            labels,
+            denom,
+            chunk_tokens.max(1),
+            IGNORE_INDEX,
+        )
+    };
+    let out = if backward { run() } else { tch::no_grad(run) }?;
+    let chunks = out.losses.size()[0];
+    // A sequence of one token has no position to predict: nothing to backpropagate.
+    if backward && chunks > 0 && out.losses.requires_grad() {
+        out.losses.sum(Kind::Float).backward();
+    }
+    // Summed in f64 chunk by chunk, in the plain path's order: the same totals.
+    let to_vec = |t: Tensor| {
+        Vec::<f64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Double)).map_err(|e| {
+            crate::ops::OpsError::Torch {
+                op: "fused LM-head cross-entropy",
+                message: format!("reading its results: {e}"),
+            }
+        })
+    };
+    let losses = to_vec(out.losses.detach())?;
+    let per_chunk = to_vec(out.stats.reshape([-1]))?;
+    let mut stats = ChunkStats::default();
+    for (loss, s) in losses.iter().zip(per_chunk.chunks_exact(3)) {
+        stats.loss += loss;
+        stats.entropy_sum += s[0];
+        stats.correct += s[1];
+        stats.valid += s[2];
+    }
+    Ok(stats.finish())
+}
+
+/// [`chunked_lm_loss`] from tch calls: each chunk's loss is backpropagated
+/// into a detached copy of `hidden`, and the summed gradient then flows into
+/// `hidden`'s graph once. The reference the fused path is tested against, and
+/// the path for heads without a plain weight (adapters on `lm_head`).
+pub fn chunked_lm_loss_plain<M: CausalLM + ?Sized>(
     model: &M,
     hidden: &Tensor,
     labels: &Tensor,

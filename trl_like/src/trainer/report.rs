@@ -68,7 +68,27 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         );
         metrics.insert("total_flos".into(), json!(self.state.total_flos));
         metrics.insert("train_loss".into(), json!(self.train_loss()));
+        self.insert_peak_memory(&mut metrics);
         metrics
+    }
+
+    /// On CUDA, the caching allocator's peaks over the process so far
+    /// (`torch.cuda.max_memory_allocated` / `max_memory_reserved`, in GB of
+    /// 10⁹ bytes): `train_peak_memory_gb` and `train_peak_reserved_memory_gb`.
+    /// Absent on CPU, where there is no such allocator.
+    fn insert_peak_memory(&self, metrics: &mut Map<String, Value>) {
+        if !matches!(self.device, tch::Device::Cuda(_)) {
+            return;
+        }
+        match crate::ops::cuda_memory_stats() {
+            Ok(Some(m)) => {
+                let gb = |bytes: i64| json!(round(bytes as f64 / 1e9, 3));
+                metrics.insert("train_peak_memory_gb".into(), gb(m.peak_allocated));
+                metrics.insert("train_peak_reserved_memory_gb".into(), gb(m.peak_reserved));
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("train_peak_memory_gb not reported: {e}"),
+        }
     }
 
     pub(super) fn train_loss(&self) -> f64 {
