@@ -104,6 +104,14 @@ impl Attention {
         self.qkv.is_some()
     }
 
+    /// Whether q/k/v run as one GEMM (fused, and their weights still the
+    /// fused buffer's frozen views).
+    pub fn qkv_fused(&self) -> bool {
+        self.qkv
+            .as_ref()
+            .is_some_and(|f| f.is_current(&[&self.q_proj, &self.k_proj, &self.v_proj]))
+    }
+
     /// The q/k/v projections of `x`: one GEMM when fused and still current,
     /// else one per projection.
     fn project_qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
