@@ -4,6 +4,7 @@
 use super::rotary::Rotary;
 use super::GlmConfig;
 use tch::{nn, Tensor};
+use trl_like::fused::FusedLinears;
 use trl_like::modeling::KvCache;
 use trl_like::nn::Linear;
 
@@ -69,6 +70,8 @@ pub struct Attention {
     num_kv_heads: i64,
     head_dim: i64,
     layer_idx: usize,
+    /// q/k/v weights in one buffer when the base is frozen ([`Attention::fuse_frozen_qkv`]).
+    qkv: Option<FusedLinears>,
 }
 
 impl Attention {
@@ -84,7 +87,52 @@ impl Attention {
             num_kv_heads: nkv,
             head_dim: hd,
             layer_idx,
+            qkv: None,
         }
+    }
+
+    /// Runs q/k/v as one GEMM from now on, if their weights are frozen plain
+    /// tensors (see [`FusedLinears`]; the weights become views of one buffer,
+    /// nothing else changes). Returns whether they are fused.
+    pub fn fuse_frozen_qkv(&mut self) -> bool {
+        let current = self
+            .qkv
+            .as_ref()
+            .is_some_and(|f| f.is_current(&[&self.q_proj, &self.k_proj, &self.v_proj]));
+        if !current {
+            self.qkv =
+                FusedLinears::pack(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]);
+        }
+        self.qkv.is_some()
+    }
+
+    /// Whether q/k/v run as one GEMM (fused, and their weights still the
+    /// fused buffer's frozen views).
+    pub fn qkv_fused(&self) -> bool {
+        self.qkv
+            .as_ref()
+            .is_some_and(|f| f.is_current(&[&self.q_proj, &self.k_proj, &self.v_proj]))
+    }
+
+    /// The q/k/v projections of `x`: one GEMM when fused and still current,
+    /// else one per projection.
+    fn project_qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let linears = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if let Some(mut out) = self
+            .qkv
+            .as_ref()
+            .and_then(|f| f.forward_t(&linears, x, train))
+        {
+            let v = out.pop().expect("three outputs");
+            let k = out.pop().expect("three outputs");
+            let q = out.pop().expect("three outputs");
+            return (q, k, v);
+        }
+        (
+            self.q_proj.forward_t(x, train),
+            self.k_proj.forward_t(x, train),
+            self.v_proj.forward_t(x, train),
+        )
     }
 
     /// # Shapes
@@ -105,14 +153,11 @@ impl Attention {
         let (b, t, _) = x
             .size3()
             .expect("hidden states must be [batch, seq, hidden]");
-        let heads = |proj: &Linear, n: i64| {
-            proj.forward_t(x, train)
-                .view([b, t, n, self.head_dim])
-                .transpose(1, 2)
-        };
-        let q = rotary.apply(&heads(&self.q_proj, self.num_heads), cos, sin);
-        let k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads), cos, sin);
-        let v = heads(&self.v_proj, self.num_kv_heads);
+        let (q, k, v) = self.project_qkv(x, train);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let q = rotary.apply(&heads(q, self.num_heads), cos, sin);
+        let k = rotary.apply(&heads(k, self.num_kv_heads), cos, sin);
+        let v = heads(v, self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.update(self.layer_idx, k, v),
             None => (k, v),

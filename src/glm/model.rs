@@ -161,6 +161,7 @@ impl GlmForCausalLM {
         load_safetensors(&model.vs, dir)?;
         model.name_or_path = dir.display().to_string();
         model.vs.freeze_base();
+        model.fuse_frozen_projections();
         Ok(model)
     }
 
@@ -341,5 +342,12 @@ impl LoraModel for GlmForCausalLM {
         }
         out.push(("lm_head".to_string(), &mut self.lm_head));
         out
+    }
+
+    /// q/k/v of every layer as one GEMM when their weights are frozen.
+    fn fuse_frozen_projections(&mut self) {
+        for layer in &mut self.model.layers {
+            layer.self_attn.fuse_frozen_qkv();
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod distributed;
 pub mod fsutil;
+pub mod fused;
 pub mod generation;
 pub mod hub;
 pub mod modeling;

@@ -65,16 +65,27 @@ impl LoraLayer {
     /// back to the base output's dtype (PEFT casts the input to the adapter dtype,
     /// adds, and returns the base result dtype).
     pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
-        let x = x.to_kind(self.lora_a.kind());
+        self.add_to_cast(base, &x.to_kind(self.lora_a.kind()), train)
+    }
+
+    /// [`add_to`](Self::add_to) with `x` already in the adapter dtype
+    /// ([`input_kind`](Self::input_kind)): adapters sharing one input cast it
+    /// once. Each still draws its own dropout mask, as PEFT does.
+    pub fn add_to_cast(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
         let x = if train && self.dropout > 0.0 {
-            x.dropout(self.dropout, true)
+            crate::data::unpad::dropout(x, self.dropout)
         } else {
-            x
+            x.shallow_clone()
         };
         let delta = x
             .linear::<Tensor>(&self.lora_a, None)
             .linear::<Tensor>(&self.lora_b, None)
             * self.scaling;
         (base + delta).to_kind(base.kind())
+    }
+
+    /// The dtype the adapter computes in (its input is cast to it).
+    pub fn input_kind(&self) -> tch::Kind {
+        self.lora_a.kind()
     }
 }

@@ -370,6 +370,11 @@ impl LoraConfig {
 /// module path (e.g. `model.layers.0.self_attn.q_proj`).
 pub trait LoraModel {
     fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
+    /// Runs frozen linear layers that share an input as one GEMM from now on
+    /// where the model can ([`crate::fused::FusedLinears`]); called once the
+    /// base is frozen. Weights keep their names, shapes and values.
+    fn fuse_frozen_projections(&mut self) {}
 }
 
 /// The adapters attached to a model: their config and their own VarStore

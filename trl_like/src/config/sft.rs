@@ -83,6 +83,11 @@ config_struct_flattened! {
         /// Lay each batch's samples back to back in one unpadded row: positions restart and attention
         /// stays within each sample (no compute spent on padding).
         padding_free: bool = false,
+        /// glm4 extension (not in TRL): compute padded batches on their real tokens only, laid back
+        /// to back with the positions and attention they have in the padded batch; losses, metrics
+        /// and gradients equal dense padded compute (float rounding aside), and num_tokens and
+        /// total_flos still count the padded batch. false: dense padded compute, for debugging.
+        unpad_batches: bool = true,
         /// Pad batches to a multiple of this length; none (or "auto" off AWS Neuron) pads to the
         /// longest sample.
         pad_to_multiple_of: Option<usize> = None,

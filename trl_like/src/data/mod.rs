@@ -7,6 +7,7 @@ pub mod collator;
 pub mod formats;
 pub mod packing;
 pub mod tokenize;
+pub mod unpad;
 
 pub use collator::{collate, collate_padding_free, collate_with, Batch};
 pub use formats::{DatasetFormat, Example};

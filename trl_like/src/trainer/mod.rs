@@ -131,6 +131,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         let device = model.device();
         model.set_activation_checkpointing(args.gradient_checkpointing);
         let params = trainable_params(&model, peft.as_ref());
+        model.fuse_frozen_projections();
         let mut handler = CallbackHandler::new(vec![Box::new(DefaultFlowCallback)]);
         if args.disable_tqdm {
             handler.add(Box::new(PrinterCallback));

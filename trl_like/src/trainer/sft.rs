@@ -9,6 +9,7 @@ use crate::config::SFTConfig;
 use crate::data::tokenize::{
     apply_sft_tokenizer_args, collator_pad_token_id, drop_examples_without_loss, tokenize_example,
 };
+use crate::data::unpad::{unpad, with_padded_rows};
 use crate::data::{
     collate_with, formats, Batch, Dataset, DatasetFormat, Example, TokenizeOptions,
     TokenizedExample,
@@ -38,6 +39,9 @@ pub struct SFTHooks {
     pub padding_free: bool,
     /// Tokens per chunk of the loss computation (see [`LOSS_CHUNK_TOKENS`]).
     pub loss_chunk_tokens: i64,
+    /// Compute padded batches on their real tokens only ([`crate::data::unpad`];
+    /// SFTConfig's `unpad_batches`).
+    pub unpad: bool,
 }
 
 impl SFTHooks {
@@ -47,6 +51,24 @@ impl SFTHooks {
             pad_to_multiple_of: args.pad_to_multiple_of,
             padding_free: args.uses_padding_free(),
             loss_chunk_tokens: LOSS_CHUNK_TOKENS,
+            // NEFTune (refused for now) scales its noise by the padded length in
+            // transformers: such runs would have to stay dense to match.
+            unpad: args.unpad_batches && args.neftune_noise_alpha.is_none(),
+        }
+    }
+
+    /// Keeps padded compute where unpadding could not reproduce it exactly: an
+    /// adapter with dropout on `lm_head` sees the loss chunks, whose shapes
+    /// differ once unpadded, so its dropout masks would too.
+    fn adapt_to(&mut self, peft: Option<&PeftAdapter>) {
+        if let Some(p) = peft {
+            let head = p
+                .modules
+                .iter()
+                .any(|m| m == "lm_head" || m.ends_with(".lm_head"));
+            if head && p.config.lora_dropout > 0.0 {
+                self.unpad = false;
+            }
         }
     }
 }
@@ -96,24 +118,39 @@ impl<M: PreTrainedModel> TrainingHooks<M> for SFTHooks {
         num_items: Option<i64>,
         train: bool,
     ) -> Result<LossOutput, TrainerError> {
-        let input = CausalLMInput {
-            input_ids: &batch.input_ids,
-            attention_mask: batch.has_padding.then_some(&batch.attention_mask),
-            position_ids: batch.position_ids.as_ref(),
-            seq_lens: batch.seq_lens.as_deref(),
-        };
+        // What the run reports comes from the padded batch, whatever is computed.
         let num_tokens = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
         let denom = num_items.unwrap_or(batch.num_loss_tokens).max(1) as f64;
-        let out = model.forward_for_loss(&input, train, train, |hidden| {
-            chunked_lm_loss(
-                model,
-                hidden,
+        let unpadded = if self.unpad { unpad(batch) } else { None };
+        let (input, labels) = match &unpadded {
+            Some(u) => (
+                CausalLMInput {
+                    input_ids: &u.input_ids,
+                    attention_mask: None,
+                    position_ids: Some(&u.position_ids),
+                    seq_lens: Some(&u.seq_lens),
+                },
+                &u.labels,
+            ),
+            None => (
+                CausalLMInput {
+                    input_ids: &batch.input_ids,
+                    attention_mask: batch.has_padding.then_some(&batch.attention_mask),
+                    position_ids: batch.position_ids.as_ref(),
+                    seq_lens: batch.seq_lens.as_deref(),
+                },
                 &batch.labels,
-                denom,
-                train,
-                self.loss_chunk_tokens,
-            )
-        });
+            ),
+        };
+        let run = || {
+            model.forward_for_loss(&input, train, train, |hidden| {
+                chunked_lm_loss(model, hidden, labels, denom, train, self.loss_chunk_tokens)
+            })
+        };
+        let out = match &unpadded {
+            Some(u) => with_padded_rows(&u.rows, run),
+            None => run(),
+        };
         Ok(LossOutput {
             loss: out.loss,
             num_tokens,
@@ -254,7 +291,8 @@ impl<'d, M: PreTrainedModel> SFTTrainerBuilder<'d, M> {
             }
             Adapters::Existing(adapter) => Some(adapter),
         };
-        let hooks = SFTHooks::new(&args, &tokenizer);
+        let mut hooks = SFTHooks::new(&args, &tokenizer);
+        hooks.adapt_to(peft.as_ref());
         Ok(Trainer::new(
             model,
             args,
