@@ -14,6 +14,7 @@ pub mod modeling;
 pub mod nn;
 pub mod optim;
 pub mod peft;
+pub mod quant;
 pub mod tokenizer;
 pub mod tracking;
 pub mod trainer;
