@@ -101,6 +101,7 @@ fixtures: $(REF_STAMP)
 	$(PYTHON) scripts/make_trainer_fixtures.py
 	$(PYTHON) scripts/make_packing_fixtures.py
 	$(PYTHON) scripts/make_callback_fixture.py
+	$(PYTHON) scripts/make_quant_fixtures.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod peft;
+pub mod quant;
 pub mod tokenizer;
 pub mod tracking;
 pub mod trainer;
