@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
-use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
+use trl_like::config::{
+    IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TrainingArguments,
+};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::modeling::Checkpointable;
 use trl_like::peft::{LoraConfig, TargetModules};
@@ -51,25 +53,28 @@ fn records() -> Dataset {
 
 fn args(tag: &str, unpad: bool) -> SFTConfig {
     SFTConfig {
-        output_dir: std::env::temp_dir()
-            .join(format!("glm4-unpad-{tag}-{unpad}-{}", std::process::id()))
-            .display()
-            .to_string(),
-        per_device_train_batch_size: 4,
-        per_device_eval_batch_size: 3,
-        gradient_accumulation_steps: 2,
-        learning_rate: 5e-4,
-        logging_steps: 1.0,
-        max_steps: 2,
+        args: TrainingArguments {
+            output_dir: std::env::temp_dir()
+                .join(format!("glm4-unpad-{tag}-{unpad}-{}", std::process::id()))
+                .display()
+                .to_string(),
+            per_device_train_batch_size: 4,
+            per_device_eval_batch_size: 3,
+            gradient_accumulation_steps: 2,
+            learning_rate: 5e-4,
+            logging_steps: 1.0,
+            max_steps: 2,
+            bf16: Some(false),
+            gradient_checkpointing: false,
+            report_to: vec!["none".into()],
+            save_strategy: SaveStrategy::No,
+            eval_strategy: IntervalStrategy::Steps,
+            eval_steps: Some(1.0),
+            train_sampling_strategy: SamplingStrategy::Sequential,
+            disable_tqdm: true,
+            ..SFTConfig::default().args
+        },
         max_length: Some(64),
-        bf16: Some(false),
-        gradient_checkpointing: false,
-        report_to: vec!["none".into()],
-        save_strategy: SaveStrategy::No,
-        eval_strategy: IntervalStrategy::Steps,
-        eval_steps: Some(1.0),
-        train_sampling_strategy: SamplingStrategy::Sequential,
-        disable_tqdm: true,
         unpad_batches: unpad,
         ..SFTConfig::default()
     }
