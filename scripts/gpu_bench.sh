@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Issue 6's GPU benchmark, one prepared command for a lent GPU machine (see
-# "The device" in ../shared/GUIDE.md): LoRA r 8 on q/k/v of the GLM-4-9B shape
-# with random weights, bf16, batch 2 x 512 synthetic tokens, 20 steps after 3
-# warm-up, done by `glm4 bench` and by the Python stack on the device's own
-# PyTorch; prints tokens/s, MFU (4·N FLOPs per token, 989 TFLOP/s bf16 peak)
-# and peak memory for both. Needs no network and no weights.
+# Issues 6 and 13's GPU benchmark, one prepared command for a lent GPU machine
+# (see "The device" in ../shared/GUIDE.md): LoRA r 8 on q/k/v of the GLM-4-9B
+# shape with random weights, bf16, synthetic tokens, done by `glm4 bench` and
+# by the Python stack on the device's own PyTorch at four shapes (the
+# tutorial's 2 x 512 with recompute, 2 x 4096 with recompute, 8 x 512, 2 x 512
+# without recompute; 20 steps after 3 warm-up, fewer for the large ones);
+# prints tokens/s, optimizer-step time, MFU (4·N FLOPs per token, 989 TFLOP/s
+# bf16 peak) and peak memory for both. Needs no network and no weights; about
+# 6-7 minutes of device time (GPU_BENCH_BUDGET_S stops starting runs after 420 s).
 #
 # Run from the repository root with the release binary built elsewhere and
 # carried along (`target/release/glm4`). Python wheels in target/gpu_wheels/
@@ -15,7 +18,7 @@
 # imports, else transformers' Trainer + PEFT, else the Python half is skipped.
 #
 # Environment: PYTHON (default python3), GLM4_BIN, OUT (reports go there; default
-# output/gpu_bench), GPU_BENCH_GC=0 to skip the gradient_checkpointing rows,
+# output/gpu_bench), GPU_BENCH_GC=0 to run only 2 x 512 without recompute,
 # GPU_BENCH_BUDGET_S (default 420): later runs are skipped once it is spent;
 # GPU_BENCH_ARGS replaces the benchmark arguments (dry runs on a CPU).
 set -uo pipefail
@@ -46,10 +49,10 @@ echo "== $(date -u +%Y-%m-%dT%H:%MZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 "$BIN" env || { echo "error: $BIN does not run here"; exit 1; }
 
-ARGS=(--model_config glm-4-9b --random_init --dtype bfloat16 --device cuda
-      --batch_size 2 --seq_len 512 --steps 20 --warmup 3 --json)
+ARGS=(--model_config glm-4-9b --random_init --dtype bfloat16 --device cuda --json)
 # For a dry run of this script without a GPU, e.g.
-# GPU_BENCH_ARGS="--model_config tiny --random_init --device cpu --batch_size 2 --seq_len 32 --steps 2 --warmup 1 --json"
+# GPU_BENCH_ARGS="--model_config tiny --random_init --device cpu --dtype float32 --json"
+# (each shape adds its batch, length, steps and recompute flags: leave those out)
 if [[ -n ${GPU_BENCH_ARGS:-} ]]; then read -r -a ARGS <<<"$GPU_BENCH_ARGS"; fi
 
 # Which Python trainer works here (each check takes seconds; a broken stack is skipped, not fatal).
@@ -76,21 +79,32 @@ run() {  # run NAME TIMEOUT CMD...: JSON report to $OUTDIR/NAME.json, stderr to 
     if (( rc != 0 )); then tail -n 15 "$OUTDIR/$name.log"; rm -f "$OUTDIR/$name.json"; fi
 }
 
-GC_ROWS=(false)
-[[ "${GPU_BENCH_GC:-1}" != 0 ]] && GC_ROWS+=(true)
-for gc in "${GC_ROWS[@]}"; do
-    tag=$([[ $gc == true ]] && echo gc || echo nogc)
-    run "rust-$tag" 180 "$BIN" bench "${ARGS[@]}" --gradient_checkpointing "$gc"
+# Shapes, most important first (the budget skips the tail): the tutorial's
+# 2 x 512 with recompute; NeMo AutoModel's LoRA anchor, sequence 4096 x
+# micro-batch 2 (recompute on: without it the activations of 40 layers x 8,192
+# tokens do not fit beside the weights on the Python side); batch 8 x 512; and
+# 2 x 512 without recompute. Larger shapes run fewer steps.
+SHAPES=(
+    "tut-gc|--batch_size 2 --seq_len 512 --gradient_checkpointing true --steps 20 --warmup 3"
+    "s4096-gc|--batch_size 2 --seq_len 4096 --gradient_checkpointing true --steps 8 --warmup 2"
+    "b8-nogc|--batch_size 8 --seq_len 512 --gradient_checkpointing false --steps 10 --warmup 2"
+    "tut-nogc|--batch_size 2 --seq_len 512 --gradient_checkpointing false --steps 20 --warmup 3"
+)
+[[ "${GPU_BENCH_GC:-1}" == 0 ]] && SHAPES=("${SHAPES[3]}")
+for shape in "${SHAPES[@]}"; do
+    tag=${shape%%|*}
+    read -r -a extra <<<"${shape#*|}"
+    run "rust-$tag" 150 "$BIN" bench "${ARGS[@]}" "${extra[@]}"
     if [[ -n $PY_TRAINER ]]; then
-        run "python-$tag" 240 "$PY" scripts/bench_trl.py "${ARGS[@]}" --gradient_checkpointing "$gc" --trainer "$PY_TRAINER"
+        run "python-$tag" 200 "$PY" scripts/bench_trl.py "${ARGS[@]}" "${extra[@]}" --trainer "$PY_TRAINER"
     fi
 done
 
-"$PY" - "$OUTDIR" <<'PYEOF'
+"$PY" - "$OUTDIR" "${SHAPES[@]}" <<'PYEOF'
 import json, os, sys
-out = sys.argv[1]
+out, shapes = sys.argv[1], [s.split("|")[0] for s in sys.argv[2:]]
 rows = []
-for tag in ("nogc", "gc"):
+for tag in shapes:
     for side in ("rust", "python"):
         p = os.path.join(out, f"{side}-{tag}.json")
         if os.path.exists(p) and os.path.getsize(p):
@@ -101,26 +115,35 @@ if not rows:
     sys.exit("no results")
 r0 = rows[0][2]
 print(f"\n{r0['model_config']} shape ({r0['num_parameters'] / 1e9:.2f} B params), LoRA r {r0['lora_r']} on "
-      f"{' '.join(r0['lora_target_modules'])}, {r0['dtype']}, batch {r0['batch_size']} x {r0['seq_len']}, "
-      f"{r0['measured_steps']} steps after {r0['warmup_steps']} warm-up, on {r0.get('gpu_name') or r0.get('device')}")
-head = f"{'side':<40} {'GC':<4} {'tokens/s':>9} {'s/step':>7} {'MFU':>6} {'GPU used max MiB':>17} {'alloc/reserved MiB':>19} {'peak RSS MB':>11}"
+      f"{' '.join(r0['lora_target_modules'])}, {r0['dtype']}, synthetic tokens, on {r0.get('gpu_name') or r0.get('device')}")
+head = (f"{'side':<32} {'batch x seq':>11} {'GC':<4} {'tokens/s':>9} {'s/step':>7} {'optim ms':>8} {'MFU':>6} "
+        f"{'GPU used max MiB':>17} {'alloc/reserved MiB':>19} {'peak RSS MB':>11}")
 print(head); print("-" * len(head))
 for tag, side, r in rows:
     impl = "glm4 (Rust, tch)" if side == "rust" else r.get("implementation", "python")
     ar = "" if side == "rust" else f"{r.get('cuda_max_memory_allocated_mb')}/{r.get('cuda_max_memory_reserved_mb')}"
+    if side == "rust" and r.get("cuda_max_memory_allocated_mb") is not None:
+        ar = f"{r.get('cuda_max_memory_allocated_mb')}/{r.get('cuda_max_memory_reserved_mb')}"
     mfu = r.get("mfu")
-    print(f"{impl[:40]:<40} {'on' if tag == 'gc' else 'off':<4} {r['tokens_per_second']:>9.1f} {r['seconds_per_step']:>7.3f} "
+    opt = (r.get("phase_seconds") or {}).get("optimizer")
+    shape = f"{r['batch_size']} x {r['seq_len']}"
+    print(f"{impl[:32]:<32} {shape:>11} {'on' if r.get('gradient_checkpointing') else 'off':<4} {r['tokens_per_second']:>9.1f} "
+          f"{r['seconds_per_step']:>7.3f} {(1000 * opt if opt is not None else float('nan')):>8.2f} "
           f"{(100 * mfu if mfu else float('nan')):>5.1f}% {str(r.get('gpu_memory_used_max_mb')):>17} {ar:>19} {r['peak_rss_mb']:>11.0f}")
 by = {(t, s): r for t, s, r in rows}
-for tag in ("nogc", "gc"):
+for tag in shapes:
     if (tag, "rust") in by and (tag, "python") in by:
         a, b = by[(tag, "rust")], by[(tag, "python")]
         speed = a["tokens_per_second"] / b["tokens_per_second"]
         ma, mb = a.get("gpu_memory_used_max_mb"), b.get("gpu_memory_used_max_mb")
         mem = f"{ma / mb:.2f}x" if ma and mb else "n/a"
-        print(f"GC {'on ' if tag == 'gc' else 'off'}: Rust/Python tokens/s {speed:.2f}x (target >= 1.2x), GPU memory used {mem} (target <= 1.00x)")
+        target = " (issue 13 target: >= 2x tokens/s at <= 0.8x peak allocated)" if tag == "tut-gc" else ""
+        if tag == "s4096-gc" and a.get("mfu"):
+            target = f" (issue 13 target: glm4 MFU >= 40 %: {100 * a['mfu']:.1f} %)"
+        print(f"{tag:<9}: Rust/Python tokens/s {speed:.2f}x, GPU memory used {mem}{target}")
 print("GPU memory used = nvidia-smi memory.used of the whole GPU, max of 100 ms samples: the caching allocator's "
-      "peak reserved memory + the CUDA context (same measure on both sides).")
+      "peak reserved memory + the CUDA context (same measure on both sides). optim ms = mean optimizer step "
+      "(on_pre_optimizer_step -> on_optimizer_step).")
 PYEOF
 
 # ---- Issue 13 items 3 and 4 (trl_like::ops, csrc/ops.cpp): a block of its own. ----

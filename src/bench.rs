@@ -150,6 +150,12 @@ pub struct BenchArgs {
           value_parser = BoolishValueParser::new(),
         hide_possible_values = true)]
     pub padding_free: bool,
+    /// Compute padded batches on their real tokens only (SFTConfig's unpad_batches; false: dense padded compute).
+    #[arg(long = "unpad_batches", alias = "unpad-batches", value_name = "BOOL", num_args = 0..=1,
+          default_missing_value = "true", default_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(),
+        hide_possible_values = true)]
+    pub unpad_batches: bool,
     /// Pack records into seq_len blocks (TRL's packing; bfd implies padding-free batches).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
           default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(),
@@ -607,6 +613,7 @@ fn report(
         ("lora_target_modules", json!(a.lora_target_modules)),
         ("gradient_checkpointing", json!(a.gradient_checkpointing)),
         ("padding_free", json!(a.padding_free)),
+        ("unpad_batches", json!(a.unpad_batches)),
         ("packing", json!(a.packing)),
         ("packing_strategy", json!(a.packing.then(|| a.packing_strategy.as_str()))),
         ("token_slots_per_epoch", json!(slots.0)),
@@ -674,10 +681,13 @@ fn print_report(r: &Value) {
     );
     println!(
         "  batches            {}{}, {:.1} % of the token slots are padding",
-        if r["padding_free"].as_bool() == Some(true) {
-            "padding-free"
-        } else {
-            "padded"
+        match (
+            r["padding_free"].as_bool() == Some(true),
+            r["unpad_batches"].as_bool() != Some(false),
+        ) {
+            (true, _) => "padding-free",
+            (false, true) => "padded (computed unpadded)",
+            (false, false) => "padded (dense compute)",
         },
         r["packing_strategy"]
             .as_str()
@@ -839,6 +849,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         },
         max_length: Some(a.seq_len),
         padding_free: a.padding_free,
+        unpad_batches: a.unpad_batches,
         packing: a.packing,
         packing_strategy: a.packing_strategy,
         ..SFTConfig::default()
