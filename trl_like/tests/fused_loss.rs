@@ -200,7 +200,7 @@ fn fused_loss_rejects_bad_inputs_with_a_message() {
 }
 
 #[test]
-fn cuda_memory_statistics_say_not_available_without_a_gpu() {
+fn cuda_operations_say_not_available_without_a_gpu() {
     if tch::Cuda::is_available() {
         // Exercised by the GPU script instead; here just the call's shape.
         let stats = trl_like::ops::cuda_memory_stats().expect("stats on a GPU machine");
@@ -214,4 +214,10 @@ fn cuda_memory_statistics_say_not_available_without_a_gpu() {
         Kind::BFloat16,
         128
     ));
+    // Called anyway on CPU tensors, the varlen attention refuses by name.
+    let q = Tensor::zeros([1, 4, 6, 8], (Kind::BFloat16, Device::Cpu));
+    let k = Tensor::zeros([1, 2, 6, 8], (Kind::BFloat16, Device::Cpu));
+    let err = trl_like::ops::varlen_causal_attention(&q, &k, &k, &[2, 4], 0.35)
+        .expect_err("no varlen attention on CPU");
+    assert!(err.to_string().contains("needs CUDA"), "{err}");
 }
