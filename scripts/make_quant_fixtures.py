@@ -12,6 +12,9 @@ Writes tests/fixtures/quant/blockwise.safetensors. For every case
   {case}.weight.quant_state.bitsandbytes__{nf4|fp4}
                                 QuantState.as_dict(packed=True): the keys transformers saves
   {case}.dequant                dequantize_4bit(packed, state) in the input dtype
+  linear4bit.{bias,x,y,x_grad}  bnb.nn.Linear4bit(128 -> 16, nf4, nested, fp32 compute) on
+                                input.fp32.16x128 in train mode: output and input gradient of
+                                sum(y * arange(16))
 
 Run from anywhere: `.venv/bin/python scripts/make_quant_fixtures.py` (a few seconds).
 """
@@ -43,6 +46,29 @@ def weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return w
 
 
+def linear4bit(tensors: dict[str, torch.Tensor]) -> None:
+    """`bnb.nn.Linear4bit` (nf4, nested, fp32 compute) forward and backward in train mode:
+    the dequantize-and-GEMM path QLoRA training takes."""
+    import bitsandbytes as bnb
+
+    w = tensors["input.fp32.16x128"]
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(16, generator=g) * 0.1
+    x = torch.randn(2, 3, 128, generator=g)
+    lin = bnb.nn.Linear4bit(128, 16, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    lin.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    lin = lin.to("cpu")  # quantizes
+    lin.train()
+    xg = x.clone().requires_grad_(True)
+    y = lin(xg)
+    (y * torch.arange(16.0)).sum().backward()
+    tensors["linear4bit.bias"] = bias
+    tensors["linear4bit.x"] = x
+    tensors["linear4bit.y"] = y.detach()
+    tensors["linear4bit.x_grad"] = xg.grad
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -65,6 +91,7 @@ def main() -> None:
                     for key, value in state.as_dict(packed=True).items():
                         tensors[f"{case}.weight.{key}"] = value.contiguous()
                     tensors[f"{case}.dequant"] = deq.contiguous()
+    linear4bit(tensors)
     save_file(tensors, str(OUT / "blockwise.safetensors"))
     print(f"wrote {len(tensors)} tensors to {OUT / 'blockwise.safetensors'}")
 
