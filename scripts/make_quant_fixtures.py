@@ -16,6 +16,11 @@ Writes tests/fixtures/quant/blockwise.safetensors. For every case
                                 input.fp32.16x128 in train mode: output and input gradient of
                                 sum(y * arange(16))
 
+And tests/fixtures/quant/tiny-glm-{nf4-nested,fp4}.safetensors (+ .quantization_config.json):
+weights/tiny-glm as transformers saves it after loading with BitsAndBytesConfig(load_in_4bit=True,
+fp32 compute): the quantized tensors only (the rest equals weights/tiny-glm), and the logits of a
+left-padded batch (`inputs.*`).
+
 Run from anywhere: `.venv/bin/python scripts/make_quant_fixtures.py` (a few seconds).
 """
 
@@ -69,6 +74,59 @@ def linear4bit(tensors: dict[str, torch.Tensor]) -> None:
     tensors["linear4bit.x_grad"] = xg.grad
 
 
+def tiny_glm_4bit(quant_type: str, nested: bool) -> None:
+    """weights/tiny-glm loaded by transformers with BitsAndBytesConfig(load_in_4bit, fp32
+    compute): the 4-bit tensors save_pretrained writes, its quantization_config, and the
+    logits of a left-padded batch. The unquantized tensors (embedding, norms, biases,
+    lm_head) are saved unchanged, so the test takes them from weights/tiny-glm."""
+    import json
+    import tempfile
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=nested,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    src = ROOT / "weights" / "tiny-glm"
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=bnb, dtype=torch.float32, device_map="cpu"
+    )
+    # Train mode takes bitsandbytes' dequantize-and-GEMM path; in eval on CPUs with
+    # AVX512-BF16 it switches to a bf16 kernel (inputs rounded to bf16) that no GPU or
+    # training step uses. attention_dropout is 0, so train mode changes nothing else.
+    model.train()
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 1900, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3] = 1900  # left padding with <|endoftext|>
+    mask[1, :3] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    dense = load_file(str(src / "model.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        saved = load_file(str(Path(tmp) / "model.safetensors"))
+        config = json.loads((Path(tmp) / "config.json").read_text())
+    out = {}
+    for key, value in saved.items():
+        if key in dense and dense[key].dtype == value.dtype and dense[key].shape == value.shape:
+            assert torch.equal(dense[key], value), key
+        else:
+            out[key] = value.contiguous()
+    out["inputs.input_ids"] = ids
+    out["inputs.attention_mask"] = mask
+    out["inputs.logits"] = logits.contiguous()
+    name = f"tiny-glm-{quant_type}{'-nested' if nested else ''}"
+    save_file(out, str(OUT / f"{name}.safetensors"))
+    (OUT / f"{name}.quantization_config.json").write_text(
+        json.dumps(config["quantization_config"], indent=2, sort_keys=True) + "\n"
+    )
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -93,6 +151,8 @@ def main() -> None:
                     tensors[f"{case}.dequant"] = deq.contiguous()
     linear4bit(tensors)
     save_file(tensors, str(OUT / "blockwise.safetensors"))
+    for quant_type, nested in (("nf4", True), ("fp4", False)):
+        tiny_glm_4bit(quant_type, nested)
     print(f"wrote {len(tensors)} tensors to {OUT / 'blockwise.safetensors'}")
 
 

@@ -68,6 +68,14 @@ pub const STATE_SUFFIXES: [&str; 6] = [
     "nested_offset",
 ];
 
+/// Whether `name` is a 4-bit weight's state tensor (`….weight.absmax`, …), not a parameter.
+pub fn is_state_key(name: &str) -> bool {
+    STATE_SUFFIXES[1..].iter().any(|s| {
+        name.strip_suffix(s)
+            .is_some_and(|rest| rest.ends_with(".weight."))
+    })
+}
+
 /// A 4-bit weight: packed codes plus everything needed to restore it.
 #[derive(Debug)]
 pub struct Packed4bit {
