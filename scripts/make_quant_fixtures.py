@@ -106,6 +106,26 @@ def tiny_glm_4bit(quant_type: str, nested: bool) -> None:
     mask[1, :3] = 0
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
+    if nested:
+        # Greedy tokens of `glm4 generate --load_in_4bit` (tests/qlora_load.rs).
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src)
+        prompt = "我是ChatGLM，是"
+        enc = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out_ids = model.generate(**enc, max_new_tokens=12, do_sample=False)
+        (OUT / "tiny-glm-nf4-nested.generate.json").write_text(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    "input_ids": enc["input_ids"][0].tolist(),
+                    "output_ids": out_ids[0].tolist(),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
     dense = load_file(str(src / "model.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

@@ -176,3 +176,45 @@ fn corrupt_prequantized_checkpoint_names_the_tensor() {
     assert!(err.contains(key) && err.contains("[100, 1]"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `glm4 generate --load_in_4bit` quantizes while loading and decodes transformers'
+/// greedy tokens for the same 4-bit model.
+#[test]
+fn generate_with_load_in_4bit_matches_transformers() {
+    let text = std::fs::read_to_string(
+        root().join("tests/fixtures/quant/tiny-glm-nf4-nested.generate.json"),
+    )
+    .unwrap();
+    let fx: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args([
+            "generate",
+            "--model_name_or_path",
+            "weights/tiny-glm",
+            "--load_in_4bit",
+            "--use_bnb_nested_quant",
+            "--bnb_4bit_quant_type",
+            "nf4",
+            "--prompt",
+            fx["prompt"].as_str().unwrap(),
+            "--max_new_tokens",
+            "12",
+            "--json",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("glm4 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ids = |v: &serde_json::Value| -> Vec<i64> { serde_json::from_value(v.clone()).unwrap() };
+    let prompt = ids(&fx["input_ids"]);
+    assert_eq!(ids(&got["prompt_ids"]), prompt);
+    assert_eq!(
+        ids(&got["generated_ids"]),
+        ids(&fx["output_ids"])[prompt.len()..].to_vec()
+    );
+}
