@@ -128,6 +128,26 @@ struct ModelArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Quantize the linear layers to 4 bits while loading, as bitsandbytes does (QLoRA's base).
+    #[arg(long = "load_in_4bit", alias = "load-in-4bit", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    load_in_4bit: bool,
+    /// 4-bit data type with --load_in_4bit: nf4 or fp4.
+    #[arg(long = "bnb_4bit_quant_type", alias = "bnb-4bit-quant-type", default_value = "nf4", value_parser = ["nf4", "fp4"])]
+    bnb_4bit_quant_type: String,
+    /// Quantize the 4-bit absmax values again (nested quantization) with --load_in_4bit.
+    #[arg(long = "use_bnb_nested_quant", alias = "use-bnb-nested-quant", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    use_bnb_nested_quant: bool,
+}
+
+impl ModelArgs {
+    /// The 4-bit configuration these flags ask for (`None` without --load_in_4bit).
+    fn quantization(&self) -> Option<trl_like::quant::Quant4bitConfig> {
+        self.load_in_4bit.then(|| trl_like::quant::Quant4bitConfig {
+            quant_type: trl_like::quant::QuantType::parse(&self.bnb_4bit_quant_type)
+                .unwrap_or(trl_like::quant::QuantType::Nf4),
+            nested: self.use_bnb_nested_quant,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -317,7 +337,8 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     let device = runtime::parse_device(&args.device)?;
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = runtime::parse_dtype(&args.torch_dtype, config.checkpoint_dtype(), device)?;
-    let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), device)?;
+    let mut model =
+        GlmForCausalLM::from_pretrained_quantized(dir, Some(kind), device, args.quantization())?;
     let mut tokenizer = glm4::load_tokenizer(dir)?;
     if let Some(adapter) = &args.adapter_path {
         // Like the tutorial's chat_cli: PeftModel.from_pretrained, and the adapter's

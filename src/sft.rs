@@ -420,7 +420,12 @@ pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCaus
         log::info!("note: training on CPU in float32 (bf16/fp16 matmuls are very slow on CPUs)");
         kind = Kind::Float;
     }
-    Ok(GlmForCausalLM::from_pretrained(&dir, Some(kind), device)?)
+    Ok(GlmForCausalLM::from_pretrained_quantized(
+        &dir,
+        Some(kind),
+        device,
+        model_args.quantization_config(),
+    )?)
 }
 
 /// Where the tutorial's files come from when they are missing.

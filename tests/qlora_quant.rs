@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
-use trl_like::quant::{Packed4bit, QuantError, QuantType};
+use trl_like::nn::{with_4bit_linears, Linear, LinearWeight};
+use trl_like::quant::{Packed4bit, Quant4bitConfig, QuantError, QuantType};
 
 fn fixture() -> HashMap<String, Tensor> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -72,7 +73,14 @@ fn quantize_matches_bitsandbytes_bit_for_bit() {
     for case in cases(&fx) {
         let name = &case.name;
         let w = &fx[&case.input];
-        let q = Packed4bit::quantize(w, case.quant_type, case.nested).unwrap();
+        let q = Packed4bit::quantize(
+            w,
+            Quant4bitConfig {
+                quant_type: case.quant_type,
+                nested: case.nested,
+            },
+        )
+        .unwrap();
         // Every tensor bitsandbytes saves, under the same keys.
         let ours: HashMap<String, Tensor> = q
             .state_dict(&format!("{name}.weight"))
@@ -96,7 +104,7 @@ fn quantize_matches_bitsandbytes_bit_for_bit() {
             same_bits(key, mine, &fx[key]);
         }
         if case.nested {
-            let offset = q.state.nested.as_ref().unwrap().offset;
+            let offset = q.state.nested.as_ref().unwrap().offset.double_value(&[]) as f32;
             let json_key = format!(
                 "{name}.weight.quant_state.bitsandbytes__{}",
                 case.quant_type
@@ -172,4 +180,66 @@ fn corrupt_quant_state_names_the_tensor() {
             .starts_with(&format!("{key}.nested_absmax:")),
         "{err}"
     );
+}
+
+#[test]
+fn linear4bit_forward_and_input_gradient_match_bitsandbytes() {
+    let fx = fixture();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg = Quant4bitConfig {
+        quant_type: QuantType::Nf4,
+        nested: true,
+    };
+    let lin = with_4bit_linears(Some(cfg), || Linear::new(vs.root() / "proj", 128, 16, true));
+    let mut names: Vec<String> = vs.variables().into_keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "proj.bias",
+            "proj.weight",
+            "proj.weight.absmax",
+            "proj.weight.nested_absmax",
+            "proj.weight.nested_offset",
+            "proj.weight.nested_quant_map",
+            "proj.weight.quant_map"
+        ],
+        "4-bit storage lives under transformers' keys"
+    );
+    let LinearWeight::Quant4bit(q) = &lin.weight else {
+        panic!("Linear::new inside with_4bit_linears builds a 4-bit weight")
+    };
+    q.copy_from(&Packed4bit::quantize(&fx["input.fp32.16x128"], cfg).unwrap())
+        .unwrap();
+    tch::no_grad(|| {
+        lin.bias
+            .as_ref()
+            .unwrap()
+            .shallow_clone()
+            .copy_(&fx["linear4bit.bias"])
+    });
+
+    let x = fx["linear4bit.x"].copy().set_requires_grad(true);
+    let y = lin.forward_t(&x, true);
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(
+        diff(&y, &fx["linear4bit.y"]) < 1e-6,
+        "output differs by {}",
+        diff(&y, &fx["linear4bit.y"])
+    );
+    (&y * Tensor::arange(16, (Kind::Float, tch::Device::Cpu)))
+        .sum(Kind::Float)
+        .backward();
+    let gx = x.grad();
+    assert!(
+        diff(&gx, &fx["linear4bit.x_grad"]) < 1e-6,
+        "input gradient differs by {}",
+        diff(&gx, &fx["linear4bit.x_grad"])
+    );
+    assert!(
+        !q.packed.requires_grad() && !q.state.absmax.requires_grad(),
+        "the codes are frozen"
+    );
+    assert_eq!(lin.dense_weight(Kind::Float).size(), [16, 128]);
+    assert_eq!((lin.in_features(), lin.out_features()), (128, 16));
 }

@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+use trl_like::quant::{Packed4bit, Quant4bitConfig, QuantType, BLOCKSIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -82,6 +83,13 @@ pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
+fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
+    )
+}
+
 /// Buffers transformers may save that are recomputed here.
 fn is_ignored_buffer(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
@@ -115,12 +123,48 @@ pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
             if is_ignored_buffer(&name) {
                 continue;
             }
+            if let Some((key, _)) = name.split_once(".quant_state.bitsandbytes__") {
+                // A pre-quantized checkpoint's JSON quant state: checked against the 4-bit
+                // storage, its nested offset filled in.
+                if !variables.contains_key(&format!("{key}.absmax")) {
+                    unexpected.push(name);
+                    continue;
+                }
+                filled.extend(read_quant_state(&variables, key, &name, view.data(), file)?);
+                continue;
+            }
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let kind = kind_of(view.dtype()).ok_or_else(|| {
+                file_err(
+                    file,
+                    format!("tensor {name} has unsupported dtype {:?}", view.dtype()),
+                )
+            })?;
+            if is_float(kind) && variables.contains_key(&format!("{name}.absmax")) {
+                // A dense weight of a 4-bit layer: quantized now, so the model never holds
+                // it dense (transformers casts to `dtype` first, then bitsandbytes quantizes).
+                let src = Tensor::f_from_data_size(view.data(), &shape, kind)
+                    .map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
+                filled.extend(quantize_into(
+                    &variables,
+                    &name,
+                    &src,
+                    vs.kind(),
+                    vs.device(),
+                    file,
+                )?);
+                bar.inc(view.data().len() as u64);
+                continue;
+            }
             let Some(var) = variables.get_mut(&name) else {
                 unexpected.push(name);
                 continue;
             };
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            if shape != var.size() {
+            let storage_view = var.kind() == Kind::Uint8
+                && is_float(kind)
+                && (shape.iter().product::<i64>() * kind.elt_size_in_bytes() as i64)
+                    == var.numel() as i64;
+            if shape != var.size() && !storage_view {
                 return Err(LoadError::Shape {
                     file: file.display().to_string(),
                     name,
@@ -128,14 +172,15 @@ pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
                     found: shape,
                 });
             }
-            let kind = kind_of(view.dtype()).ok_or_else(|| {
-                file_err(
-                    file,
-                    format!("tensor {name} has unsupported dtype {:?}", view.dtype()),
-                )
-            })?;
-            let src = Tensor::f_from_data_size(view.data(), &shape, kind)
+            let mut src = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
+            if var.kind() == Kind::Uint8 && kind != Kind::Uint8 && is_float(kind) {
+                // bnb_4bit_quant_storage: the same packed bytes saved under another dtype.
+                let bytes = src.numel() * kind.elt_size_in_bytes();
+                if bytes as i64 == var.numel() as i64 {
+                    src = src.view_dtype(Kind::Uint8).reshape(var.size());
+                }
+            }
             var.f_copy_(&src)
                 .map_err(|e| file_err(file, format!("tensor {name}: {e}")))?;
             bar.inc(view.data().len() as u64);
@@ -169,6 +214,110 @@ pub fn load_safetensors(vs: &VarStore, dir: &Path) -> Result<(), LoadError> {
         });
     }
     Ok(())
+}
+
+/// The 4-bit configuration of the storage registered under `key` (a weight's key).
+fn storage_config(variables: &HashMap<String, Tensor>, key: &str) -> Quant4bitConfig {
+    // bitsandbytes tells the two code books apart the same way: FP4's code 1 is positive.
+    let fp4 = variables
+        .get(&format!("{key}.quant_map"))
+        .is_some_and(|c| c.double_value(&[1]) > 0.0);
+    Quant4bitConfig {
+        quant_type: if fp4 { QuantType::Fp4 } else { QuantType::Nf4 },
+        nested: variables.contains_key(&format!("{key}.nested_absmax")),
+    }
+}
+
+/// Quantizes the dense checkpoint weight `src` into the 4-bit storage registered under
+/// `name`; returns the variable names it filled.
+fn quantize_into(
+    variables: &HashMap<String, Tensor>,
+    name: &str,
+    src: &Tensor,
+    kind: Kind,
+    device: Device,
+    file: &Path,
+) -> Result<Vec<String>, LoadError> {
+    let packed = &variables[name];
+    let expected = packed.size()[0];
+    if src.dim() != 2 || (src.numel() as i64 + 1) / 2 != expected {
+        return Err(file_err(
+            file,
+            format!(
+                "tensor {name} has shape {:?}, the model's 4-bit layer holds a matrix of {} values",
+                src.size(),
+                2 * expected
+            ),
+        ));
+    }
+    let w = src.to_device(device).to_kind(kind);
+    let q = Packed4bit::quantize(&w, storage_config(variables, name))
+        .map_err(|e| file_err(file, format!("{name}{e}")))?;
+    let mut filled = Vec::new();
+    for (suffix, t) in q.tensors() {
+        let key = state_key(name, suffix);
+        let dst = variables
+            .get(&key)
+            .ok_or_else(|| file_err(file, format!("{key}: no 4-bit storage for it")))?;
+        dst.shallow_clone()
+            .f_copy_(t)
+            .map_err(|e| file_err(file, format!("tensor {key}: {e}")))?;
+        filled.push(key);
+    }
+    Ok(filled)
+}
+
+fn state_key(name: &str, suffix: &str) -> String {
+    if suffix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}.{suffix}")
+    }
+}
+
+/// Checks a saved `quant_state.bitsandbytes__*` JSON against the storage under `key` and
+/// fills the nested offset it carries; returns the variable names it filled.
+fn read_quant_state(
+    variables: &HashMap<String, Tensor>,
+    key: &str,
+    name: &str,
+    bytes: &[u8],
+    file: &Path,
+) -> Result<Vec<String>, LoadError> {
+    let bad = |msg: String| file_err(file, format!("tensor {name}: {msg}"));
+    let fields: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not a JSON quant state ({e})")))?;
+    let want = storage_config(variables, key);
+    let quant_type = fields.get("quant_type").and_then(|v| v.as_str());
+    if quant_type != Some(want.quant_type.as_str()) {
+        return Err(bad(format!(
+            "quant_type {quant_type:?}, but the checkpoint's quantization_config says {:?}",
+            want.quant_type.as_str()
+        )));
+    }
+    let blocksize = fields.get("blocksize").and_then(|v| v.as_i64());
+    if blocksize != Some(BLOCKSIZE) {
+        return Err(bad(format!(
+            "blocksize {blocksize:?}; only {BLOCKSIZE} (what transformers writes) is supported"
+        )));
+    }
+    let offset = fields.get("nested_offset").and_then(|v| v.as_f64());
+    match (offset, want.nested) {
+        (Some(offset), true) => {
+            let slot = format!("{key}.nested_offset");
+            let _ = variables[&slot].shallow_clone().fill_(offset as f32 as f64);
+            Ok(vec![slot])
+        }
+        (None, false) => Ok(Vec::new()),
+        (Some(_), false) => Err(bad(
+            "is nested, but the quantization_config says bnb_4bit_use_double_quant false".into(),
+        )),
+        (None, true) => Err(bad(
+            "has no nested_offset, but the quantization_config says \
+             bnb_4bit_use_double_quant true"
+                .into(),
+        )),
+    }
 }
 
 /// Largest shard written by [`save_safetensors`] (transformers' default `max_shard_size` is 5 GB).

@@ -13,8 +13,9 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 use trl_like::config::TorchDtype;
 use trl_like::modeling::{CausalLM, CausalLMInput, Checkpointable, KvCache, PreTrainedModel};
-use trl_like::nn::Linear;
+use trl_like::nn::{with_4bit_linears, Linear};
 use trl_like::peft::LoraModel;
+use trl_like::quant::{Packed4bit, Quant4bitConfig, QuantType};
 
 #[derive(Debug)]
 pub struct GlmModel {
@@ -111,6 +112,8 @@ pub struct GlmForCausalLM {
     pub name_or_path: String,
     /// Recompute layer activations in training passes (gradient checkpointing).
     pub activation_checkpointing: bool,
+    /// How the decoder's linear layers are quantized (QLoRA); `None`: dense.
+    pub quantization: Option<Quant4bitConfig>,
 }
 
 /// GLM-4-0414 (`model_type: "glm4"`): same type, chosen by the config.
@@ -119,12 +122,24 @@ pub type Glm4ForCausalLM = GlmForCausalLM;
 impl GlmForCausalLM {
     /// Allocates the model in `kind` on `device` (weights zero; load or init them next).
     pub fn new(config: GlmConfig, device: Device, kind: Kind) -> Self {
+        Self::new_quantized(config, device, kind, None)
+    }
+
+    /// [`new`](Self::new) with the decoder's linear layers as 4-bit storage when `quant`
+    /// is set (transformers + bitsandbytes: every `nn.Linear` but `lm_head`; the embedding
+    /// and the norms stay in `kind`, which is also the compute dtype).
+    pub fn new_quantized(
+        config: GlmConfig,
+        device: Device,
+        kind: Kind,
+        quant: Option<Quant4bitConfig>,
+    ) -> Self {
         let mut vs = nn::VarStore::new(device);
         // Set on the empty store so variables are created in `kind` directly:
         // a 9B model never exists in fp32 first.
         vs.set_kind(kind);
         let root = vs.root();
-        let model = GlmModel::new(&root / "model", &config);
+        let model = with_4bit_linears(quant, || GlmModel::new(&root / "model", &config));
         let lm_head = Linear::new(
             &root / "lm_head",
             config.hidden_size,
@@ -138,6 +153,7 @@ impl GlmForCausalLM {
             vs,
             name_or_path: String::new(),
             activation_checkpointing: false,
+            quantization: quant,
         }
     }
 
@@ -148,8 +164,35 @@ impl GlmForCausalLM {
         kind: Option<Kind>,
         device: Device,
     ) -> Result<Self, LoadError> {
+        Self::from_pretrained_quantized(dir, kind, device, None)
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) with `--load_in_4bit`: the linear weights
+    /// are quantized tensor by tensor as the shards are read. A checkpoint saved already
+    /// quantized (config.json `quantization_config`) loads its codes as they are, with or
+    /// without `quant`, as transformers does.
+    pub fn from_pretrained_quantized(
+        dir: impl AsRef<Path>,
+        kind: Option<Kind>,
+        device: Device,
+        quant: Option<Quant4bitConfig>,
+    ) -> Result<Self, LoadError> {
         let dir = dir.as_ref();
         let config = GlmConfig::from_pretrained(dir)?;
+        let quant = match saved_quantization(&config, dir)? {
+            Some(saved) => {
+                if quant.is_some_and(|q| q != saved) {
+                    log::warn!(
+                        "{}: the checkpoint is already quantized ({}{}); its quantization is used",
+                        dir.display(),
+                        saved.quant_type,
+                        if saved.nested { ", nested" } else { "" }
+                    );
+                }
+                Some(saved)
+            }
+            None => quant,
+        };
         let kind = match kind {
             Some(k) => k,
             None => config
@@ -157,7 +200,7 @@ impl GlmForCausalLM {
                 .and_then(TorchDtype::to_kind)
                 .unwrap_or(Kind::Float),
         };
-        let mut model = Self::new(config, device, kind);
+        let mut model = Self::new_quantized(config, device, kind, quant);
         load_safetensors(&model.vs, dir)?;
         model.name_or_path = dir.display().to_string();
         model.vs.freeze_base();
@@ -175,7 +218,27 @@ impl GlmForCausalLM {
         // process to process, and so would the weights each draw lands in.
         let mut vars: Vec<(String, tch::Tensor)> = self.vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let layers = self.linear_layers();
         for (name, mut var) in vars {
+            if let Some(q) = name
+                .strip_suffix(".weight")
+                .and_then(|m| layers.get(m))
+                .and_then(|l| match &l.weight {
+                    trl_like::nn::LinearWeight::Quant4bit(q) => Some(q),
+                    _ => None,
+                })
+            {
+                // The draw a dense model would make, quantized at once: one layer is
+                // dense at a time, never the model.
+                let w = Tensor::empty(q.state.shape.as_slice(), (self.vs.kind(), self.vs.device()))
+                    .normal_(0.0, std);
+                let fresh = Packed4bit::quantize(&w, q.config()).expect("float weights quantize");
+                q.copy_from(&fresh).expect("same shapes");
+                continue;
+            }
+            if trl_like::quant::is_state_key(&name) {
+                continue;
+            }
             if name.ends_with("norm.weight") {
                 let _ = var.fill_(1.0);
             } else if name.ends_with(".bias") {
@@ -186,9 +249,90 @@ impl GlmForCausalLM {
         }
     }
 
+    /// Every linear layer by module name (`model.layers.0.self_attn.q_proj`, …, `lm_head`).
+    pub fn linear_layers(&self) -> std::collections::BTreeMap<String, &Linear> {
+        let mut out = std::collections::BTreeMap::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            for (name, lin) in [
+                ("q_proj", &attn.q_proj),
+                ("k_proj", &attn.k_proj),
+                ("v_proj", &attn.v_proj),
+                ("o_proj", &attn.o_proj),
+            ] {
+                out.insert(format!("model.layers.{i}.self_attn.{name}"), lin);
+            }
+            out.insert(
+                format!("model.layers.{i}.mlp.gate_up_proj"),
+                &layer.mlp.gate_up_proj,
+            );
+            out.insert(
+                format!("model.layers.{i}.mlp.down_proj"),
+                &layer.mlp.down_proj,
+            );
+        }
+        out.insert("lm_head".to_string(), &self.lm_head);
+        out
+    }
+
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
     }
+}
+
+/// The 4-bit configuration of a checkpoint transformers saved quantized (config.json
+/// `quantization_config`), `None` for a plain one. What this loader cannot reproduce is
+/// refused by name.
+fn saved_quantization(
+    config: &GlmConfig,
+    dir: &Path,
+) -> Result<Option<Quant4bitConfig>, LoadError> {
+    let Some(q) = config.extra.get("quantization_config") else {
+        return Ok(None);
+    };
+    let path = dir.join("config.json").display().to_string();
+    let refuse = |message: String| LoadError::File {
+        path: path.clone(),
+        message: format!("quantization_config: {message}"),
+    };
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+    if method != "bitsandbytes" {
+        return Err(refuse(format!(
+            "quant_method {method:?} is not supported; only bitsandbytes 4-bit checkpoints load here"
+        )));
+    }
+    let flag = |name: &str| q.get(name).and_then(|v| v.as_bool()).unwrap_or(false);
+    if flag("load_in_8bit") {
+        return Err(refuse(
+            "8-bit (LLM.int8()) checkpoints are not supported; use a 4-bit or an unquantized one"
+                .into(),
+        ));
+    }
+    if !flag("load_in_4bit") {
+        return Err(refuse(
+            "neither load_in_4bit nor load_in_8bit is set".into(),
+        ));
+    }
+    if let Some(skip) = q.get("llm_int8_skip_modules").and_then(|v| v.as_array()) {
+        if skip.iter().any(|m| m.as_str() != Some("lm_head")) {
+            return Err(refuse(format!(
+                "llm_int8_skip_modules {skip:?}: only lm_head may stay unquantized here"
+            )));
+        }
+    }
+    let quant_type = q
+        .get("bnb_4bit_quant_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("fp4");
+    let quant_type = QuantType::parse(quant_type).ok_or_else(|| {
+        refuse(format!(
+            "bnb_4bit_quant_type {quant_type:?} is not nf4 or fp4"
+        ))
+    })?;
+    Ok(Some(Quant4bitConfig {
+        quant_type,
+        nested: flag("bnb_4bit_use_double_quant"),
+    }))
 }
 
 /// Extension on the base store: generation and adapter training never need
@@ -239,7 +383,14 @@ impl CausalLM for GlmForCausalLM {
 
 impl PreTrainedModel for GlmForCausalLM {
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        // A 4-bit weight's quantization state is no parameter (torch keeps it beside the
+        // packed `Params4bit`).
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| !trl_like::quant::is_state_key(name))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }

@@ -1,22 +1,78 @@
 //! Building blocks a model shares with the trainer: a `Linear` layer that can
-//! carry a LoRA adapter (PEFT's `LoraLayer` wrapping `nn.Linear`).
+//! carry a LoRA adapter (PEFT's `LoraLayer` wrapping `nn.Linear`), with a dense or a
+//! bitsandbytes 4-bit weight (transformers' `Linear4bit`, QLoRA's frozen base).
 
-use tch::{nn, Tensor};
+use crate::quant::{Packed4bit, Quant4bitConfig};
+use std::cell::Cell;
+use tch::{nn, Kind, Tensor};
+
+/// Where a [`Linear`] keeps its weight.
+#[derive(Debug)]
+pub enum LinearWeight {
+    /// `[out, in]` in the model dtype.
+    Dense(Tensor),
+    /// 4-bit codes and quantization state, registered in the model's store under
+    /// transformers' keys (`weight`, `weight.absmax`, …); frozen.
+    Quant4bit(Packed4bit),
+}
 
 /// A dense layer `y = x Wᵀ + b` with HF parameter names (`weight` `[out, in]`,
 /// optional `bias` `[out]`), plus an optional LoRA adapter added to its output.
 #[derive(Debug)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraLayer>,
 }
 
+thread_local! {
+    static BUILD_4BIT: Cell<Option<Quant4bitConfig>> = const { Cell::new(None) };
+}
+
+/// Runs `build` with every [`Linear::new`] on this thread allocating 4-bit storage per
+/// `cfg` instead of a dense weight (`None`: dense, as usual). A model quantizes exactly
+/// the linear layers it builds inside — transformers' `replace_with_bnb_linear` — without
+/// its modules knowing, and a 9B model is never allocated dense.
+pub fn with_4bit_linears<R>(cfg: Option<Quant4bitConfig>, build: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Quant4bitConfig>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUILD_4BIT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(BUILD_4BIT.with(|c| c.replace(cfg)));
+    build()
+}
+
 impl Linear {
     /// Creates `weight` (and `bias` when asked) under `path`, zero-filled: values
-    /// come from a checkpoint or an explicit initialisation.
+    /// come from a checkpoint or an explicit initialisation. Inside
+    /// [`with_4bit_linears`] the weight is 4-bit storage, to be quantized into.
     pub fn new(path: nn::Path, in_features: i64, out_features: i64, bias: bool) -> Self {
-        let weight = path.var("weight", &[out_features, in_features], nn::Init::Const(0.0));
+        let weight = match BUILD_4BIT.with(Cell::get) {
+            None => LinearWeight::Dense(path.var(
+                "weight",
+                &[out_features, in_features],
+                nn::Init::Const(0.0),
+            )),
+            Some(cfg) => {
+                let q = Packed4bit::empty(
+                    &[out_features, in_features],
+                    cfg,
+                    path.kind(),
+                    path.device(),
+                );
+                let state = &path / "weight";
+                for (suffix, t) in q.tensors() {
+                    if suffix.is_empty() {
+                        let _ = path.add("weight", t.shallow_clone(), false);
+                    } else {
+                        let _ = state.add(suffix, t.shallow_clone(), false);
+                    }
+                }
+                LinearWeight::Quant4bit(q)
+            }
+        };
         let bias = bias.then(|| path.var("bias", &[out_features], nn::Init::Const(0.0)));
         Self {
             weight,
@@ -25,18 +81,42 @@ impl Linear {
         }
     }
 
+    fn shape(&self) -> Vec<i64> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.size(),
+            LinearWeight::Quant4bit(q) => q.state.shape.clone(),
+        }
+    }
+
     pub fn in_features(&self) -> i64 {
-        self.weight.size()[1]
+        self.shape()[1]
     }
 
     pub fn out_features(&self) -> i64 {
-        self.weight.size()[0]
+        self.shape()[0]
+    }
+
+    /// The weight as a dense `[out, in]` tensor in `kind`: the variable itself when it
+    /// is dense and already `kind`, otherwise a new tensor (a 4-bit weight is
+    /// dequantized, fp32 math rounded once to `kind`, as bitsandbytes does).
+    pub fn dense_weight(&self, kind: Kind) -> Tensor {
+        match &self.weight {
+            LinearWeight::Dense(w) if w.kind() == kind => w.shallow_clone(),
+            LinearWeight::Dense(w) => w.to_kind(kind),
+            LinearWeight::Quant4bit(q) => q.dequantize(kind),
+        }
     }
 
     /// # Shapes
     /// `x`: `[..., in]` → `[..., out]` in `x`'s dtype.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let base = x.linear(&self.weight, self.bias.as_ref());
+        let base = match &self.weight {
+            LinearWeight::Dense(w) => x.linear(w, self.bias.as_ref()),
+            // bitsandbytes' training path: dequantize to the compute dtype just in time
+            // and run a plain GEMM; no dense copy outlives the call except what autograd
+            // keeps for the input gradient (the codes have no gradient).
+            LinearWeight::Quant4bit(q) => x.linear(&q.dequantize(x.kind()), self.bias.as_ref()),
+        };
         match &self.lora {
             None => base,
             Some(lora) => lora.add_to(&base, x, train),

@@ -9,8 +9,8 @@
 //! `adapter_config.json`, which `PeftModel.from_pretrained` opens.
 
 // Re-exported: the adapter type lives beside the layer that carries it.
-use crate::nn::Linear;
 pub use crate::nn::LoraLayer;
+use crate::nn::{Linear, LinearWeight};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -757,9 +757,20 @@ pub fn merge_and_unload(model: &mut dyn LoraModel) {
                     .to_kind(Kind::Float)
                     .matmul(&lora.lora_a.to_kind(Kind::Float))
                     * lora.scaling;
-                let merged =
-                    linear.weight.to_kind(Kind::Float) + delta.to_device(linear.weight.device());
-                linear.weight.copy_(&merged.to_kind(linear.weight.kind()));
+                match &mut linear.weight {
+                    LinearWeight::Dense(w) => {
+                        let merged = w.to_kind(Kind::Float) + delta.to_device(w.device());
+                        w.copy_(&merged.to_kind(w.kind()));
+                    }
+                    // A 4-bit base merges into a dense weight in the dtype it was quantized
+                    // from: the result carries the quantization error (PEFT would quantize
+                    // it again; a merged checkpoint is written dense).
+                    LinearWeight::Quant4bit(q) => {
+                        let merged = q.dequantize(Kind::Float) + delta.to_device(q.packed.device());
+                        let kind = q.state.dtype;
+                        linear.weight = LinearWeight::Dense(merged.to_kind(kind));
+                    }
+                }
             }
         }
     });

@@ -96,15 +96,17 @@ config_struct! {
         use_rslora: bool = false,
         /// DoRA: learn a magnitude vector next to the low-rank direction update (not supported yet).
         use_dora: bool = false,
-        /// Load the base model quantized to 8 bits (bitsandbytes; not supported here).
+        /// Load the base model quantized to 8 bits (bitsandbytes LLM.int8(); not supported here).
         load_in_8bit: bool = false,
-        /// Load the base model quantized to 4 bits (bitsandbytes; not supported here).
+        /// Load the base model's linear layers quantized to 4 bits as bitsandbytes does (QLoRA;
+        /// needs use_peft). Computes in `dtype`; embedding and lm_head stay unquantized.
         load_in_4bit: bool = false,
         /// 4-bit quantization data type.
         bnb_4bit_quant_type: Bnb4bitQuantType = Bnb4bitQuantType::Nf4,
         /// Quantize the 4-bit quantization constants again (nested quantization).
         use_bnb_nested_quant: bool = false,
-        /// Storage dtype of 4-bit weights.
+        /// Storage dtype of 4-bit weights (uint8, bfloat16, float16 or float32: the same
+        /// packed bytes, kept as uint8 in memory).
         bnb_4bit_quant_storage: Option<String> = None,
     }
 }
@@ -115,6 +117,9 @@ config_struct! {
 /// SDPA's flash kernel, which libtorch picks on CUDA for unmasked half-precision
 /// batches (refused on the CPU, as transformers does).
 pub const ATTN_IMPLEMENTATIONS: [&str; 3] = ["eager", "sdpa", "flash_attention_2"];
+
+/// The `bnb_4bit_quant_storage` values accepted (torch dtypes the packed bytes may be viewed as).
+pub const QUANT_STORAGES: [&str; 4] = ["uint8", "bfloat16", "float16", "float32"];
 
 impl ModelConfig {
     /// `dtype`, under the tutorial's name.
@@ -205,14 +210,28 @@ impl ModelConfig {
         if self.load_in_8bit {
             return Err(ConfigError::unsupported(
                 "load_in_8bit",
-                "8-bit (bitsandbytes) loading is not supported",
+                "8-bit (bitsandbytes LLM.int8()) loading is not supported: its outlier \
+                 decomposition is not reproduced here; use --load_in_4bit true (QLoRA) instead",
             ));
         }
-        if self.load_in_4bit {
-            return Err(ConfigError::unsupported(
+        if self.load_in_4bit && !self.use_peft {
+            return Err(ConfigError::conflict(
                 "load_in_4bit",
-                "4-bit (bitsandbytes) loading is not supported",
+                "use_peft",
+                "4-bit weights cannot be fine-tuned directly (transformers refuses to train a \
+                 quantized model); add --use_peft true to train LoRA adapters on the 4-bit base (QLoRA)",
             ));
+        }
+        if let Some(s) = &self.bnb_4bit_quant_storage {
+            if !QUANT_STORAGES.contains(&s.as_str()) {
+                return Err(ConfigError::invalid(
+                    "bnb_4bit_quant_storage",
+                    format!(
+                        "{s:?} is not a storage dtype; the valid values are {}",
+                        QUANT_STORAGES.join(", ")
+                    ),
+                ));
+            }
         }
         if self.use_dora {
             return Err(ConfigError::unsupported(
@@ -221,6 +240,17 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+
+    /// TRL's `get_quantization_config` for 4 bits: `None` unless `load_in_4bit`.
+    pub fn quantization_config(&self) -> Option<crate::quant::Quant4bitConfig> {
+        self.load_in_4bit.then_some(crate::quant::Quant4bitConfig {
+            quant_type: match self.bnb_4bit_quant_type {
+                Bnb4bitQuantType::Nf4 => crate::quant::QuantType::Nf4,
+                Bnb4bitQuantType::Fp4 => crate::quant::QuantType::Fp4,
+            },
+            nested: self.use_bnb_nested_quant,
+        })
     }
 }
 
@@ -255,6 +285,38 @@ mod tests {
     }
 
     #[test]
+    fn four_bit_needs_lora_and_maps_to_the_quantization_config() {
+        let m = ModelConfig {
+            load_in_4bit: true,
+            ..Default::default()
+        };
+        let err = m.validate().unwrap_err();
+        assert_eq!(err.field(), "load_in_4bit");
+        assert!(err.to_string().contains("--use_peft true"), "{err}");
+        let m = ModelConfig {
+            load_in_4bit: true,
+            use_peft: true,
+            use_bnb_nested_quant: true,
+            bnb_4bit_quant_storage: Some("bfloat16".into()),
+            ..Default::default()
+        };
+        assert_eq!(m.validate(), Ok(()));
+        assert_eq!(
+            m.quantization_config(),
+            Some(crate::quant::Quant4bitConfig {
+                quant_type: crate::quant::QuantType::Nf4,
+                nested: true
+            })
+        );
+        let m = ModelConfig {
+            bnb_4bit_quant_storage: Some("int4".into()),
+            ..Default::default()
+        };
+        assert_eq!(m.validate().unwrap_err().field(), "bnb_4bit_quant_storage");
+        assert_eq!(ModelConfig::default().quantization_config(), None);
+    }
+
+    #[test]
     fn scaling() {
         let m = ModelConfig {
             lora_r: 8,
@@ -280,13 +342,6 @@ mod tests {
                     ..Default::default()
                 },
                 "use_dora",
-            ),
-            (
-                ModelConfig {
-                    load_in_4bit: true,
-                    ..Default::default()
-                },
-                "load_in_4bit",
             ),
             (
                 ModelConfig {

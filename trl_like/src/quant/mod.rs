@@ -46,6 +46,36 @@ pub enum QuantError {
     State { tensor: String, reason: String },
 }
 
+/// How to quantize a model's linear weights: the 4-bit part of transformers'
+/// `BitsAndBytesConfig` (blocksize 64, nested blocks of 256, as bitsandbytes fixes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quant4bitConfig {
+    /// `bnb_4bit_quant_type`.
+    pub quant_type: QuantType,
+    /// `bnb_4bit_use_double_quant` (TRL's `--use_bnb_nested_quant`).
+    pub nested: bool,
+}
+
+/// The tensors of one 4-bit weight by key suffix (appended to the weight's key with a dot;
+/// "" is the packed weight itself), as transformers names them, plus `nested_offset`, which
+/// transformers keeps in the JSON quant state.
+pub const STATE_SUFFIXES: [&str; 6] = [
+    "",
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "nested_offset",
+];
+
+/// Whether `name` is a 4-bit weight's state tensor (`….weight.absmax`, …), not a parameter.
+pub fn is_state_key(name: &str) -> bool {
+    STATE_SUFFIXES[1..].iter().any(|s| {
+        name.strip_suffix(s)
+            .is_some_and(|rest| rest.ends_with(".weight."))
+    })
+}
+
 /// A 4-bit weight: packed codes plus everything needed to restore it.
 #[derive(Debug)]
 pub struct Packed4bit {
@@ -57,7 +87,8 @@ pub struct Packed4bit {
 impl Packed4bit {
     /// `bitsandbytes.functional.quantize_4bit(w, blocksize=64, compress_statistics=nested,
     /// quant_type=...)`. The result lives on `w`'s device.
-    pub fn quantize(w: &Tensor, quant_type: QuantType, nested: bool) -> Result<Self, QuantError> {
+    pub fn quantize(w: &Tensor, cfg: Quant4bitConfig) -> Result<Self, QuantError> {
+        let Quant4bitConfig { quant_type, nested } = cfg;
         let dtype = w.kind();
         if !matches!(dtype, Kind::Float | Kind::BFloat16 | Kind::Half) {
             return Err(QuantError::Dtype {
@@ -123,6 +154,69 @@ impl Packed4bit {
                 .to_kind(kind)
                 .reshape(st.shape.as_slice())
         })
+    }
+
+    /// Zero-filled storage for a weight of `shape` (`dtype` being the dtype it is quantized
+    /// from), to be filled by [`copy_from`](Self::copy_from): a model allocates its 4-bit
+    /// layers this way and never holds the dense weights.
+    pub fn empty(shape: &[i64], cfg: Quant4bitConfig, dtype: Kind, device: Device) -> Self {
+        let n: i64 = shape.iter().product();
+        let blocks = (n + BLOCKSIZE - 1) / BLOCKSIZE;
+        let nested = cfg.nested.then(|| NestedAbsmax {
+            absmax: Tensor::zeros(
+                [(blocks + NESTED_BLOCKSIZE - 1) / NESTED_BLOCKSIZE],
+                (Kind::Float, device),
+            ),
+            code: Tensor::from_slice(dynamic_map().as_slice()).to_device(device),
+            offset: Tensor::zeros([], (Kind::Float, device)),
+            blocksize: NESTED_BLOCKSIZE,
+        });
+        let absmax_kind = if cfg.nested { Kind::Uint8 } else { Kind::Float };
+        Self {
+            packed: Tensor::zeros([(n + 1) / 2, 1], (Kind::Uint8, device)),
+            state: QuantState {
+                quant_type: cfg.quant_type,
+                blocksize: BLOCKSIZE,
+                shape: shape.to_vec(),
+                dtype,
+                absmax: Tensor::zeros([blocks], (absmax_kind, device)),
+                code: cfg.quant_type.code().to_device(device),
+                nested,
+            },
+        }
+    }
+
+    /// The tensors of this weight by [`STATE_SUFFIXES`] entry (absent nested ones skipped).
+    pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let st = &self.state;
+        let mut out = vec![
+            ("", &self.packed),
+            ("absmax", &st.absmax),
+            ("quant_map", &st.code),
+        ];
+        if let Some(n) = &st.nested {
+            out.push(("nested_absmax", &n.absmax));
+            out.push(("nested_quant_map", &n.code));
+            out.push(("nested_offset", &n.offset));
+        }
+        out
+    }
+
+    /// The configuration this weight was quantized with.
+    pub fn config(&self) -> Quant4bitConfig {
+        Quant4bitConfig {
+            quant_type: self.state.quant_type,
+            nested: self.state.nested.is_some(),
+        }
+    }
+
+    /// Overwrites this weight's tensors in place with `src`'s (same shape and configuration:
+    /// a model's storage filled from a checkpoint or a fresh quantization).
+    pub fn copy_from(&self, src: &Packed4bit) -> Result<(), tch::TchError> {
+        for ((_, dst), (_, src)) in self.tensors().into_iter().zip(src.tensors()) {
+            dst.shallow_clone().f_copy_(src)?;
+        }
+        Ok(())
     }
 
     /// Moves codes and state to `device`.
@@ -192,7 +286,7 @@ fn nest_absmax(absmax: &Tensor) -> (Tensor, NestedAbsmax) {
     let nested = NestedAbsmax {
         absmax: Tensor::from_slice(&absmax2).to_device(device),
         code: Tensor::from_slice(code.as_slice()).to_device(device),
-        offset: offset.double_value(&[]) as f32,
+        offset,
         blocksize: NESTED_BLOCKSIZE,
     };
     (Tensor::from_slice(&q).to_device(device), nested)
@@ -235,7 +329,14 @@ mod tests {
         let w = Tensor::randn([8, 128], (Kind::Float, Device::Cpu)) * 0.02;
         for qt in [QuantType::Nf4, QuantType::Fp4] {
             for nested in [false, true] {
-                let p = Packed4bit::quantize(&w, qt, nested).unwrap();
+                let p = Packed4bit::quantize(
+                    &w,
+                    Quant4bitConfig {
+                        quant_type: qt,
+                        nested,
+                    },
+                )
+                .unwrap();
                 assert_eq!(p.packed.size(), [512, 1]);
                 let back = p.dequantize(Kind::Float);
                 let rel = ((&back - &w).abs().max() / w.abs().max()).double_value(&[]);
@@ -249,7 +350,13 @@ mod tests {
     fn integer_weights_are_refused() {
         let w = Tensor::zeros([4, 64], (Kind::Int64, Device::Cpu));
         assert!(matches!(
-            Packed4bit::quantize(&w, QuantType::Nf4, false),
+            Packed4bit::quantize(
+                &w,
+                Quant4bitConfig {
+                    quant_type: QuantType::Nf4,
+                    nested: false
+                }
+            ),
             Err(QuantError::Dtype { .. })
         ));
     }

@@ -14,8 +14,9 @@ pub struct NestedAbsmax {
     pub absmax: Tensor,
     /// fp32 `[256]`: the 8-bit dynamic map (`nested_quant_map`).
     pub code: Tensor,
-    /// The mean subtracted from the first-level absmax before coding it.
-    pub offset: f32,
+    /// The mean subtracted from the first-level absmax before coding it: a 0-dim fp32
+    /// tensor, so a model can allocate it and a loader fill it in place.
+    pub offset: Tensor,
     pub blocksize: i64,
 }
 
@@ -49,7 +50,7 @@ impl QuantState {
                     .absmax
                     .repeat_interleave_self_int(n.blocksize, 0, None)
                     .narrow(0, 0, blocks);
-                vals * scale + Tensor::from(n.offset).to_device(self.absmax.device())
+                vals * scale + &n.offset
             }
         }
     }
@@ -65,7 +66,7 @@ impl QuantState {
             nested: self.nested.as_ref().map(|n| NestedAbsmax {
                 absmax: n.absmax.to_device(device),
                 code: n.code.to_device(device),
-                offset: n.offset,
+                offset: n.offset.to_device(device),
                 blocksize: n.blocksize,
             }),
         }
@@ -103,7 +104,7 @@ fn quant_state_json(st: &QuantState) -> String {
         s.push_str(&format!(
             ", \"nested_blocksize\": {}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
             n.blocksize,
-            serde_json::Value::from(n.offset as f64)
+            serde_json::Value::from(n.offset.double_value(&[]))
         ));
     }
     s.push('}');
@@ -252,7 +253,7 @@ impl Packed4bit {
             Some(NestedAbsmax {
                 absmax: nested_absmax.to_kind(Kind::Float),
                 code: nested_code.to_kind(Kind::Float),
-                offset: offset as f32,
+                offset: Tensor::from(offset as f32),
                 blocksize: nested_blocksize,
             })
         } else {
