@@ -141,11 +141,13 @@ macro_rules! config_enum {
 }
 
 mod data;
+mod deepspeed;
 mod model;
 mod parser;
 mod sft;
 
 pub use data::{DataArguments, DatasetFormat};
+pub use deepspeed::{Auto, DeepSpeedConfig, DeepSpeedError, ZeroPlan};
 pub use model::{Bnb4bitQuantType, ModelConfig, TorchDtype};
 pub use parser::{NoArgs, Origin, ParseError, Parsed, TrlParser};
 pub use sft::{

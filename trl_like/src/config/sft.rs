@@ -284,6 +284,9 @@ config_struct! {
         assistant_only_loss: bool = false,
         /// The training loss: nll, dft, or chunked_nll.
         loss_type: LossType = LossType::Nll,
+        /// A DeepSpeed config (JSON/YAML) or an accelerate config of type DEEPSPEED (e.g.
+        /// configs/zero2.yaml): ZeRO stage 0/1/2 with fp32 master weights; "auto" values follow the flags.
+        deepspeed: Option<String> = None,
     }
 }
 

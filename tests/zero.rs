@@ -1,0 +1,337 @@
+//! `--deepspeed` (issue 15): ZeRO-1/2 over Gloo ranks launched by torchrun
+//! computes what plain DDP and one process with the union batch compute
+//! (loss, grad_norm, lr of every step, final weights), reports its per-rank
+//! optimizer memory by the ZeRO formula, and resumes its sharded optimizer
+//! state with another world size.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::Tensor;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("glm4-zero-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn torchrun() -> PathBuf {
+    let p = root().join(".venv/bin/torchrun");
+    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
+    p
+}
+
+/// DeepSpeed configs written for the test (stage 1 as DeepSpeed JSON with
+/// "auto" values; stage 2 is the accelerate config the tutorial ships).
+fn ds_config(stage: u8) -> String {
+    match stage {
+        2 => root()
+            .join("tests/fixtures/deepspeed/accelerate_zero2.yaml")
+            .display()
+            .to_string(),
+        _ => root()
+            .join("tests/fixtures/deepspeed/ds_zero1.json")
+            .display()
+            .to_string(),
+    }
+}
+
+/// A short run of the tiny model (dropout 0; bf16 on, which the accelerate
+/// config asks for and which on a CPU leaves the fp32 model as it is).
+fn sft_args(out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "sft",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--data_files",
+        "data/demo_alpaca.json",
+        "--max_length",
+        "64",
+        "--lora_dropout",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--no_predict",
+        "--ddp_timeout",
+        "60",
+        "--max_steps",
+        "4",
+        "--weight_decay",
+        "0.01",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push("--output_dir".into());
+    v.push(out.display().to_string());
+    v.push("--per_device_train_batch_size".into());
+    v.push(batch.to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed:\n{err}");
+    err
+}
+
+fn single(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap()
+}
+
+fn under_torchrun(nproc: usize, args: &[String]) -> Output {
+    Command::new(torchrun())
+        .args([
+            format!("--nproc_per_node={nproc}"),
+            "--master_addr=127.0.0.1".into(),
+            format!("--master_port={}", free_port()),
+            "--no-python".into(),
+            env!("CARGO_BIN_EXE_glm4").into(),
+        ])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+fn run(world: usize, args: &[String], what: &str) -> String {
+    if world == 1 {
+        ok(&single(args), what)
+    } else {
+        ok(&under_torchrun(world, args), what)
+    }
+}
+
+fn log_history(dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["log_history"].as_array().unwrap().clone()
+}
+
+fn per_step(history: &[Value], key: &str) -> Vec<f64> {
+    history
+        .iter()
+        .filter_map(|e| e.get(key).and_then(Value::as_f64))
+        .collect()
+}
+
+fn weights(dir: &Path, lora: bool) -> Vec<(String, Tensor)> {
+    let file = if lora {
+        "adapter_model.safetensors"
+    } else {
+        "model.safetensors"
+    };
+    let mut v = Tensor::read_safetensors(dir.join(file)).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-5, "{what}: {a:?} vs {b:?}");
+    }
+}
+
+fn assert_same_run(reference: &Path, other: &Path, lora: bool, what: &str) {
+    let (h1, h2) = (log_history(reference), log_history(other));
+    for key in ["loss", "grad_norm", "learning_rate"] {
+        let (a, b) = (per_step(&h1, key), per_step(&h2, key));
+        assert_eq!(a.len(), 4, "{what}: {key}");
+        assert_close(&a, &b, &format!("{what}: {key}"));
+    }
+    let (w1, w2) = (weights(reference, lora), weights(other, lora));
+    assert_eq!(w1.len(), w2.len());
+    if !lora {
+        // The tolerance below is meaningful: training moved the weights further.
+        let base = weights(&root().join("weights/tiny-glm"), false);
+        let moved = w1
+            .iter()
+            .zip(&base)
+            .map(|((_, a), (_, b))| (a - b).abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        assert!(moved > 2e-5, "{what}: the weights moved only {moved}");
+    }
+    for ((na, ta), (nb, tb)) in w1.iter().zip(&w2) {
+        assert_eq!(na, nb);
+        let diff = (ta - tb).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{what}: {na} differs by {diff}");
+    }
+}
+
+/// The number after `key` in the log (e.g. "optimizer state 123 bytes").
+fn number_after(log: &str, key: &str) -> i64 {
+    let at = log
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in:\n{log}"))
+        + key.len();
+    log[at..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// One process with batch 6 ≡ DDP 2 × 3 ≡ ZeRO-1 2 × 3 ≡ ZeRO-2 3 × 2 (6
+/// trainable values per 3 ranks do not divide evenly for the LoRA layout of
+/// the tiny model: the last shard is short).
+fn check_stages(name: &str, lora: bool) {
+    let peft: &[&str] = if lora {
+        &["--learning_rate", "5e-3"]
+    } else {
+        // Parameters whose gradient is pure rounding noise (the key biases:
+        // softmax ignores them) move by ±lr under Adam whatever the noise, so
+        // the weights of any two summation orders differ by up to ~lr: a
+        // small lr keeps that below the 1e-5 tolerance (and assert_same_run
+        // checks the weights moved by more than it).
+        &["--use_peft", "false", "--learning_rate", "1e-5"]
+    };
+    let base = |out: &Path, batch: usize, ds: Option<u8>| {
+        let mut extra: Vec<String> = peft.iter().map(|s| s.to_string()).collect();
+        extra.extend(["--save_strategy".to_string(), "no".to_string()]);
+        if let Some(stage) = ds {
+            extra.extend(["--deepspeed".to_string(), ds_config(stage)]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        sft_args(out, batch, &extra)
+    };
+    let one = tmp(&format!("{name}-one"));
+    run(1, &base(&one, 6, None), "single process");
+    let ddp = tmp(&format!("{name}-ddp"));
+    run(2, &base(&ddp, 3, None), "ddp");
+    assert_same_run(&one, &ddp, lora, &format!("{name}: ddp"));
+    for (world, batch, stage) in [(2, 3, 1), (3, 2, 2)] {
+        let out = tmp(&format!("{name}-z{stage}-w{world}"));
+        let log = run(world, &base(&out, batch, Some(stage)), "zero");
+        let what = format!("{name}: ZeRO-{stage} on {world} ranks");
+        assert!(
+            log.contains(&format!(
+                "data parallel: all {world} ranks hold bit-identical trainable weights"
+            )),
+            "{what}: {log}"
+        );
+        assert_same_run(&one, &out, lora, &what);
+        // The per-rank optimizer state is the ZeRO formula: 12 bytes per value of a shard.
+        let psi = number_after(&log, "trainable params:");
+        let shard = (psi + world as i64 - 1) / world as i64;
+        assert_eq!(number_after(&log, "optimizer state"), 12 * shard, "{what}");
+        let grads = if stage == 2 { shard } else { psi };
+        assert_eq!(number_after(&log, "fp32 gradient"), 4 * grads, "{what}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let _ = std::fs::remove_dir_all(&one);
+    let _ = std::fs::remove_dir_all(&ddp);
+}
+
+#[test]
+fn lora_zero_stages_equal_ddp_and_one_process() {
+    check_stages("lora", true);
+}
+
+#[test]
+fn full_fine_tuning_zero_stages_equal_ddp_and_one_process() {
+    check_stages("full", false);
+}
+
+/// A ZeRO-2 checkpoint of `from` ranks resumed on `to` ranks finishes with
+/// the losses and weights of the uninterrupted run.
+fn check_resume(from: usize, to: usize) {
+    let name = format!("resume-{from}-{to}");
+    let args = |out: &Path, world: usize, extra: &[&str]| {
+        let mut e = vec![
+            "--use_peft",
+            "false",
+            "--learning_rate",
+            "1e-5",
+            "--save_steps",
+            "2",
+        ];
+        let ds = ds_config(2);
+        e.extend_from_slice(&["--deepspeed", &ds]);
+        e.extend_from_slice(extra);
+        sft_args(out, 6 / world, &e)
+    };
+    let full = tmp(&format!("{name}-full"));
+    run(from, &args(&full, from, &[]), "uninterrupted run");
+    let ckpt = full.join("checkpoint-2");
+    let files: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("zero_optim_shard_"))
+        .collect();
+    assert_eq!(files.len(), from, "one optimizer shard per rank: {files:?}");
+    let resumed = tmp(&format!("{name}-resumed"));
+    let ckpt_arg = ckpt.display().to_string();
+    let log = run(
+        to,
+        &args(&resumed, to, &["--resume_from_checkpoint", &ckpt_arg]),
+        "resume",
+    );
+    assert!(log.contains("resuming from"), "{log}");
+    assert_same_run(&full, &resumed, false, &name);
+    let _ = std::fs::remove_dir_all(&full);
+    let _ = std::fs::remove_dir_all(&resumed);
+}
+
+#[test]
+fn zero2_checkpoint_of_two_ranks_resumes_in_one_process() {
+    check_resume(2, 1);
+}
+
+#[test]
+fn zero2_checkpoint_of_one_process_resumes_on_three_ranks() {
+    check_resume(1, 3);
+}
+
+#[test]
+fn bad_deepspeed_configs_are_refused_before_training() {
+    let dir = tmp("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            r#"{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#,
+            "offload_optimizer.device",
+        ),
+        (r#"{"zero_optimization": {"stage": 3}}"#, "stage 3"),
+        (
+            r#"{"train_micro_batch_size_per_gpu": 8}"#,
+            "train_micro_batch_size_per_gpu = 8 vs --per_device_train_batch_size 2",
+        ),
+    ];
+    for (i, (text, expected)) in cases.into_iter().enumerate() {
+        let file = dir.join(format!("ds{i}.json"));
+        std::fs::write(&file, text).unwrap();
+        let out = dir.join(format!("out{i}"));
+        let f = file.display().to_string();
+        let o = single(&sft_args(&out, 2, &["--deepspeed", &f]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{text} should fail");
+        assert!(err.contains(expected) && err.contains(&f), "{text}: {err}");
+        assert!(!out.join("trainer_state.json").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
