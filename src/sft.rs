@@ -599,6 +599,10 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         bail!("eval_strategy is {} but there is no evaluation split (test_size 0); set --eval_strategy no or --test_size", setup.args.eval_strategy);
     }
     let model = load_model(&setup.model_args, device)?;
+    if is_main {
+        let world = group.as_ref().map_or(1, |g| g.world_size());
+        crate::estimate::log_for_run(&model.config, &setup.model_args, &setup.args, world);
+    }
     let mut generation = GenerationConfig::from_pretrained(&model_dir)?.unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
@@ -647,10 +651,16 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         // Say only what is on disk: the checkpoint of the interrupted step, with its optimizer.
         let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
         match last {
-            Some((s, p)) if s == step && p.join("optimizer.safetensors").is_file() => eprintln!(
+            Some((s, p))
+                if s == step
+                    && (p.join("optimizer.safetensors").is_file()
+                        || p.join(trl_like::optim::ZERO_LAYOUT_FILE).is_file()) =>
+            {
+                eprintln!(
                 "\ninterrupted: stopped after step {step}; the checkpoint is {}. Run the same command again to resume.",
                 p.display()
-            ),
+            )
+            }
             Some((_, p)) => eprintln!(
                 "\ninterrupted: stopped after step {step}, but no resumable checkpoint of that step was written; \
                  the newest checkpoint is {}",

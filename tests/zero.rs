@@ -235,12 +235,20 @@ fn check_stages(name: &str, lora: bool) {
             "{what}: {log}"
         );
         assert_same_run(&one, &out, lora, &what);
+        assert!(
+            log.contains("memory estimate (glm4 estimate-memory)"),
+            "{what}: {log}"
+        );
         // The per-rank optimizer state is the ZeRO formula: 12 bytes per value of a shard.
         let psi = number_after(&log, "trainable params:");
+        let ds_line = log
+            .lines()
+            .find(|l| l.contains("deepspeed: ZeRO stage"))
+            .unwrap_or_else(|| panic!("{what}: no deepspeed line in {log}"));
         let shard = (psi + world as i64 - 1) / world as i64;
-        assert_eq!(number_after(&log, "optimizer state"), 12 * shard, "{what}");
+        assert_eq!(number_after(ds_line, "optimizer state"), 12 * shard, "{what}");
         let grads = if stage == 2 { shard } else { psi };
-        assert_eq!(number_after(&log, "fp32 gradient"), 4 * grads, "{what}");
+        assert_eq!(number_after(ds_line, "fp32 gradient"), 4 * grads, "{what}");
         let _ = std::fs::remove_dir_all(&out);
     }
     let _ = std::fs::remove_dir_all(&one);
@@ -334,4 +342,82 @@ fn bad_deepspeed_configs_are_refused_before_training() {
         assert!(!out.join("trainer_state.json").exists());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The number before `unit` on the line starting with `label`.
+fn figure(text: &str, label: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"));
+    line.trim_start()[label.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn estimate_memory_of_glm4_9b_full_fine_tuning_is_deepspeeds_formula() {
+    let out = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args([
+            "estimate-memory",
+            "--model_config",
+            "glm-4-9b",
+            "--use_peft",
+            "false",
+            "--zero_stage",
+            "2",
+            "--world_size",
+            "8",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let psi: f64 = text.split_whitespace().next().unwrap().parse().unwrap();
+    assert!((9.3e9..9.5e9).contains(&psi), "{text}");
+    let states = figure(&text, "model states");
+    // DeepSpeed's estimate_zero2_model_states_mem_needs: 2Ψ + 14Ψ/N bytes.
+    let formula = (2.0 * psi + 14.0 * psi / 8.0) / 1e9;
+    assert!((states - formula).abs() < 0.01, "{states} vs {formula}");
+    assert!((34.0..36.5).contains(&states), "{text}");
+    // Plain DDP needs 16Ψ.
+    let ddp = text
+        .split("stage 0 ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap();
+    assert!((ddp - 16.0 * psi / 1e9).abs() < 0.01, "{text}");
+    for (label, value) in [
+        ("weights (16-bit)", 2.0 * psi),
+        ("gradients (16-bit)", 2.0 * psi / 8.0),
+        ("fp32 master weights", 4.0 * psi / 8.0),
+        ("AdamW moments (fp32)", 8.0 * psi / 8.0),
+    ] {
+        assert!(
+            (figure(&text, label) - value / 1e9).abs() < 0.01,
+            "{label}: {text}"
+        );
+    }
+    // A bad stage is refused clearly.
+    let bad = Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args([
+            "estimate-memory",
+            "--model_config",
+            "glm-4-9b",
+            "--zero_stage",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--zero_stage 3"));
 }
