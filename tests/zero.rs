@@ -514,3 +514,68 @@ fn bf16_zero2_ranks_equal_one_bf16_process_with_master_weights() {
     let _ = std::fs::remove_dir_all(&one);
     let _ = std::fs::remove_dir_all(&ranks);
 }
+
+/// Under ZeRO-2 a rank that dies makes the other fail with an error naming
+/// the collective and its rank instead of hanging.
+#[test]
+fn a_dead_zero_rank_stops_the_other_with_a_clear_error() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let out = tmp("dead");
+    let ds = ds_config(2);
+    let args = sft_args(
+        &out,
+        2,
+        &["--deepspeed", &ds, "--save_steps", "2", "--max_steps", "6"],
+    );
+    let port = free_port().to_string();
+    let spawn = |rank: usize, crash: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm4"));
+        cmd.args(&args)
+            .current_dir(root())
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if crash {
+            cmd.env("TRL_LIKE_CRASH_AFTER_STEP", "3");
+        }
+        cmd.spawn().unwrap()
+    };
+    let (mut r0, mut r1) = (spawn(0, false), spawn(1, true));
+    let start = Instant::now();
+    let wait = |child: &mut std::process::Child| loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("a rank still runs after 180 s: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!wait(&mut r1), "rank 1 was meant to crash");
+    assert!(!wait(&mut r0), "rank 0 must fail when its peer is gone");
+    let mut err = String::new();
+    use std::io::Read;
+    r0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(
+        err.contains("distributed") && err.contains("rank 0 of 2"),
+        "the error names the failed collective and the rank:\n{err}"
+    );
+    // The checkpoint of step 2 is complete: both shards and the layout.
+    let ckpt = out.join("checkpoint-2");
+    for f in [
+        "zero_optimizer.json",
+        "zero_optim_shard_00000_of_00002.safetensors",
+        "zero_optim_shard_00001_of_00002.safetensors",
+    ] {
+        assert!(ckpt.join(f).is_file(), "{f} missing");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
