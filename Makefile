@@ -68,11 +68,13 @@ fuzz: build
 	PROPTEST_CASES=50000 $(CARGO) test --release -p trl_like --test fuzz
 
 # The tutorial: LoRA on GLM-4-9B with the Chinese Alpaca-GPT4 data (downloads what is missing; needs CUDA).
-# NPROC=8 trains data-parallel on 8 GPUs of this machine (torchrun + NCCL; docs/DISTRIBUTED.md).
+# NPROC=8 trains data-parallel on 8 GPUs of this machine (torchrun + NCCL; docs/DISTRIBUTED.md);
+# DEEPSPEED=configs/zero2.yaml adds ZeRO-2 with fp32 master weights (the tutorial's accelerate config).
 NPROC ?= 1
+DEEPSPEED ?=
 LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --no-python,)
 train: $(BIN)
-	$(LAUNCH) $(BIN) sft --config $(CONFIG) $(ARGS)
+	$(LAUNCH) $(BIN) sft --config $(CONFIG) $(if $(DEEPSPEED),--deepspeed $(DEEPSPEED),) $(ARGS)
 
 # The same pipeline offline on CPU: the embedded tiny GLM-4 learns the project's demo data.
 demo: $(BIN)

@@ -31,3 +31,19 @@ echo "== torchrun, Gloo on the same GPU (gradients reduced through host memory)"
 "${TORCHRUN[@]}" --nproc_per_node 1 --master_addr 127.0.0.1 --master_port 29534 --no-python \
   $B "${common[@]}" --output_dir "$OUT_DIR/gloo" --per_device_train_batch_size 4 --ddp_backend gloo
 losses "$OUT_DIR/gloo"
+
+# ---------------------------------------------------------------------------
+# Issue 15: ZeRO-2 with fp32 master weights (--deepspeed) over NCCL, world size
+# NPROC_GPU, full fine-tuning of the tiny model; then a single process with the
+# same config, to compare the losses with.
+# ---------------------------------------------------------------------------
+zero=(sft --model_name_or_path weights/tiny-glm --data_files data/demo_alpaca.json
+  --bf16 true --use_peft false --learning_rate 5e-5 --max_steps 8 --save_steps 4 --logging_steps 1
+  --eval_strategy no --no_predict --disable_tqdm true --ddp_timeout 120 --deepspeed configs/zero2.yaml)
+echo "== torchrun, NCCL, ZeRO-2 (configs/zero2.yaml), world size $NPROC_GPU"
+"${TORCHRUN[@]}" --nproc_per_node "$NPROC_GPU" --master_addr 127.0.0.1 --master_port 29535 --no-python \
+  $B "${zero[@]}" --output_dir "$OUT_DIR/zero2_nccl" --per_device_train_batch_size $((4 / NPROC_GPU)) --ddp_backend nccl
+losses "$OUT_DIR/zero2_nccl"
+echo "== single process, ZeRO-2 config (fp32 masters, no process group)"
+$B "${zero[@]}" --output_dir "$OUT_DIR/zero2_single" --per_device_train_batch_size 4
+losses "$OUT_DIR/zero2_single"

@@ -2,6 +2,7 @@
 //! `trl_like` crates; every subcommand mirrors a script of the Python tutorial.
 
 mod bench;
+mod estimate;
 mod logger;
 mod preview;
 mod runtime;
@@ -59,6 +60,13 @@ enum Command {
     },
     /// Fold a LoRA adapter into the base weights and save a plain transformers checkpoint (PEFT's merge_and_unload).
     Merge(MergeArgs),
+    /// Per-GPU memory of a fine-tuning run (weights, gradients, fp32 master, moments, activations):
+    /// `glm4 estimate-memory --model_config glm-4-9b --use_peft false --zero_stage 2 --world_size 8`.
+    #[command(disable_help_flag = true)]
+    EstimateMemory {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Training throughput and peak memory on any GLM-4 shape without weights: `glm4 bench --model_config glm-4-9b --random_init ...`.
     Bench(bench::BenchArgs),
 }
@@ -254,6 +262,7 @@ fn main() {
         Command::Preview { args } => preview::run_preview(&args),
         Command::Merge(a) => cmd_merge(a),
         Command::Bench(a) => bench::run_bench(a),
+        Command::EstimateMemory { args } => estimate::run(&args),
     };
     if let Err(err) = result {
         // A `write!(stdout)?` into a closed pipe: the same quiet end as in the hook above.

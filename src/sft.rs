@@ -399,6 +399,38 @@ fn init_process_group(
     Ok(Some(group))
 }
 
+/// `--deepspeed`'s bf16 mode, checked against the flags before anything is
+/// loaded (None without --deepspeed).
+fn deepspeed_bf16(args: &trl_like::config::SFTConfig, world: usize) -> Result<Option<bool>> {
+    let Some(path) = args.deepspeed.as_deref() else {
+        return Ok(None);
+    };
+    let config = trl_like::config::DeepSpeedConfig::from_file(Path::new(path))?;
+    Ok(Some(config.resolve(args, world)?.bf16))
+}
+
+/// [`load_model`], except that DeepSpeed's bf16 mode (`Some(true)`) casts the
+/// model to bf16 as DeepSpeed does, on a CPU too (fp32 master weights keep
+/// the updates exact; bf16 matmuls are slow there).
+fn load_model_for(
+    model_args: &ModelConfig,
+    device: Device,
+    deepspeed_bf16: Option<bool>,
+) -> Result<GlmForCausalLM> {
+    let dir = PathBuf::from(model_args.model_name_or_path.as_deref().unwrap_or_default());
+    if deepspeed_bf16 != Some(true) || !dir.is_dir() {
+        return load_model(model_args, device);
+    }
+    if device == Device::Cpu {
+        log::info!("note: --deepspeed with bf16: bf16 working weights with fp32 masters, on CPU too (slow)");
+    }
+    Ok(GlmForCausalLM::from_pretrained(
+        &dir,
+        Some(Kind::BFloat16),
+        device,
+    )?)
+}
+
 /// Loads the base model in the dtype the config asks for (fp32 on CPU, where bf16 is very slow).
 pub fn load_model(model_args: &ModelConfig, device: Device) -> Result<GlmForCausalLM> {
     let dir = PathBuf::from(
@@ -604,7 +636,15 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     if setup.args.eval_strategy != IntervalStrategy::No && eval.is_none() {
         bail!("eval_strategy is {} but there is no evaluation split (test_size 0); set --eval_strategy no or --test_size", setup.args.eval_strategy);
     }
-    let model = load_model(&setup.model_args, device)?;
+    let world = group.as_ref().map_or(1, |g| g.world_size());
+    let model = load_model_for(
+        &setup.model_args,
+        device,
+        deepspeed_bf16(&setup.args, world)?,
+    )?;
+    if is_main {
+        crate::estimate::log_for_run(&model.config, &setup.model_args, &setup.args, world);
+    }
     let mut generation = GenerationConfig::from_pretrained(&model_dir)?.unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
@@ -653,10 +693,16 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         // Say only what is on disk: the checkpoint of the interrupted step, with its optimizer.
         let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
         match last {
-            Some((s, p)) if s == step && p.join("optimizer.safetensors").is_file() => eprintln!(
+            Some((s, p))
+                if s == step
+                    && (p.join("optimizer.safetensors").is_file()
+                        || p.join(trl_like::optim::ZERO_LAYOUT_FILE).is_file()) =>
+            {
+                eprintln!(
                 "\ninterrupted: stopped after step {step}; the checkpoint is {}. Run the same command again to resume.",
                 p.display()
-            ),
+            )
+            }
             Some((_, p)) => eprintln!(
                 "\ninterrupted: stopped after step {step}, but no resumable checkpoint of that step was written; \
                  the newest checkpoint is {}",

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use trl_like::modeling::{CausalLM, CausalLMInput, PreTrainedModel};
+use trl_like::nn::LinearWeight;
 use trl_like::peft::{merge_and_unload, LoraConfig, PeftAdapter, TargetModules};
 
 /// The tests seed and draw from libtorch's one global generator (dropout).
@@ -36,7 +37,9 @@ fn set_qkv_trainable(model: &GlmForCausalLM, on: bool) {
     for l in &model.model.layers {
         let a = &l.self_attn;
         for lin in [&a.q_proj, &a.k_proj, &a.v_proj] {
-            let _ = lin.weight.set_requires_grad(on);
+            if let LinearWeight::Dense(w) = &lin.weight {
+                let _ = w.set_requires_grad(on);
+            }
             if let Some(b) = &lin.bias {
                 let _ = b.set_requires_grad(on);
             }

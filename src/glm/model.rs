@@ -13,7 +13,7 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 use trl_like::config::TorchDtype;
 use trl_like::modeling::{CausalLM, CausalLMInput, Checkpointable, KvCache, PreTrainedModel};
-use trl_like::nn::{with_4bit_linears, Linear};
+use trl_like::nn::{with_4bit_linears, Linear, LinearWeight};
 use trl_like::peft::LoraModel;
 use trl_like::quant::{Packed4bit, Quant4bitConfig, QuantType};
 
@@ -365,7 +365,12 @@ impl CausalLM for GlmForCausalLM {
 
     fn lm_head_weight(&self) -> Option<Tensor> {
         let head = &self.lm_head;
-        (head.bias.is_none() && head.lora.is_none()).then(|| head.weight.shallow_clone())
+        match &head.weight {
+            LinearWeight::Dense(w) if head.bias.is_none() && head.lora.is_none() => {
+                Some(w.shallow_clone())
+            }
+            _ => None,
+        }
     }
 
     fn new_cache(&self) -> KvCache {

@@ -1,6 +1,7 @@
 // A C interface to the few pieces of libtorch's c10d that data-parallel
 // training needs: a TCPStore rendezvous, a Gloo (CPU) or NCCL (CUDA) process
-// group, and in-place all-reduce / broadcast / barrier on tensors.
+// group, and in-place all-reduce / broadcast / barrier, reduce-scatter and
+// all-gather on tensors.
 //
 // tch does not bind c10d, and its classes are C++ (intrusive_ptr, exceptions),
 // so this file is the only place that touches them. Every entry point catches
@@ -163,6 +164,34 @@ int trl_c10d_broadcast(void* handle, void* tensor, int root, char** error) {
     opts.rootRank = root;
     opts.timeout = group->timeout;
     wait(group->backend->broadcast(tensors, opts), group->timeout);
+  });
+}
+
+// Reduce-scatter of one flat tensor (torch's reduce_scatter_tensor): `input`
+// holds world_size equal pieces; rank r's `output` receives the sum of every
+// rank's piece r.
+int trl_c10d_reduce_scatter(void* handle, void* output, void* input, char** error) {
+  return guarded(error, [&] {
+    auto* group = static_cast<Group*>(handle);
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = group->timeout;
+    wait(group->backend->_reduce_scatter_base(
+             *static_cast<at::Tensor*>(output), *static_cast<at::Tensor*>(input), opts),
+         group->timeout);
+  });
+}
+
+// All-gather into one flat tensor (torch's all_gather_into_tensor): `output`
+// receives every rank's `input`, rank by rank.
+int trl_c10d_all_gather(void* handle, void* output, void* input, char** error) {
+  return guarded(error, [&] {
+    auto* group = static_cast<Group*>(handle);
+    c10d::AllgatherOptions opts;
+    opts.timeout = group->timeout;
+    wait(group->backend->_allgather_base(
+             *static_cast<at::Tensor*>(output), *static_cast<at::Tensor*>(input), opts),
+         group->timeout);
   });
 }
 

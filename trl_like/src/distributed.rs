@@ -2,9 +2,9 @@
 //! `torch.distributed` uses): Gloo on CPU, NCCL on CUDA, a TCPStore for the
 //! rendezvous, and processes launched by `torchrun`.
 //!
-//! tch does not bind c10d, so `csrc/c10d_shim.cpp` exposes the five calls the
-//! trainer needs (create, all-reduce, broadcast, barrier, destroy) as a C
-//! interface; this module is the only Rust code that calls it. Every C++
+//! tch does not bind c10d, so `csrc/c10d_shim.cpp` exposes the calls the trainer
+//! needs (create, all-reduce, broadcast, barrier, reduce-scatter, all-gather,
+//! destroy) as a C interface; this module is the only Rust code that calls it. Every C++
 //! exception comes back as a [`DistError::Collective`] naming the operation.
 //!
 //! The launch contract is torchrun's: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
@@ -207,6 +207,18 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> c_int;
     fn trl_c10d_barrier(group: *mut c_void, error: *mut *mut c_char) -> c_int;
+    fn trl_c10d_reduce_scatter(
+        group: *mut c_void,
+        output: *mut c_void,
+        input: *mut c_void,
+        error: *mut *mut c_char,
+    ) -> c_int;
+    fn trl_c10d_all_gather(
+        group: *mut c_void,
+        output: *mut c_void,
+        input: *mut c_void,
+        error: *mut *mut c_char,
+    ) -> c_int;
     fn trl_c10d_free(group: *mut c_void);
     fn trl_c10d_free_error(error: *mut c_char);
 }
@@ -366,6 +378,75 @@ impl ProcessGroup {
         // SAFETY: the handle is live until drop.
         let status = unsafe { trl_c10d_barrier(self.raw, &mut error) };
         self.check("barrier", status, error)
+    }
+
+    /// Sums `input` (world_size equal pieces, contiguous) across ranks and
+    /// leaves piece `rank` of the sum in `output` (torch's `reduce_scatter_tensor`).
+    pub fn reduce_scatter(&self, output: &mut Tensor, input: &Tensor) -> Result<(), DistError> {
+        let expected = output.numel() * self.world_size;
+        if input.numel() != expected {
+            return Err(self.shape_error(
+                "reduce_scatter",
+                format!(
+                    "input has {} values, expected {} (output {} x world size {})",
+                    input.numel(),
+                    expected,
+                    output.numel(),
+                    self.world_size
+                ),
+            ));
+        }
+        let mut input = input.shallow_clone();
+        let mut error = std::ptr::null_mut();
+        // SAFETY: both tensors are live torch::Tensors for the duration of the call.
+        let status = unsafe {
+            trl_c10d_reduce_scatter(
+                self.raw,
+                output.as_mut_ptr() as *mut c_void,
+                input.as_mut_ptr() as *mut c_void,
+                &mut error,
+            )
+        };
+        self.check("reduce_scatter", status, error)
+    }
+
+    /// Concatenates every rank's `input` (equal sizes) into `output`, rank by
+    /// rank (torch's `all_gather_into_tensor`).
+    pub fn all_gather(&self, output: &mut Tensor, input: &Tensor) -> Result<(), DistError> {
+        let expected = input.numel() * self.world_size;
+        if output.numel() != expected {
+            return Err(self.shape_error(
+                "all_gather",
+                format!(
+                    "output has {} values, expected {} (input {} x world size {})",
+                    output.numel(),
+                    expected,
+                    input.numel(),
+                    self.world_size
+                ),
+            ));
+        }
+        let mut input = input.shallow_clone();
+        let mut error = std::ptr::null_mut();
+        // SAFETY: as in reduce_scatter.
+        let status = unsafe {
+            trl_c10d_all_gather(
+                self.raw,
+                output.as_mut_ptr() as *mut c_void,
+                input.as_mut_ptr() as *mut c_void,
+                &mut error,
+            )
+        };
+        self.check("all_gather", status, error)
+    }
+
+    fn shape_error(&self, op: &'static str, message: String) -> DistError {
+        DistError::Collective {
+            op,
+            rank: self.rank,
+            world_size: self.world_size,
+            message,
+        }
     }
 
     /// All-reduces a few host numbers (metrics, flags) in one collective.
@@ -588,6 +669,18 @@ mod tests {
         pg.all_reduce_f64(&mut v, ReduceOp::Max).unwrap();
         assert_eq!(v, [2.5, -1.0]);
         pg.barrier().unwrap();
+        let mut shard = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        pg.reduce_scatter(&mut shard, &t).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&shard).unwrap(), vec![1.0, 2.0, 3.0]);
+        let mut gathered = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        pg.all_gather(&mut gathered, &shard).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&gathered).unwrap(),
+            vec![1.0, 2.0, 3.0]
+        );
+        let mut wrong = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        let e = pg.reduce_scatter(&mut wrong, &t).unwrap_err();
+        assert!(e.to_string().contains("reduce_scatter"), "{e}");
         let mut b = Tensor::from_slice(&[7i64]);
         pg.broadcast(&mut b, 0).unwrap();
         assert_eq!(b.int64_value(&[0]), 7);

@@ -18,7 +18,7 @@
 //! fine-tuning) makes the forward fall back to the layers one by one: the
 //! fused path is a cache, never a second source of truth.
 
-use crate::nn::Linear;
+use crate::nn::{Linear, LinearWeight};
 use tch::{Kind, Tensor};
 
 /// One buffer behind the weights of several frozen [`Linear`]s.
@@ -35,7 +35,10 @@ pub struct FusedLinears {
 /// The weight of `linear` when it is a plain dense tensor that may be fused.
 /// (A quantized or otherwise packed weight is not: return `None` for it.)
 fn dense_weight(linear: &Linear) -> Option<&Tensor> {
-    Some(&linear.weight)
+    match &linear.weight {
+        LinearWeight::Dense(w) => Some(w),
+        LinearWeight::Quant4bit(_) => None,
+    }
 }
 
 fn addr(t: &Tensor) -> usize {
@@ -66,17 +69,23 @@ impl FusedLinears {
                 return None;
             }
         }
-        let outs: Vec<i64> = linears.iter().map(|l| l.weight.size()[0]).collect();
+        let weights: Vec<Tensor> = linears
+            .iter()
+            .filter_map(|l| dense_weight(l).map(Tensor::shallow_clone))
+            .collect();
+        let outs: Vec<i64> = weights.iter().map(|w| w.size()[0]).collect();
         tch::no_grad(|| {
-            let weights: Vec<&Tensor> = linears.iter().map(|l| &l.weight).collect();
             let weight = Tensor::cat(&weights, 0);
+            drop(weights);
             let bias = with_bias.then(|| {
                 let biases: Vec<&Tensor> = linears.iter().filter_map(|l| l.bias.as_ref()).collect();
                 Tensor::cat(&biases, 0)
             });
             let mut start = 0;
             for (l, &out) in linears.iter_mut().zip(&outs) {
-                l.weight.set_data(&weight.narrow(0, start, out));
+                if let LinearWeight::Dense(w) = &mut l.weight {
+                    w.set_data(&weight.narrow(0, start, out));
+                }
                 if let (Some(b), Some(all)) = (l.bias.as_mut(), bias.as_ref()) {
                     b.set_data(&all.narrow(0, start, out));
                 }

@@ -247,6 +247,7 @@ macro_rules! config_enum {
 }
 
 mod data;
+mod deepspeed;
 mod dpo;
 mod model;
 mod parser;
@@ -254,6 +255,7 @@ mod sft;
 mod training_args;
 
 pub use data::{DataArguments, DatasetFormat};
+pub use deepspeed::{Auto, DeepSpeedConfig, DeepSpeedError, ZeroPlan};
 pub use dpo::{DPOConfig, DPOLossType, FDivergenceType};
 pub use model::{Bnb4bitQuantType, ModelConfig, TorchDtype};
 pub use parser::{NoArgs, Origin, ParseError, Parsed, TrlParser};

@@ -192,6 +192,9 @@ config_struct! {
         ddp_backend: Option<String> = None,
         /// Seconds a rendezvous or collective may wait for the other ranks before failing.
         ddp_timeout: u64 = 1800,
+        /// A DeepSpeed config (JSON/YAML) or an accelerate config of type DEEPSPEED (e.g.
+        /// configs/zero2.yaml): ZeRO stage 0/1/2 with fp32 master weights; "auto" values follow the flags.
+        deepspeed: Option<String> = None,
         /// Drop the last batch of an epoch when it is smaller than the batch size.
         dataloader_drop_last: bool = false,
         /// Order of training samples: random, sequential, or group_by_length.

@@ -302,21 +302,7 @@ impl AdamW {
             .flat_map(|g| &g.params)
             .map(|(_, t)| t)
             .collect();
-        let via_libtorch = || -> Result<(), tch::TchError> {
-            let mut holder = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
-            for t in &params {
-                holder.add_parameters(t, 0)?;
-            }
-            holder.zero_grad()
-        };
-        if via_libtorch().is_err() {
-            // Fallback: zero in place (same numbers for the next backward,
-            // but the grads stay defined).
-            for t in &params {
-                let mut t = t.shallow_clone();
-                t.zero_grad();
-            }
-        }
+        set_grads_to_none(&params);
     }
 
     /// The optimiser state as named tensors: for every parameter
@@ -458,6 +444,25 @@ impl AdamW {
             error: source,
         })?;
         self.load_state_dict(tensors)
+    }
+}
+
+/// Resets the tensors' `.grad` to undefined (`zero_grad(set_to_none=True)`).
+pub(crate) fn set_grads_to_none(params: &[&Tensor]) {
+    let via_libtorch = || -> Result<(), tch::TchError> {
+        let mut holder = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
+        for t in params {
+            holder.add_parameters(t, 0)?;
+        }
+        holder.zero_grad()
+    };
+    if via_libtorch().is_err() {
+        // Fallback: zero in place (same numbers for the next backward,
+        // but the grads stay defined).
+        for t in params {
+            let mut t = t.shallow_clone();
+            t.zero_grad();
+        }
     }
 }
 

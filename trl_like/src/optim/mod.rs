@@ -6,14 +6,20 @@
 //! * [`clip_grad_norm`] mirrors `torch.nn.utils.clip_grad_norm_`;
 //! * [`decay_groups`] mirrors `Trainer.get_decay_parameter_names` and the two
 //!   parameter groups of `Trainer.create_optimizer`;
+//! * [`ZeroOptimizer`] is DeepSpeed's ZeRO-1/2 with fp32 master weights over
+//!   the c10d process group, and [`TrainOptimizer`] picks it or [`AdamW`];
 //! * [`LrScheduler`] gives the `LambdaLR` schedules of transformers'
 //!   `optimization.py` (`get_scheduler`) as a pure function of the step.
 
 mod adamw;
 mod scheduler;
+mod zero;
 
 pub use adamw::{applies_weight_decay, clip_grad_norm, decay_groups, AdamW, ParamGroup};
 pub use scheduler::{LrScheduler, SCHEDULER_NAMES};
+pub use zero::{
+    shard_file_name, zero_state_bytes, TrainOptimizer, ZeroError, ZeroOptimizer, ZERO_LAYOUT_FILE,
+};
 
 /// Errors of the optimiser, its state files and the learning-rate schedulers.
 #[derive(Debug, thiserror::Error)]

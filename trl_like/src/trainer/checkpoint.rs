@@ -9,7 +9,7 @@ use super::{io_err, Trainer, TrainerError, TrainingHooks};
 use crate::config::{ResumeFrom, TrainingArguments};
 use crate::fsutil::write_atomic;
 use crate::modeling::PreTrainedModel;
-use crate::optim::AdamW;
+use crate::optim::{TrainOptimizer, ZERO_LAYOUT_FILE};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -109,13 +109,16 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     pub(super) fn save_checkpoint(
         &mut self,
         output_dir: &Path,
-        optimizer: &AdamW,
+        optimizer: &TrainOptimizer,
         metrics: Option<&Map<String, Value>>,
     ) -> Result<(), TrainerError> {
         let step = self.state.global_step;
         let name = format!("{PREFIX}{step}");
         let final_dir = output_dir.join(&name);
         self.update_best(metrics, &final_dir);
+        if self.writes_optimizer_state() {
+            self.stage_zero_shards(output_dir, &name, optimizer)?;
+        }
         if self.is_world_process_zero() {
             self.write_checkpoint(output_dir, &name, optimizer)?;
         }
@@ -132,7 +135,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         &mut self,
         output_dir: &Path,
         name: &str,
-        optimizer: &AdamW,
+        optimizer: &TrainOptimizer,
     ) -> Result<(), TrainerError> {
         let step = self.state.global_step;
         let final_dir = output_dir.join(name);
@@ -144,8 +147,11 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         self.save_model(Some(&tmp_dir))?;
         // An interrupt's checkpoint is the one the rerun resumes from: it always
         // holds the optimizer and loop state, even under save_only_model.
-        if !self.args.save_only_model || self.interrupted_at.is_some() {
-            optimizer.save(&tmp_dir.join(OPTIMIZER_FILE))?;
+        if self.writes_optimizer_state() {
+            match optimizer {
+                TrainOptimizer::Plain(o) => o.save(&tmp_dir.join(OPTIMIZER_FILE))?,
+                TrainOptimizer::Zero(z) => Self::move_zero_shards(output_dir, name, z, &tmp_dir)?,
+            }
             let extra = serde_json::to_string_pretty(&self.loop_state).expect("json");
             let path = tmp_dir.join(LOOP_FILE);
             write_atomic(&path, extra.as_bytes()).map_err(io_err(&path))?;
@@ -169,6 +175,11 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         }
         std::fs::rename(&tmp_dir, &final_dir).map_err(io_err(&final_dir))?;
         self.rotate_checkpoints(output_dir)
+    }
+
+    /// Whether checkpoints hold the optimizer and loop state.
+    fn writes_optimizer_state(&self) -> bool {
+        !self.args.save_only_model || self.interrupted_at.is_some()
     }
 
     /// Tracks `metric_for_best_model` (transformers' `_determine_best_metric`).
@@ -291,7 +302,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     pub(super) fn load_checkpoint(
         &mut self,
         dir: &Path,
-        optimizer: &mut AdamW,
+        optimizer: &mut TrainOptimizer,
     ) -> Result<(), TrainerError> {
         let ckpt = |m: String| TrainerError::Checkpoint(format!("{}: {m}", dir.display()));
         let state = super::TrainerState::load_from_json(&dir.join(STATE_FILE))
@@ -302,11 +313,29 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
                 messages.iter().for_each(|m| log::info!("{m}"));
             }
         }
-        if !dir.join(OPTIMIZER_FILE).is_file() {
-            return Err(ckpt(missing_optimizer_message(dir)));
+        let (plain, zero) = (
+            dir.join(OPTIMIZER_FILE).is_file(),
+            dir.join(ZERO_LAYOUT_FILE).is_file(),
+        );
+        match optimizer {
+            TrainOptimizer::Plain(_) if zero && !plain => {
+                return Err(ckpt(format!(
+                    "holds a ZeRO optimizer state ({ZERO_LAYOUT_FILE}, written with --deepspeed); resume it with --deepspeed"
+                )))
+            }
+            TrainOptimizer::Zero(_) if plain && !zero => {
+                return Err(ckpt(format!(
+                    "holds a plain AdamW state ({OPTIMIZER_FILE}, written without --deepspeed); resume it without --deepspeed"
+                )))
+            }
+            _ if !plain && !zero => return Err(ckpt(missing_optimizer_message(dir))),
+            _ => {}
         }
         self.load_weights(dir)?;
-        optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+        match optimizer {
+            TrainOptimizer::Plain(o) => o.load(&dir.join(OPTIMIZER_FILE))?,
+            TrainOptimizer::Zero(z) => z.load(dir)?,
+        }
         if let Ok(text) = std::fs::read_to_string(dir.join(LOOP_FILE)) {
             self.loop_state = serde_json::from_str::<LoopState>(&text)
                 .map_err(|e| ckpt(format!("{LOOP_FILE}: {e}")))?;

@@ -12,6 +12,10 @@ pub enum TrainerError {
     #[error(transparent)]
     Optim(#[from] crate::optim::OptimError),
     #[error(transparent)]
+    Zero(#[from] crate::optim::ZeroError),
+    #[error(transparent)]
+    DeepSpeed(#[from] crate::config::DeepSpeedError),
+    #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Tracking(#[from] crate::tracking::TrackingError),

@@ -6,7 +6,6 @@ use super::{
 };
 use crate::distributed::ReduceOp;
 use crate::modeling::PreTrainedModel;
-use crate::optim::AdamW;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use std::time::Instant;
@@ -156,7 +155,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     pub(super) fn maybe_log_save_evaluate(
         &mut self,
         output_dir: &Path,
-        optimizer: &AdamW,
+        optimizer: &crate::optim::TrainOptimizer,
     ) -> Result<(), TrainerError> {
         if self.control.should_log && self.state.global_step > self.loop_state.last_logged_step {
             self.log_training_window();

@@ -30,6 +30,7 @@ mod sampler;
 pub mod sft;
 pub mod state;
 mod step;
+mod zero;
 
 pub use callbacks::{
     CallbackContext, CallbackHandler, DefaultFlowCallback, EarlyStoppingCallback, Event, Payload,
@@ -48,7 +49,7 @@ pub use state::{StateFileError, TrainerControl, TrainerState};
 
 use crate::distributed::ProcessGroup;
 use crate::modeling::PreTrainedModel;
-use crate::optim::{decay_groups, AdamW, LrScheduler};
+use crate::optim::{decay_groups, AdamW, LrScheduler, TrainOptimizer};
 use crate::peft::PeftAdapter;
 use crate::tokenizer::PreTrainedTokenizer;
 use crate::tracking::{make_trackers, plot_training_curves, Tracker};
@@ -111,7 +112,7 @@ struct StepPlan {
 
 /// The optimizer and learning-rate schedule of a run (`create_optimizer_and_scheduler`).
 struct Optimization {
-    optimizer: AdamW,
+    optimizer: TrainOptimizer,
     scheduler: LrScheduler,
 }
 
@@ -278,18 +279,23 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
     /// AdamW over the trainable tensors (no weight decay on biases and norms)
     /// and the learning-rate schedule.
     fn setup_optimization(&mut self, plan: &StepPlan) -> Result<Optimization, TrainerError> {
-        let groups = decay_groups(
-            self.params
-                .iter()
-                .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                .collect(),
-            self.args.weight_decay,
-        );
-        let optimizer = AdamW::new(
-            groups,
-            (self.args.adam_beta1, self.args.adam_beta2),
-            self.args.adam_epsilon,
-        );
+        let optimizer = match self.zero_optimizer()? {
+            Some(zero) => TrainOptimizer::Zero(zero),
+            None => {
+                let groups = decay_groups(
+                    self.params
+                        .iter()
+                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                        .collect(),
+                    self.args.weight_decay,
+                );
+                TrainOptimizer::Plain(AdamW::new(
+                    groups,
+                    (self.args.adam_beta1, self.args.adam_beta2),
+                    self.args.adam_epsilon,
+                ))
+            }
+        };
         let scheduler = LrScheduler::new(
             self.args.lr_scheduler_type.as_str(),
             self.args.learning_rate,

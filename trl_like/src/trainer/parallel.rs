@@ -53,6 +53,20 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         Ok(v[0] as i64)
     }
 
+    /// What the summed gradients (and loss) of the ranks are multiplied by.
+    pub(super) fn gradient_scale(&self) -> f64 {
+        let world = self.rank_and_world_size().1 as f64;
+        // Each rank's loss is its token sum over the global count, so summing
+        // the gradients gives the single-process gradient of the union batch.
+        // Without average_tokens_across_devices each rank normalised by its
+        // own tokens and the ranks are averaged, as DDP does.
+        if self.args.average_tokens_across_devices {
+            1.0
+        } else {
+            1.0 / world
+        }
+    }
+
     /// Sums the step's gradients over the ranks, and in one more collective
     /// its loss, tokens, metrics and stop flag.
     pub(super) fn reduce_step(
@@ -64,15 +78,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             return Ok(());
         };
         let world = group.world_size() as f64;
-        // Each rank's loss is its token sum over the global count, so summing
-        // the gradients gives the single-process gradient of the union batch.
-        // Without average_tokens_across_devices each rank normalised by its
-        // own tokens and the ranks are averaged, as DDP does.
-        let scale = if self.args.average_tokens_across_devices {
-            1.0
-        } else {
-            1.0 / world
-        };
+        let scale = self.gradient_scale();
         group.all_reduce_gradients(tensors, scale)?;
         // [loss, tokens, interrupt, flos, every micro-batch's metrics..]
         let mut v = vec![

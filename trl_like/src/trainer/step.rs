@@ -4,7 +4,6 @@
 use super::flos::floating_point_ops;
 use super::{fault, Event, Optimization, Payload, Trainer, TrainerError, TrainingHooks};
 use crate::modeling::PreTrainedModel;
-use crate::optim::clip_grad_norm;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
 use tch::Tensor;
@@ -106,7 +105,7 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         }
         totals.interrupted = self.interrupt.load(Ordering::SeqCst);
         let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        self.reduce_step(&tensors, &mut totals)?;
+        let grad_norm = self.reduce_and_clip(&tensors, &mut totals, &mut run.optimizer)?;
         for batch_metrics in &totals.metrics {
             for (name, value) in batch_metrics {
                 self.loop_state.window.push(name, *value);
@@ -114,13 +113,12 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
         }
         self.state.num_input_tokens_seen += totals.tokens;
         self.state.total_flos += totals.flos;
-        let grad_norm = clip_grad_norm(&tensors, self.args.max_grad_norm);
         self.fire(Event::PreOptimizerStep, Payload::None);
         let lr = run.scheduler.lr_at(self.state.global_step);
         let finite = totals.loss.is_finite() && grad_norm.is_finite();
         if finite {
             self.loop_state.nonfinite_in_a_row = 0;
-            run.optimizer.step(lr);
+            self.optimizer_step(&mut run.optimizer, lr)?;
         } else {
             self.skip_nonfinite_update(totals.loss, grad_norm)?;
         }
