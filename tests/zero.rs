@@ -279,11 +279,12 @@ fn full_fine_tuning_zero_stages_equal_ddp_and_one_process() {
     check_stages("full", false);
 }
 
-/// A ZeRO-2 checkpoint of `from` ranks resumed on `to` ranks finishes with
-/// the losses and weights of the uninterrupted run.
-fn check_resume(from: usize, to: usize) {
-    let name = format!("resume-{from}-{to}");
-    let args = |out: &Path, world: usize, extra: &[&str]| {
+/// A checkpoint of `from` ranks resumed on `to` ranks finishes with the
+/// losses and weights of the uninterrupted run (`zero`: whether each side
+/// runs ZeRO-2; a plain AdamW state converts either way).
+fn check_resume(from: usize, to: usize, zero: (bool, bool)) {
+    let name = format!("resume-{from}-{to}-{}-{}", zero.0, zero.1);
+    let args = |out: &Path, world: usize, ds: bool, extra: &[&str]| {
         let mut e = vec![
             "--use_peft",
             "false",
@@ -292,28 +293,46 @@ fn check_resume(from: usize, to: usize) {
             "--save_steps",
             "2",
         ];
-        let ds = ds_config(2);
-        e.extend_from_slice(&["--deepspeed", &ds]);
+        let config = ds_config(2);
+        if ds {
+            e.extend_from_slice(&["--deepspeed", &config]);
+        }
         e.extend_from_slice(extra);
         sft_args(out, 6 / world, &e)
     };
     let full = tmp(&format!("{name}-full"));
-    run(from, &args(&full, from, &[]), "uninterrupted run");
+    run(from, &args(&full, from, zero.0, &[]), "uninterrupted run");
     let ckpt = full.join("checkpoint-2");
     let files: Vec<String> = std::fs::read_dir(&ckpt)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("zero_optim_shard_"))
         .collect();
-    assert_eq!(files.len(), from, "one optimizer shard per rank: {files:?}");
+    let shards = if zero.0 { from } else { 0 };
+    assert_eq!(
+        files.len(),
+        shards,
+        "one optimizer shard per rank: {files:?}"
+    );
     let resumed = tmp(&format!("{name}-resumed"));
     let ckpt_arg = ckpt.display().to_string();
     let log = run(
         to,
-        &args(&resumed, to, &["--resume_from_checkpoint", &ckpt_arg]),
+        &args(
+            &resumed,
+            to,
+            zero.1,
+            &["--resume_from_checkpoint", &ckpt_arg],
+        ),
         "resume",
     );
     assert!(log.contains("resuming from"), "{log}");
+    if zero.0 != zero.1 {
+        assert!(
+            log.contains("continuing a"),
+            "{name}: no conversion in {log}"
+        );
+    }
     assert_same_run(&full, &resumed, false, &name);
     let _ = std::fs::remove_dir_all(&full);
     let _ = std::fs::remove_dir_all(&resumed);
@@ -321,12 +340,22 @@ fn check_resume(from: usize, to: usize) {
 
 #[test]
 fn zero2_checkpoint_of_two_ranks_resumes_in_one_process() {
-    check_resume(2, 1);
+    check_resume(2, 1, (true, true));
 }
 
 #[test]
 fn zero2_checkpoint_of_one_process_resumes_on_three_ranks() {
-    check_resume(1, 3);
+    check_resume(1, 3, (true, true));
+}
+
+#[test]
+fn plain_adamw_checkpoint_continues_under_zero2() {
+    check_resume(1, 2, (false, true));
+}
+
+#[test]
+fn zero2_checkpoint_continues_without_deepspeed() {
+    check_resume(2, 1, (true, false));
 }
 
 #[test]

@@ -196,7 +196,7 @@ impl ZeroOptimizer {
 
     /// Copies flat `[lo, lo + dst.numel())` of the per-parameter tensors that
     /// `source` gives into `dst` (zeros where nothing is stored).
-    fn read_flat(&self, lo: i64, dst: &Tensor, source: impl Fn(&Tensor) -> Option<Tensor>) {
+    fn read_flat(&self, lo: i64, dst: &Tensor, source: impl Fn(usize) -> Option<Tensor>) {
         let hi = lo + dst.numel() as i64;
         let first = self.offsets.partition_point(|&o| o <= lo).saturating_sub(1);
         for i in first..self.params.len() {
@@ -208,7 +208,7 @@ impl ZeroOptimizer {
             if a >= b {
                 continue;
             }
-            if let Some(src) = source(&self.params[i].1) {
+            if let Some(src) = source(i) {
                 dst.narrow(0, a - lo, b - a)
                     .copy_(&src.reshape([-1]).narrow(0, a - off, b - a));
             }
@@ -252,8 +252,8 @@ impl ZeroOptimizer {
         let (start, end) = self.owned(self.shard);
         if end > start {
             tch::no_grad(|| {
-                self.read_flat(start, &master.narrow(0, 0, end - start), |p| {
-                    Some(p.detach())
+                self.read_flat(start, &master.narrow(0, 0, end - start), |i| {
+                    Some(self.params[i].1.detach())
                 })
             });
         }
@@ -280,8 +280,8 @@ impl ZeroOptimizer {
                     let lo = r as i64 * self.partition + k0;
                     let len = c.min(self.numel - lo).max(0);
                     if len > 0 {
-                        self.read_flat(lo, &input.narrow(0, r as i64 * c, len), |p| {
-                            let g = p.grad();
+                        self.read_flat(lo, &input.narrow(0, r as i64 * c, len), |i| {
+                            let g = self.params[i].1.grad();
                             g.defined().then_some(g)
                         });
                     }
@@ -547,6 +547,142 @@ impl ZeroOptimizer {
     }
 }
 
+impl ZeroOptimizer {
+    /// Takes over a plain AdamW checkpoint state (`AdamW::save`: per-parameter
+    /// moments and step): this rank's slices of the moments in fp32; the master
+    /// comes from the (already loaded) weights at the next step. This lets a
+    /// run started without `--deepspeed` continue with it.
+    pub fn load_plain(&mut self, path: &Path) -> Result<(), ZeroError> {
+        let err = |message: String| ZeroError::Checkpoint {
+            path: path.display().to_string(),
+            message,
+        };
+        let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .collect();
+        let mut step = None;
+        for (name, t) in &self.params {
+            for suffix in [".exp_avg", ".exp_avg_sq"] {
+                let key = format!("{name}{suffix}");
+                match tensors.get(&key) {
+                    Some(m) if m.numel() == t.numel() => {}
+                    Some(m) => {
+                        return Err(err(format!(
+                            "{key} has {} values, the parameter {}",
+                            m.numel(),
+                            t.numel()
+                        )))
+                    }
+                    None => return Err(err(format!("{key} is missing"))),
+                }
+            }
+            let key = format!("{name}.step");
+            let s = tensors
+                .get(&key)
+                .map(|t| t.double_value(&[]) as u64)
+                .ok_or_else(|| err(format!("{key} is missing")))?;
+            if *step.get_or_insert(s) != s {
+                return Err(err(format!(
+                    "{key} is {s} but other parameters took {} steps; ZeRO keeps one step count",
+                    step.unwrap_or_default()
+                )));
+            }
+        }
+        let (start, end) = self.owned(self.shard);
+        let (m, v) = (self.exp_avg.zeros_like(), self.exp_avg_sq.zeros_like());
+        if end > start {
+            tch::no_grad(|| {
+                for (dst, suffix) in [(&m, ".exp_avg"), (&v, ".exp_avg_sq")] {
+                    self.read_flat(start, &dst.narrow(0, 0, end - start), |i| {
+                        tensors
+                            .get(&format!("{}{suffix}", self.params[i].0))
+                            .map(|t| t.to_kind(Kind::Float).to_device(self.device))
+                    });
+                }
+            });
+        }
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
+        self.master = None;
+        self.step = step.unwrap_or(0);
+        Ok(())
+    }
+
+    /// A ZeRO checkpoint in `dir` as [`AdamW::load_state_dict`] reads it
+    /// (every shard gathered; moments cast to each parameter's dtype), so a
+    /// run can continue without `--deepspeed`.
+    pub fn plain_state_dict(
+        dir: &Path,
+        params: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>, ZeroError> {
+        let layout_path = dir.join(ZERO_LAYOUT_FILE);
+        let err = |path: &Path, message: String| ZeroError::Checkpoint {
+            path: path.display().to_string(),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(&layout_path).map_err(|e| err(&layout_path, e.to_string()))?;
+        let layout: ZeroLayout =
+            serde_json::from_str(&text).map_err(|e| err(&layout_path, e.to_string()))?;
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for r in 0..layout.shards {
+            let path = dir.join(shard_file_name(r, layout.shards));
+            let tensors = Tensor::read_safetensors(&path).map_err(|e| err(&path, e.to_string()))?;
+            for (name, out) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
+                let t = tensors
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.shallow_clone())
+                    .ok_or_else(|| err(&path, format!("tensor {name} is missing")))?;
+                out.push(t);
+            }
+        }
+        let (m, v) = (Tensor::cat(&m, 0), Tensor::cat(&v, 0));
+        if m.numel() as i64 != layout.numel {
+            return Err(err(
+                &layout_path,
+                format!(
+                    "the shards hold {} values, the layout {}",
+                    m.numel(),
+                    layout.numel
+                ),
+            ));
+        }
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for (name, n) in &layout.params {
+            let p = by_name.get(name.as_str()).ok_or_else(|| {
+                err(
+                    &layout_path,
+                    format!("parameter {name} is not trained in this run"),
+                )
+            })?;
+            if p.numel() as i64 != *n {
+                return Err(err(
+                    &layout_path,
+                    format!("{name} has {n} values, the parameter {}", p.numel()),
+                ));
+            }
+            let take = |t: &Tensor| {
+                t.narrow(0, offset, *n)
+                    .view(p.size().as_slice())
+                    .to_kind(p.kind())
+            };
+            out.push((format!("{name}.exp_avg"), take(&m)));
+            out.push((format!("{name}.exp_avg_sq"), take(&v)));
+            out.push((
+                format!("{name}.step"),
+                Tensor::scalar_tensor(layout.step as f64, (Kind::Float, Device::Cpu)),
+            ));
+            offset += n;
+        }
+        Ok(out)
+    }
+}
+
 /// The optimizer a trainer runs: transformers' plain AdamW, or ZeRO under `--deepspeed`.
 #[derive(Debug)]
 pub enum TrainOptimizer {
@@ -697,6 +833,62 @@ mod tests {
         assert_ne!(w, vec![1.0, 1.0]);
         let p = Vec::<f32>::try_from(pure_w.detach().to_kind(Kind::Float)).unwrap();
         assert_eq!(p, vec![1.0, 1.0], "pure bf16 AdamW lost every update");
+    }
+
+    /// A plain AdamW state continues under ZeRO and back, values intact.
+    #[test]
+    fn plain_and_zero_checkpoints_convert() {
+        let dir = std::env::temp_dir().join(format!("zero-convert-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let named = || {
+            vec![
+                ("a.weight".to_string(), leaf(&[0.5, -1.0, 2.0], Kind::Float)),
+                ("a.bias".to_string(), leaf(&[0.1, 0.2], Kind::Float)),
+            ]
+        };
+        let params = named();
+        let mut plain = AdamW::new(
+            super::super::decay_groups(
+                params
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+                0.0,
+            ),
+            (0.9, 0.999),
+            1e-8,
+        );
+        set_grad(&params[0].1, &[0.3, -0.7, 1.1]);
+        set_grad(&params[1].1, &[0.01, -0.02]);
+        plain.step(0.1);
+        plain.save(&dir.join("optimizer.safetensors")).unwrap();
+        let mut zero = ZeroOptimizer::new(
+            params
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            0.0,
+            ((0.9, 0.999), 1e-8),
+            2,
+            None,
+        )
+        .unwrap();
+        zero.load_plain(&dir.join("optimizer.safetensors")).unwrap();
+        assert_eq!(zero.step, 1);
+        zero.save_shard(&dir).unwrap();
+        let back = ZeroOptimizer::plain_state_dict(&dir, &params).unwrap();
+        let original = plain.state_dict();
+        for (name, t) in &original {
+            let (_, u) = back.iter().find(|(n, _)| n == name).unwrap();
+            assert_eq!(
+                Vec::<f32>::try_from(t.reshape([-1])).unwrap(),
+                Vec::<f32>::try_from(u.reshape([-1])).unwrap(),
+                "{name}"
+            );
+        }
+        plain.load_state_dict(back).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::{io_err, Trainer, TrainerError, TrainingHooks};
 use crate::config::{ResumeFrom, TrainingArguments};
 use crate::fsutil::write_atomic;
 use crate::modeling::PreTrainedModel;
-use crate::optim::{TrainOptimizer, ZERO_LAYOUT_FILE};
+use crate::optim::{TrainOptimizer, ZeroOptimizer, ZERO_LAYOUT_FILE};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -317,23 +317,23 @@ impl<M: PreTrainedModel, H: TrainingHooks<M>> Trainer<M, H> {
             dir.join(OPTIMIZER_FILE).is_file(),
             dir.join(ZERO_LAYOUT_FILE).is_file(),
         );
-        match optimizer {
-            TrainOptimizer::Plain(_) if zero && !plain => {
-                return Err(ckpt(format!(
-                    "holds a ZeRO optimizer state ({ZERO_LAYOUT_FILE}, written with --deepspeed); resume it with --deepspeed"
-                )))
-            }
-            TrainOptimizer::Zero(_) if plain && !zero => {
-                return Err(ckpt(format!(
-                    "holds a plain AdamW state ({OPTIMIZER_FILE}, written without --deepspeed); resume it without --deepspeed"
-                )))
-            }
-            _ if !plain && !zero => return Err(ckpt(missing_optimizer_message(dir))),
-            _ => {}
+        if !plain && !zero {
+            return Err(ckpt(missing_optimizer_message(dir)));
         }
         self.load_weights(dir)?;
         match optimizer {
+            TrainOptimizer::Plain(o) if !plain => {
+                log::info!(
+                    "{}: continuing a ZeRO optimizer state without --deepspeed (shards gathered)",
+                    dir.display()
+                );
+                o.load_state_dict(ZeroOptimizer::plain_state_dict(dir, &self.params)?)?
+            }
             TrainOptimizer::Plain(o) => o.load(&dir.join(OPTIMIZER_FILE))?,
+            TrainOptimizer::Zero(z) if !zero => {
+                log::info!("{}: continuing a plain AdamW state under --deepspeed (moments sharded, masters from the weights)", dir.display());
+                z.load_plain(&dir.join(OPTIMIZER_FILE))?
+            }
             TrainOptimizer::Zero(z) => z.load(dir)?,
         }
         if let Ok(text) = std::fs::read_to_string(dir.join(LOOP_FILE)) {
