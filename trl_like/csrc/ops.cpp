@@ -1,9 +1,9 @@
 // Autograd operations tch cannot express (it has no custom autograd
 // functions), behind a small C interface that `trl_like::ops` wraps:
 //
-// - the fused LM head + cross-entropy of SFT: one autograd node whose forward
-//   and backward each hold one chunk of logits at a time (backward recomputes
-//   the chunk), with the entropy / token-accuracy sums TRL logs;
+// - the fused LM head + cross-entropy of SFT: one autograd node that holds
+//   one chunk of logits at a time and forms the chunk's gradient while it has
+//   them, with the entropy / token-accuracy sums TRL logs;
 // - variable-length causal attention over a padding-free row on CUDA: one
 //   flash-attention kernel with cumulative sequence lengths for the whole row;
 // - the CUDA caching allocator's statistics (what torch.cuda.max_memory_*
@@ -59,11 +59,15 @@ int guarded(char** error, F&& body) {
 // ---------------------------------------------------------------------------
 // Fused LM head + cross-entropy.
 //
-// Forward mirrors trainer/loss.rs's plain path op for op (same chunks along the
-// sequence, the same libtorch calls in the same order), so the per-chunk
-// losses and statistics are bit-identical to it; only the backward differs,
-// by writing the cross-entropy gradient directly instead of replaying
-// log_softmax / nll_loss through autograd.
+// The forward mirrors trainer/loss.rs's plain path op for op (same chunks
+// along the sequence, the same libtorch calls in the same order), so the
+// per-chunk losses and statistics are bit-identical to it. When gradients
+// are wanted, each chunk's gradient is formed right there, from the chunk's
+// own log-probabilities turned in place into softmax − one_hot: the logits
+// are never kept past their chunk and never recomputed (a recompute in the
+// backward would cost one more [tokens, hidden] × [hidden, vocab] product
+// per chunk). The backward only scales the stored gradients by the incoming
+// scalar gradient, which the loss is linear in.
 // ---------------------------------------------------------------------------
 
 // Positions per chunk: `chunk_tokens` tokens spread over the batch rows.
@@ -73,9 +77,10 @@ int64_t chunk_positions(int64_t chunk_tokens, int64_t batch) {
 
 struct FusedLmLoss : public torch::autograd::Function<FusedLmLoss> {
   // hidden [b, t, h] (model dtype), weight [vocab, h], labels [b, t] int64.
-  // Returns per-chunk losses [n] (fp32; summed token loss / denom) and the
-  // non-differentiable per-chunk statistics [n, 3]: entropy sum, correct
-  // predictions, tokens that take loss.
+  // Returns the loss (fp32 scalar: summed token loss / denom, differentiable)
+  // and the non-differentiable per-chunk values [n, 4]: the chunk's loss,
+  // entropy sum, correct predictions and tokens that take loss.
+  // `with_grad`: autograd will want gradients (grad mode was on at the call).
   static variable_list forward(
       AutogradContext* ctx,
       const at::Tensor& hidden,
@@ -83,85 +88,53 @@ struct FusedLmLoss : public torch::autograd::Function<FusedLmLoss> {
       const at::Tensor& labels,
       double denom,
       int64_t chunk_tokens,
-      int64_t ignore_index) {
+      int64_t ignore_index,
+      bool with_grad) {
     const int64_t b = hidden.size(0);
     const int64_t positions = hidden.size(1) - 1;  // position i predicts label i + 1
+    const int64_t hsize = hidden.size(2);
     const int64_t chunk = chunk_positions(chunk_tokens, b);
-    std::vector<at::Tensor> losses;
-    std::vector<at::Tensor> stats;
+    const bool want_hidden = with_grad && hidden.requires_grad();
+    const bool want_weight = with_grad && weight.requires_grad();
+    at::Tensor grad_hidden = want_hidden ? at::zeros_like(hidden) : at::Tensor();
+    at::Tensor grad_weight = want_weight ? at::zeros_like(weight) : at::Tensor();
+    std::vector<at::Tensor> rows;
     for (int64_t start = 0; start < positions; start += chunk) {
       const int64_t len = std::min(chunk, positions - start);
       const at::Tensor h = hidden.narrow(1, start, len);
       const at::Tensor y = labels.narrow(1, start + 1, len).reshape({-1});
       // Logits in fp32 whatever the model dtype, as transformers upcasts them.
-      at::Tensor logits = at::linear(h, weight).to(at::kFloat);
+      at::Tensor logits_md = at::linear(h, weight);
+      const auto head_dtype = logits_md.scalar_type();
+      at::Tensor logits = logits_md.to(at::kFloat);
+      logits_md.reset();
       const int64_t v = logits.size(2);
-      const at::Tensor logp = logits.reshape({-1, v}).log_softmax(-1, at::kFloat);
-      // At most two chunk-sized buffers at a time: the logits go once their
-      // log-probabilities exist, and the entropy terms are formed in place.
+      at::Tensor logp = logits.reshape({-1, v}).log_softmax(-1, at::kFloat);
+      // At most two chunk-sized fp32 buffers at a time.
       logits.reset();
-      losses.push_back(
-          at::nll_loss_nd(logp, y, {}, at::Reduction::Sum, ignore_index) / denom);
+      const at::Tensor loss =
+          at::nll_loss_nd(logp, y, {}, at::Reduction::Sum, ignore_index) / denom;
       const at::Tensor valid = y.ne(ignore_index);
       const at::Tensor valid_f = valid.to(at::kFloat);
       at::Tensor p_logp = logp.exp();
       p_logp.mul_(logp);
       const at::Tensor per_token = -p_logp.sum({-1}, false, at::kFloat);
       p_logp.reset();
-      stats.push_back(at::stack({
+      rows.push_back(at::stack({
+          loss,
           (per_token * valid_f).sum(at::kFloat),
           logp.argmax(-1, false).eq(y).logical_and(valid).sum(at::kFloat),
           valid_f.sum(at::kFloat),
       }));
-    }
-    const auto fopts = hidden.options().dtype(at::kFloat);
-    at::Tensor loss_out = losses.empty() ? at::zeros({0}, fopts) : at::stack(losses);
-    at::Tensor stats_out = stats.empty() ? at::zeros({0, 3}, fopts) : at::stack(stats);
-    ctx->save_for_backward({hidden, weight, labels});
-    ctx->saved_data["denom"] = denom;
-    ctx->saved_data["chunk"] = chunk;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->mark_non_differentiable({stats_out});
-    return {loss_out, stats_out};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& hidden = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& labels = saved[2];
-    const double denom = ctx->saved_data["denom"].toDouble();
-    const int64_t chunk = ctx->saved_data["chunk"].toInt();
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const bool want_hidden = ctx->needs_input_grad(0);
-    const bool want_weight = ctx->needs_input_grad(1);
-    const at::Tensor& grad_loss = grad_outputs[0];
-    at::Tensor grad_hidden = want_hidden ? at::zeros_like(hidden) : at::Tensor();
-    at::Tensor grad_weight = want_weight ? at::zeros_like(weight) : at::Tensor();
-    if (!grad_loss.defined() || !(want_hidden || want_weight)) {
-      return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    }
-    // d(sum of chunk i's token losses / denom) scaled by the incoming gradient.
-    const at::Tensor scale = grad_loss.to(at::kFloat) / denom;
-    const int64_t positions = hidden.size(1) - 1;
-    const int64_t hsize = hidden.size(2);
-    int64_t index = 0;
-    for (int64_t start = 0; start < positions; start += chunk, ++index) {
-      const int64_t len = std::min(chunk, positions - start);
-      const at::Tensor h = hidden.narrow(1, start, len);
-      const at::Tensor y = labels.narrow(1, start + 1, len).reshape({-1});
-      at::Tensor logits_md = at::linear(h, weight);
-      const int64_t v = logits_md.size(2);
-      const auto head_dtype = logits_md.scalar_type();
-      // d loss / d logits = (softmax − one_hot(label)) for tokens that take
-      // loss, formed in place in one fp32 chunk buffer.
-      at::Tensor grad = logits_md.reshape({-1, v}).softmax(-1, at::kFloat);
-      logits_md.reset();
-      const at::Tensor valid = y.ne(ignore_index);
+      if (!(want_hidden || want_weight)) continue;
+      // d loss / d logits = (softmax − one_hot(label)) / denom for tokens that
+      // take loss, 0 for the others; then the fp32 cast's backward returns it
+      // in the head's dtype, as autograd would.
+      at::Tensor grad = logp.exp_();
+      logp = at::Tensor();
       const at::Tensor target = y.masked_fill(valid.logical_not(), 0).unsqueeze(1);
       grad.scatter_add_(1, target, at::full({grad.size(0), 1}, -1.0, grad.options()));
-      grad.mul_((valid.to(at::kFloat) * scale[index]).unsqueeze(1));
-      // The fp32 cast's backward: the gradient returns in the head's dtype.
+      grad.mul_((valid_f / denom).unsqueeze(1));
       const at::Tensor g = grad.to(head_dtype);
       grad = at::Tensor();
       if (want_hidden) {
@@ -171,7 +144,28 @@ struct FusedLmLoss : public torch::autograd::Function<FusedLmLoss> {
         grad_weight.addmm_(g.t(), h.reshape({-1, hsize}));
       }
     }
-    return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto fopts = hidden.options().dtype(at::kFloat);
+    at::Tensor per_chunk = rows.empty() ? at::zeros({0, 4}, fopts) : at::stack(rows);
+    at::Tensor total = per_chunk.select(1, 0).sum();
+    ctx->saved_data["grad_hidden"] = grad_hidden;
+    ctx->saved_data["grad_weight"] = grad_weight;
+    ctx->mark_non_differentiable({per_chunk});
+    return {total, per_chunk};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    at::Tensor grad_hidden = ctx->saved_data["grad_hidden"].toTensor();
+    at::Tensor grad_weight = ctx->saved_data["grad_weight"].toTensor();
+    const at::Tensor& g = grad_outputs[0];
+    auto scaled = [&](const at::Tensor& grad, int index) {
+      if (!ctx->needs_input_grad(index)) return at::Tensor();
+      TORCH_CHECK(grad.defined(),
+                  "fused LM loss: a gradient was requested that the forward did not form "
+                  "(grad mode was off when it ran)");
+      return g.defined() ? grad * g.to(grad.scalar_type()) : at::zeros_like(grad);
+    };
+    return {scaled(grad_hidden, 0), scaled(grad_weight, 1), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -222,8 +216,8 @@ extern "C" {
 
 void trl_ops_free_error(char* error) { std::free(error); }
 
-// The fused LM-head cross-entropy (see FusedLmLoss). On success `*losses`
-// ([n] fp32, differentiable) and `*stats` ([n, 3] fp32) are new tensors.
+// The fused LM-head cross-entropy (see FusedLmLoss). On success `*loss`
+// (fp32 scalar, differentiable) and `*stats` ([n, 4] fp32) are new tensors.
 int trl_ops_fused_lm_loss(
     void* hidden,
     void* weight,
@@ -231,7 +225,7 @@ int trl_ops_fused_lm_loss(
     double denom,
     int64_t chunk_tokens,
     int64_t ignore_index,
-    void** losses,
+    void** loss,
     void** stats,
     char** error) {
   return guarded(error, [&] {
@@ -245,8 +239,9 @@ int trl_ops_fused_lm_loss(
                 "labels must be [batch, seq] = ", h.sizes().slice(0, 2), ", got ", y.sizes());
     TORCH_CHECK(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
     TORCH_CHECK(chunk_tokens > 0, "chunk_tokens must be positive, got ", chunk_tokens);
-    auto out = FusedLmLoss::apply(h, w, y, denom, chunk_tokens, ignore_index);
-    *losses = new at::Tensor(std::move(out[0]));
+    const bool with_grad = at::GradMode::is_enabled();
+    auto out = FusedLmLoss::apply(h, w, y, denom, chunk_tokens, ignore_index, with_grad);
+    *loss = new at::Tensor(std::move(out[0]));
     *stats = new at::Tensor(std::move(out[1]));
   });
 }

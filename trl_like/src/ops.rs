@@ -5,7 +5,8 @@
 //! their autograd graph into Rust ([`Tensor::from_ptr`]).
 //!
 //! - [`fused_lm_loss`]: the LM head + cross-entropy of SFT in one node that
-//!   holds one chunk of logits at a time, forward and backward.
+//!   holds one chunk of logits at a time and forms each chunk's gradient
+//!   while it has them.
 //! - [`varlen_causal_attention`]: causal attention over a padding-free row in
 //!   one CUDA flash-attention kernel.
 //! - [`cuda_memory_stats`] / [`cuda_reset_peak_memory_stats`]: the CUDA
@@ -35,7 +36,7 @@ extern "C" {
         denom: f64,
         chunk_tokens: i64,
         ignore_index: i64,
-        losses: *mut *mut c_void,
+        loss: *mut *mut c_void,
         stats: *mut *mut c_void,
         error: *mut *mut c_char,
     ) -> c_int;
@@ -85,25 +86,27 @@ unsafe fn owned(ptr: *mut c_void) -> Tensor {
     Tensor::from_ptr(ptr as *mut torch_sys::C_tensor)
 }
 
-/// The per-chunk results of [`fused_lm_loss`].
+/// What [`fused_lm_loss`] returns.
 #[derive(Debug)]
 pub struct FusedLmLoss {
-    /// `[chunks]` fp32: each chunk's summed token loss / `denom`. Differentiable
-    /// with respect to the hidden states (and the head weight when it requires
-    /// grad); `losses.sum()` is the loss to backpropagate.
-    pub losses: Tensor,
-    /// `[chunks, 3]` fp32, no gradient: per chunk the summed entropy of the
-    /// predicted distributions at loss tokens, the loss tokens whose argmax is
-    /// the label, and the loss tokens.
+    /// fp32 scalar: the summed token loss / `denom`, differentiable with
+    /// respect to the hidden states (and the head weight when it requires
+    /// grad); the tensor to backpropagate.
+    pub loss: Tensor,
+    /// `[chunks, 4]` fp32, no gradient: per chunk its summed token loss /
+    /// `denom`, the summed entropy of the predicted distributions at loss
+    /// tokens, the loss tokens whose argmax is the label, and the loss tokens.
     pub stats: Tensor,
 }
 
 /// transformers' `ForCausalLMLoss` (logits in fp32, shifted labels,
 /// `ignore_index` skipped, summed) / `denom`, plus TRL's entropy and accuracy
-/// sums, `chunk_tokens` tokens at a time, as one autograd node: its forward
-/// and its backward each hold one chunk of logits (`chunk_tokens × vocab`
-/// fp32), the backward recomputing the chunk's logits instead of keeping them.
-/// The head weight gets a gradient only if it requires one.
+/// sums, `chunk_tokens` tokens at a time, as one autograd node that holds one
+/// chunk of logits (`chunk_tokens × vocab` fp32) at a time. Under grad mode
+/// each chunk's gradient is formed as soon as its log-probabilities exist
+/// (softmax − one-hot, in place), so the logits are neither kept for the
+/// backward nor recomputed in it; the backward only scales the stored
+/// gradients. The head weight gets a gradient only if it requires one.
 ///
 /// Chunks run along the sequence (`chunk_tokens / batch` positions over all
 /// rows), exactly as [`crate::trainer::loss::chunked_lm_loss_plain`], whose
@@ -111,7 +114,7 @@ pub struct FusedLmLoss {
 ///
 /// # Shapes
 /// `hidden`: `[batch, seq, hidden]`; `weight`: `[vocab, hidden]`; `labels`:
-/// `[batch, seq]` int64 → `losses` `[chunks]`, `stats` `[chunks, 3]`, with
+/// `[batch, seq]` int64 → `loss` `[]`, `stats` `[chunks, 4]`, with
 /// `chunks = ceil((seq − 1) / max(chunk_tokens / batch, 1))`.
 pub fn fused_lm_loss(
     hidden: &Tensor,
@@ -122,7 +125,7 @@ pub fn fused_lm_loss(
     ignore_index: i64,
 ) -> Result<FusedLmLoss, OpsError> {
     const OP: &str = "fused LM-head cross-entropy";
-    let mut losses: *mut c_void = std::ptr::null_mut();
+    let mut loss: *mut c_void = std::ptr::null_mut();
     let mut stats: *mut c_void = std::ptr::null_mut();
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: the tensors outlive the call; the shim only reads them and
@@ -135,7 +138,7 @@ pub fn fused_lm_loss(
             denom,
             chunk_tokens,
             ignore_index,
-            &mut losses,
+            &mut loss,
             &mut stats,
             &mut error,
         )
@@ -146,7 +149,7 @@ pub fn fused_lm_loss(
     // SAFETY: on success both are fresh tensors owned by nobody else.
     Ok(unsafe {
         FusedLmLoss {
-            losses: owned(losses),
+            loss: owned(loss),
             stats: owned(stats),
         }
     })

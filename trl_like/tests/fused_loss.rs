@@ -147,6 +147,21 @@ fn fused_loss_trains_the_head_weight_when_it_requires_grad() {
 }
 
 #[test]
+fn upstream_gradient_scales_the_fused_gradients() {
+    // The loss enters a larger graph (here ×3): the node's backward has to
+    // scale the gradients it formed in the forward by the incoming one.
+    let (x, w, labels) = inputs(2, 19, 13);
+    let (_, plain_grad, _) = run(false, &x, &w, &labels, 8, false);
+    let leaf = x.detach().set_requires_grad(true);
+    let hidden = &leaf * 1.5;
+    let out = trl_like::ops::fused_lm_loss(&hidden, &w, &labels, 1.0, 8, -100).expect("op runs");
+    let denom = labels.ne(-100).sum(Kind::Float).double_value(&[]);
+    (out.loss * (3.0 / denom)).backward();
+    let d = max_diff(&leaf.grad(), &(plain_grad * 3.0));
+    assert!(d <= 1e-5, "scaled gradients differ by {d}");
+}
+
+#[test]
 fn frozen_head_weight_gets_no_gradient() {
     let (x, w, labels) = inputs(2, 12, 3);
     let (_, _, wgrad) = run(true, &x, &w, &labels, 8, false);
@@ -170,12 +185,12 @@ fn fused_loss_without_backward_records_no_graph_and_matches() {
     let fused = fused_lm_loss(&hidden, &w, &labels, 17.0, false, 10).expect("fused loss runs");
     assert_same(&fused, &plain);
     assert!(!hidden.grad().defined());
-    // The raw op under no_grad hands back losses without a graph.
+    // The raw op under no_grad hands back a loss without a graph.
     let out = tch::no_grad(|| trl_like::ops::fused_lm_loss(&hidden, &w, &labels, 17.0, 10, -100))
         .expect("op runs");
-    assert!(!out.losses.requires_grad());
+    assert!(!out.loss.requires_grad());
     // 10 tokens over 3 rows = 3 positions per chunk; 20 positions = 7 chunks.
-    assert_eq!(out.stats.size(), vec![7, 3]);
+    assert_eq!(out.stats.size(), vec![7, 4]);
 }
 
 #[test]

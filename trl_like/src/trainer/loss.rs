@@ -68,10 +68,11 @@ fn fused_enabled() -> bool {
 }
 
 /// [`chunked_lm_loss`] through the fused autograd node: one node for the
-/// whole loss, whose backward recomputes each chunk's logits and writes the
-/// cross-entropy gradient directly (no per-chunk autograd graph, no
-/// full-size gradient per chunk). `weight` is the head's `[vocab, hidden]`
-/// matrix (no bias); it gets a gradient only if it requires one.
+/// whole loss that forms each chunk's cross-entropy gradient as soon as the
+/// chunk's log-probabilities exist (no per-chunk autograd graph, no
+/// full-size gradient per chunk, no second pass over the logits). `weight`
+/// is the head's `[vocab, hidden]` matrix (no bias); it gets a gradient only
+/// if it requires one.
 ///
 /// # Errors
 /// When libtorch rejects the inputs (shapes, dtypes); nothing has been
@@ -95,28 +96,27 @@ pub fn fused_lm_loss(
         )
     };
     let out = if backward { run() } else { tch::no_grad(run) }?;
-    let chunks = out.losses.size()[0];
+    let per_chunk = Vec::<f64>::try_from(
+        out.stats
+            .reshape([-1])
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Double),
+    )
+    .map_err(|e| crate::ops::OpsError::Torch {
+        op: "fused LM-head cross-entropy",
+        message: format!("reading its results: {e}"),
+    })?;
     // A sequence of one token has no position to predict: nothing to backpropagate.
-    if backward && chunks > 0 && out.losses.requires_grad() {
-        out.losses.sum(Kind::Float).backward();
+    if backward && !per_chunk.is_empty() && out.loss.requires_grad() {
+        out.loss.backward();
     }
     // Summed in f64 chunk by chunk, in the plain path's order: the same totals.
-    let to_vec = |t: Tensor| {
-        Vec::<f64>::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Double)).map_err(|e| {
-            crate::ops::OpsError::Torch {
-                op: "fused LM-head cross-entropy",
-                message: format!("reading its results: {e}"),
-            }
-        })
-    };
-    let losses = to_vec(out.losses.detach())?;
-    let per_chunk = to_vec(out.stats.reshape([-1]))?;
     let mut stats = ChunkStats::default();
-    for (loss, s) in losses.iter().zip(per_chunk.chunks_exact(3)) {
-        stats.loss += loss;
-        stats.entropy_sum += s[0];
-        stats.correct += s[1];
-        stats.valid += s[2];
+    for s in per_chunk.chunks_exact(4) {
+        stats.loss += s[0];
+        stats.entropy_sum += s[1];
+        stats.correct += s[2];
+        stats.valid += s[3];
     }
     Ok(stats.finish())
 }
