@@ -404,6 +404,10 @@ impl PreTrainedModel for GlmForCausalLM {
     fn name_or_path(&self) -> String {
         self.name_or_path.clone()
     }
+
+    fn is_quantized(&self) -> bool {
+        self.quantization.is_some()
+    }
 }
 
 /// Rotary tables and the attention mask, shared by every layer of one forward pass.
