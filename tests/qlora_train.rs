@@ -229,3 +229,90 @@ fn qlora_fp4_matches_trl() {
 fn qlora_with_gradient_checkpointing_matches_trl() {
     check_qlora("qlora_nf4_nested", QuantType::Nf4, true, true);
 }
+
+/// `glm4 merge --load_in_4bit` of a QLoRA adapter writes a plain checkpoint: the 4-bit
+/// weights dequantized (carrying the quantization error, with a note saying so) and the
+/// adapters folded into them.
+#[test]
+fn merge_of_a_qlora_run_writes_dequantized_weights() {
+    let out = std::env::temp_dir().join(format!("glm4-qlora-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let adapter = root().join("tests/fixtures/trainer/qlora_nf4_nested/adapter_final");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_glm4"))
+        .args([
+            "merge",
+            "--model_name_or_path",
+            "weights/tiny-glm",
+            "--adapter_path",
+        ])
+        .arg(&adapter)
+        .arg("--output_dir")
+        .arg(&out)
+        .args([
+            "--load_in_4bit",
+            "--use_bnb_nested_quant",
+            "--torch_dtype",
+            "float32",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("glm4 runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("carries the quantization error"),
+        "{stderr}"
+    );
+    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(!config.contains("quantization_config"), "{config}");
+
+    let merged = GlmForCausalLM::from_pretrained(&out, Some(Kind::Float), Device::Cpu).unwrap();
+    assert!(merged.quantization.is_none());
+    let cfg = Quant4bitConfig {
+        quant_type: QuantType::Nf4,
+        nested: true,
+    };
+    let base = GlmForCausalLM::from_pretrained_quantized(
+        root().join("weights/tiny-glm"),
+        Some(Kind::Float),
+        Device::Cpu,
+        Some(cfg),
+    )
+    .unwrap();
+    let plain = GlmForCausalLM::from_pretrained(
+        root().join("weights/tiny-glm"),
+        Some(Kind::Float),
+        Device::Cpu,
+    )
+    .unwrap();
+    let (m, b, p) = (
+        merged.linear_layers(),
+        base.linear_layers(),
+        plain.linear_layers(),
+    );
+    // Not adapted: exactly the dequantized 4-bit weight, not the original.
+    let o = "model.layers.0.self_attn.o_proj";
+    let dequant = b[o].dense_weight(Kind::Float);
+    assert!(m[o].dense_weight(Kind::Float).equal(&dequant));
+    assert!(!dequant.equal(&p[o].dense_weight(Kind::Float)));
+    // Adapted: dequantized weight + scaling · B A, in fp32.
+    let ad = read_adapter(&adapter);
+    let q = "model.layers.1.self_attn.q_proj";
+    let a = &ad[&format!("base_model.model.{q}.lora_A.weight")];
+    let bm = &ad[&format!("base_model.model.{q}.lora_B.weight")];
+    let delta = bm.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)) * 4.0;
+    let want = b[q].dense_weight(Kind::Float) + delta;
+    let diff = (m[q].dense_weight(Kind::Float) - want)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-7, "merged q_proj differs by {diff}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+fn read_adapter(dir: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
