@@ -788,13 +788,11 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         ds
     };
 
-    let quant = a
-        .load_in_4bit
-        .then(|| trl_like::quant::Quant4bitConfig {
-            quant_type: trl_like::quant::QuantType::parse(&a.bnb_4bit_quant_type)
-                .unwrap_or(trl_like::quant::QuantType::Nf4),
-            nested: a.use_bnb_nested_quant,
-        });
+    let quant = a.load_in_4bit.then(|| trl_like::quant::Quant4bitConfig {
+        quant_type: trl_like::quant::QuantType::parse(&a.bnb_4bit_quant_type)
+            .unwrap_or(trl_like::quant::QuantType::Nf4),
+        nested: a.use_bnb_nested_quant,
+    });
     let mut model = if a.random_init {
         let m = GlmForCausalLM::new_quantized(cfg.clone(), device, kind, quant);
         m.init_random(a.seed as i64);
@@ -822,7 +820,11 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         / 1e6;
     eprintln!(
         "model memory after load: {model_mb:.1} MB of tensors{} (process RSS {} MB)",
-        if quant.is_some() { ", linear layers 4-bit" } else { "" },
+        if quant.is_some() {
+            ", linear layers 4-bit"
+        } else {
+            ""
+        },
         rss_after_model.map_or("?".to_string(), |m| format!("{m:.1}"))
     );
 
