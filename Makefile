@@ -104,6 +104,7 @@ fixtures: $(REF_STAMP)
 	$(PYTHON) scripts/make_packing_fixtures.py
 	$(PYTHON) scripts/make_callback_fixture.py
 	$(PYTHON) scripts/make_quant_fixtures.py
+	$(PYTHON) scripts/make_qlora_fixtures.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -72,10 +72,15 @@ def parse_args(argv):
     p.add_argument("--num_threads", "--num-threads", type=int, default=None)
     p.add_argument("--peak_tflops", "--peak-tflops", type=float, default=None)
     p.add_argument("--json", nargs="?", const="true", default="false")
+    # QLoRA (issue 14): transformers + bitsandbytes 4-bit base, compute dtype = --dtype.
+    p.add_argument("--load_in_4bit", "--load-in-4bit", nargs="?", const="true", default="false")
+    p.add_argument("--bnb_4bit_quant_type", "--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--use_bnb_nested_quant", "--use-bnb-nested-quant", nargs="?", const="true", default="false")
     p.add_argument("--trainer", choices=["auto", "trl", "transformers"], default="auto",
                    help="TRL SFTTrainer (auto: when importable) or transformers' Trainer")
     a = p.parse_args(argv)
-    for name in ("random_init", "gradient_checkpointing", "padding_free", "packing", "json"):
+    for name in ("random_init", "gradient_checkpointing", "padding_free", "packing", "json", "load_in_4bit",
+                 "use_bnb_nested_quant"):
         v = str(getattr(a, name)).lower()
         if v not in ("true", "false", "1", "0", "yes", "no"):
             p.error(f"--{name} {v!r} is not true or false")
@@ -294,6 +299,20 @@ def main(argv=None):
             model = GlmForCausalLM._from_config(cfg, dtype=dtype)
     else:
         model = GlmForCausalLM.from_pretrained(weights_dir, dtype=dtype).to(device)
+    if a.load_in_4bit:
+        # transformers quantizes in from_pretrained only: round-trip the (random) weights
+        # through a temporary checkpoint, as TRL's get_quantization_config would load them.
+        import tempfile
+
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=a.bnb_4bit_quant_type,
+                                 bnb_4bit_use_double_quant=a.use_bnb_nested_quant, bnb_4bit_compute_dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model
+            model = GlmForCausalLM.from_pretrained(tmp, quantization_config=bnb, dtype=dtype,
+                                                   device_map=device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     rss_after_model = vm_rss_mb()

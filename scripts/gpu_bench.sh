@@ -172,3 +172,28 @@ for name in sorted(f for f in os.listdir(out) if f.endswith(".json") and f.split
         r = json.loads(lines[-1])
         print(f"  {name[:-5]:<24} allocated {r.get('cuda_max_memory_allocated_mb')}  reserved {r.get('cuda_max_memory_reserved_mb')}")
 PYEOF
+
+# ---- QLoRA (issue 14) ---------------------------------------------------------------
+# The same work on a 4-bit NF4 + nested base, gradient checkpointing on (QLoRA needs it:
+# a layer's dequantized weight lives until its backward). Targets: peak GPU memory
+# <= 12 GB and <= 0.5x the bf16 LoRA run above. Rust side only: the device has no
+# bitsandbytes wheel for the Python stack.
+run "rust-qlora" 240 "$BIN" bench "${ARGS[@]}" --gradient_checkpointing true \
+    --load_in_4bit true --use_bnb_nested_quant true
+if [[ -f $OUTDIR/rust-qlora.json ]]; then
+    grep "model memory after load" "$OUTDIR/rust-qlora.log"
+    "$PY" - "$OUTDIR" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+q = json.load(open(os.path.join(out, "rust-qlora.json")))
+mq = q.get("gpu_memory_used_max_mb")
+print(f"QLoRA nf4+nested, GC on: tokens/s {q['tokens_per_second']:.1f}, GPU memory used max {mq} MiB (target <= 12288)")
+p = os.path.join(out, "rust-gc.json")
+if os.path.exists(p) and mq:
+    b = json.load(open(p))
+    mb = b.get("gpu_memory_used_max_mb")
+    if mb:
+        print(f"QLoRA / bf16 LoRA (GC on): GPU memory {mq / mb:.2f}x (target <= 0.5x), "
+              f"tokens/s {q['tokens_per_second'] / b['tokens_per_second']:.2f}x")
+PYEOF
+fi

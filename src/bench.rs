@@ -186,6 +186,21 @@ pub struct BenchArgs {
     /// so another implementation can train on exactly the same ids.
     #[arg(long = "dump_dataset", alias = "dump-dataset", value_name = "PATH")]
     pub dump_dataset: Option<PathBuf>,
+    /// QLoRA: quantize the base's linear layers to 4 bits (bitsandbytes NF4/FP4) while loading
+    /// or initialising, one layer at a time.
+    #[arg(long = "load_in_4bit", alias = "load-in-4bit", value_name = "BOOL", num_args = 0..=1,
+          default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(), hide_possible_values = true)]
+    pub load_in_4bit: bool,
+    /// nf4 or fp4 (with --load_in_4bit).
+    #[arg(long = "bnb_4bit_quant_type", alias = "bnb-4bit-quant-type", value_name = "T",
+          default_value = "nf4", value_parser = ["nf4", "fp4"])]
+    pub bnb_4bit_quant_type: String,
+    /// Nested quantization of the 4-bit absmax values (with --load_in_4bit).
+    #[arg(long = "use_bnb_nested_quant", alias = "use-bnb-nested-quant", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new(), hide_possible_values = true)]
+    pub use_bnb_nested_quant: bool,
     /// Print one JSON object on stdout instead of the report.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
           default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(),
@@ -803,13 +818,18 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         ds
     };
 
+    let quant = a.load_in_4bit.then(|| trl_like::quant::Quant4bitConfig {
+        quant_type: trl_like::quant::QuantType::parse(&a.bnb_4bit_quant_type)
+            .unwrap_or(trl_like::quant::QuantType::Nf4),
+        nested: a.use_bnb_nested_quant,
+    });
     let mut model = if a.random_init {
-        let m = GlmForCausalLM::new(cfg.clone(), device, kind);
+        let m = GlmForCausalLM::new_quantized(cfg.clone(), device, kind, quant);
         m.init_random(a.seed as i64);
         m
     } else {
         let dir = weights_dir.clone().expect("checked above");
-        GlmForCausalLM::from_pretrained(&dir, Some(kind), device)?
+        GlmForCausalLM::from_pretrained_quantized(&dir, Some(kind), device, quant)?
     };
     // LoRA trains the adapters only. `new` + `init_random` leaves the base weights
     // trainable (only `from_pretrained` freezes them), and the trainer does not
@@ -820,6 +840,23 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         tch::Cuda::synchronize(i as i64);
     }
     let (_, rss_after_model) = rss_mb();
+    // Printed at once: a 9B model's memory is worth knowing before (or without) a step.
+    let model_mb = model
+        .vs
+        .variables()
+        .values()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as f64)
+        .sum::<f64>()
+        / 1e6;
+    eprintln!(
+        "model memory after load: {model_mb:.1} MB of tensors{} (process RSS {} MB)",
+        if quant.is_some() {
+            ", linear layers 4-bit"
+        } else {
+            ""
+        },
+        rss_after_model.map_or("?".to_string(), |m| format!("{m:.1}"))
+    );
 
     let targets = if a.lora_target_modules.iter().any(|m| m == "all-linear") {
         TargetModules::AllLinear

@@ -93,6 +93,9 @@ struct MergeArgs {
         default_value = "auto"
     )]
     torch_dtype: String,
+    /// A QLoRA run: merge into the 4-bit base, dequantized (as PEFT merges into bitsandbytes layers).
+    #[command(flatten)]
+    quant: Quant4bitArgs,
 }
 
 #[derive(Args)]
@@ -136,6 +139,13 @@ struct ModelArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    #[command(flatten)]
+    quant: Quant4bitArgs,
+}
+
+/// The 4-bit base of a QLoRA run (TRL's ModelConfig names).
+#[derive(Args)]
+struct Quant4bitArgs {
     /// Quantize the linear layers to 4 bits while loading, as bitsandbytes does (QLoRA's base).
     #[arg(long = "load_in_4bit", alias = "load-in-4bit", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     load_in_4bit: bool,
@@ -147,7 +157,7 @@ struct ModelArgs {
     use_bnb_nested_quant: bool,
 }
 
-impl ModelArgs {
+impl Quant4bitArgs {
     /// The 4-bit configuration these flags ask for (`None` without --load_in_4bit).
     fn quantization(&self) -> Option<trl_like::quant::Quant4bitConfig> {
         self.load_in_4bit.then(|| trl_like::quant::Quant4bitConfig {
@@ -346,8 +356,12 @@ fn load(args: &ModelArgs) -> Result<Loaded> {
     let device = runtime::parse_device(&args.device)?;
     let config = GlmConfig::from_pretrained(dir)?;
     let kind = runtime::parse_dtype(&args.torch_dtype, config.checkpoint_dtype(), device)?;
-    let mut model =
-        GlmForCausalLM::from_pretrained_quantized(dir, Some(kind), device, args.quantization())?;
+    let mut model = GlmForCausalLM::from_pretrained_quantized(
+        dir,
+        Some(kind),
+        device,
+        args.quant.quantization(),
+    )?;
     let mut tokenizer = glm4::load_tokenizer(dir)?;
     if let Some(adapter) = &args.adapter_path {
         // Like the tutorial's chat_cli: PeftModel.from_pretrained, and the adapter's
@@ -543,8 +557,17 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
         .to_kind()
         .or_else(|| config.checkpoint_dtype().and_then(TorchDtype::to_kind))
         .unwrap_or(tch::Kind::Float);
-    let mut model = GlmForCausalLM::from_pretrained(dir, Some(kind), tch::Device::Cpu)?;
+    let quant = a.quant.quantization();
+    let mut model =
+        GlmForCausalLM::from_pretrained_quantized(dir, Some(kind), tch::Device::Cpu, quant)?;
     let adapter = PeftAdapter::load(&mut model, &a.adapter_path, tch::Device::Cpu, false)?;
+    if model.quantization.is_some() {
+        eprintln!(
+            "note: the base is 4-bit: the adapters merge into its dequantized weights and the \
+             merged checkpoint is written unquantized in {kind:?}; it carries the quantization \
+             error (as PEFT's merge of a QLoRA run), it is not the original base plus the adapters"
+        );
+    }
     eprintln!(
         "merging {} adapters from {}",
         adapter.modules.len(),

@@ -407,13 +407,33 @@ impl PreTrainedModel for GlmForCausalLM {
         let dtype = TorchDtype::from_kind(self.vs.kind()).as_str();
         config["torch_dtype"] = dtype.into();
         config["dtype"] = dtype.into();
+        // 4-bit layers are written dequantized in the model dtype (a plain checkpoint, what
+        // `glm4 merge` of a QLoRA run produces), so the config loses its quantization.
+        if let Some(obj) = config.as_object_mut() {
+            obj.remove("quantization_config");
+        }
         let text = serde_json::to_string_pretty(&config)? + "\n";
         trl_like::fsutil::write_atomic(&dir.join("config.json"), text.as_bytes())?;
-        save_safetensors(&self.named_parameters(), dir, MAX_SHARD_BYTES)
+        let layers = self.linear_layers();
+        let named: Vec<(String, Tensor)> = self
+            .named_parameters()
+            .into_iter()
+            .map(
+                |(name, t)| match name.strip_suffix(".weight").and_then(|m| layers.get(m)) {
+                    Some(linear) => (name, linear.dense_weight(self.vs.kind())),
+                    None => (name, t),
+                },
+            )
+            .collect();
+        save_safetensors(&named, dir, MAX_SHARD_BYTES)
     }
 
     fn name_or_path(&self) -> String {
         self.name_or_path.clone()
+    }
+
+    fn is_quantized(&self) -> bool {
+        self.quantization.is_some()
     }
 }
 

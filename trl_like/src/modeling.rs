@@ -128,6 +128,12 @@ pub trait PreTrainedModel: CausalLM + crate::peft::LoraModel + Checkpointable {
 
     /// Where the model came from (recorded as `base_model_name_or_path` in adapters).
     fn name_or_path(&self) -> String;
+
+    /// Whether base weights are quantized (transformers' `is_loaded_in_4bit`): such a base
+    /// trains through adapters only, which TRL keeps in bf16.
+    fn is_quantized(&self) -> bool {
+        false
+    }
 }
 
 /// Layer-by-layer access to a model, for activation recompute (gradient

@@ -615,9 +615,9 @@ fn mul_python_scalar_(t: &mut Tensor, s: f64) {
 /// Numerics follow torch: one norm per gradient, then the norm of the stacked
 /// norms, the coefficient `(total + 1e-6).reciprocal() * max_norm` as an fp32
 /// 0-dim tensor (that is Python's `max_norm / tensor`), clamped to 1.0 and
-/// multiplied into every gradient even when it is 1 (exact). Per-gradient
-/// norms are taken in fp32; for bf16/fp16 gradients torch would round each of
-/// them to the gradient dtype first.
+/// multiplied into every gradient even when it is 1 (exact). Norms are in the
+/// gradients' dtype as in torch: bf16 gradients (QLoRA adapters) give bf16 norms,
+/// a bf16 total and a bf16 coefficient.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     tch::no_grad(|| {
         let grads: Vec<Tensor> = params
@@ -631,14 +631,7 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         let first_device = grads[0].device();
         let norms: Vec<Tensor> = grads
             .iter()
-            .map(|g| {
-                let n = if g.kind() == Kind::Float {
-                    g.norm()
-                } else {
-                    g.to_kind(Kind::Float).norm()
-                };
-                n.to_device(first_device)
-            })
+            .map(|g| g.norm().to_device(first_device))
             .collect();
         let total = Tensor::stack(&norms, 0).norm();
         if max_norm > 0.0 {

@@ -502,7 +502,15 @@ fn trainable_params<M: PreTrainedModel>(
             for (_, t) in model.named_parameters() {
                 let _ = t.set_requires_grad(false);
             }
-            adapter.named_parameters()
+            let params = adapter.named_parameters();
+            if model.is_quantized() {
+                // TRL 1.16's SFTTrainer casts the adapters of a quantized (QLoRA) base to bf16
+                // whatever `bf16` says (QLoRA paper, section 3); the layers share these tensors.
+                for (_, t) in &params {
+                    tch::no_grad(|| t.shallow_clone().set_data(&t.to_kind(tch::Kind::BFloat16)));
+                }
+            }
+            params
         }
         None => model
             .named_parameters()
