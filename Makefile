@@ -99,6 +99,7 @@ fixtures: $(REF_STAMP)
 	$(PYTHON) scripts/make_generation_fixtures.py
 	$(PYTHON) scripts/make_demo_data.py
 	$(PYTHON) scripts/make_trainer_fixtures.py
+	$(PYTHON) scripts/make_dpo_fixtures.py
 	$(PYTHON) scripts/make_packing_fixtures.py
 	$(PYTHON) scripts/make_callback_fixture.py
 

@@ -1,7 +1,29 @@
 //! Building blocks a model shares with the trainer: a `Linear` layer that can
 //! carry a LoRA adapter (PEFT's `LoraLayer` wrapping `nn.Linear`).
 
+use std::cell::Cell;
 use tch::{nn, Tensor};
+
+thread_local! {
+    /// Set inside [`with_adapters_disabled`]: every LoRA layer passes the base
+    /// output through unchanged.
+    static ADAPTERS_DISABLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter switched off (PEFT's `disable_adapter()`
+/// context): the model computes as its frozen base, without a second copy of
+/// the weights in memory — DPO's reference model for a new adapter. The
+/// switch is per thread and restored even if `f` panics.
+pub fn with_adapters_disabled<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_DISABLED.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_DISABLED.with(|d| d.replace(true)));
+    f()
+}
 
 /// A dense layer `y = x Wᵀ + b` with HF parameter names (`weight` `[out, in]`,
 /// optional `bias` `[out]`), plus an optional LoRA adapter added to its output.
@@ -65,6 +87,9 @@ impl LoraLayer {
     /// back to the base output's dtype (PEFT casts the input to the adapter dtype,
     /// adds, and returns the base result dtype).
     pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
+        if ADAPTERS_DISABLED.with(Cell::get) {
+            return base.shallow_clone();
+        }
         let x = x.to_kind(self.lora_a.kind());
         let x = if train && self.dropout > 0.0 {
             x.dropout(self.dropout, true)

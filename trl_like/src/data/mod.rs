@@ -6,6 +6,7 @@
 pub mod collator;
 pub mod formats;
 pub mod packing;
+pub mod preference;
 pub mod tokenize;
 
 pub use collator::{collate, collate_padding_free, collate_with, Batch};
