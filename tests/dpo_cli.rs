@@ -173,3 +173,55 @@ fn dpo_help_lists_the_dpo_fields() {
         assert!(out.contains(flag), "{flag} missing from glm4 dpo --help");
     }
 }
+
+/// `glm4 preview` on preference data: prompt / chosen / rejected, and the
+/// same ids TRL's DPOTrainer produced (tests/fixtures/dpo/tokenize.json).
+#[test]
+fn preview_shows_pairs_as_trl_tokenizes_them() {
+    let args = [
+        "preview",
+        "--model_name_or_path",
+        "weights/tiny-glm",
+        "--data_files",
+        "data/demo_dpo.json",
+        "--num_examples",
+        "2",
+    ];
+    let res = glm4(&args);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let text = String::from_utf8_lossy(&res.stdout);
+    for part in [
+        "sharegpt preference",
+        "[prompt]",
+        "[chosen]",
+        "[rejected]",
+        "48 pairs",
+    ] {
+        assert!(text.contains(part), "{part} missing:\n{text}");
+    }
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let res = glm4(&json_args);
+    assert!(res.status.success());
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/dpo/tokenize.json")).unwrap(),
+    )
+    .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&res.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (got, want) in lines
+        .iter()
+        .zip(fixture["expected"]["sharegpt"].as_array().unwrap())
+    {
+        for k in ["prompt_ids", "chosen_ids", "rejected_ids"] {
+            assert_eq!(got[k], want[k], "{k}");
+        }
+    }
+}

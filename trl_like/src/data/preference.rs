@@ -88,6 +88,13 @@ impl PreferenceFormat {
     }
 }
 
+/// Whether a record is preference data (a chosen and a rejected
+/// completion, or their token ids) rather than SFT data.
+pub fn is_preference_record(record: &Record) -> bool {
+    let has = |k: &str| record.value.get(k).is_some_and(|v| !v.is_null());
+    (has("chosen") && has("rejected")) || has("chosen_ids")
+}
+
 /// One pair in the shape the tokenizer consumes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreferenceExample {
