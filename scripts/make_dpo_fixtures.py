@@ -16,6 +16,8 @@ Writes tests/fixtures/dpo/:
                      from an adapter with non-zero lora_B: TRL's reference is then a frozen copy
                      of that initial adapter ("ref"), so rewards are non-zero from step 1
   sigmoid_b2_ga2_fresh/  the same from a fresh PEFT adapter (lora_B zero): reference = the base
+  full_sigmoid_b2_ga2/   full fine-tuning (reference: TRL's frozen copy of the model), with the final
+                     weights of the last layer and the final norm (final_weights.safetensors)
       adapter_init/  the adapter before training
       adapter_final/ the adapter after 4 steps
       log_history.json  trainer.state.log_history (timing values set to null)
@@ -286,6 +288,63 @@ def train_setting(loss_type: str, tokenizer, init_dir: Path, suffix: str = "") -
     return {"log": log_history, "facts": facts}
 
 
+# Full fine-tuning: TRL's reference is a frozen copy of the model. The final weights of the last
+# decoder layer and the final norm are kept (the embedding and lm_head would add 2 MB).
+FULL_KEPT = ("model.layers.1.", "model.norm.")
+
+
+def train_full(tokenizer) -> dict:
+    name = "full_sigmoid_b2_ga2"
+    out = OUT / name
+    if out.exists():
+        shutil.rmtree(out)
+    raw = json.loads(Path(DATA).read_text(encoding="utf-8"))[:16]
+    torch.manual_seed(42)
+    model = load_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = dpo_args(
+            tmp,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=4,
+            learning_rate=1e-4,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            optim="adamw_torch",
+            max_grad_norm=1.0,
+            logging_steps=1,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            max_length=64,
+        )
+        trainer = SequentialDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([sharegpt_to_conversational(r) for r in raw]),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        log_history = copy.deepcopy(trainer.state.log_history)
+        for entry in log_history:
+            for k in TIMING_KEYS:
+                if k in entry:
+                    entry[k] = None
+        from safetensors.torch import save_file
+
+        kept = {
+            k: v.detach().clone().contiguous()
+            for k, v in trainer.model.state_dict().items()
+            if k.startswith(FULL_KEPT)
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(kept, str(out / "final_weights.safetensors"), metadata={"format": "pt"})
+        captured = trainer.captured
+    dump_json(out / "log_history.json", log_history)
+    dump_json(out / "batches.json", {"setting": name, "micro_batches": captured})
+    return {"log": log_history}
+
+
 def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -311,6 +370,8 @@ def main() -> None:
             if "lora_B" in k:
                 tensors[k] = torch.randn(tensors[k].shape, generator=g) * 0.02
         save_file(tensors, str(f), metadata={"format": "pt"})
+        r = train_full(tokenizer)
+        print("full", {k: r["log"][1][k] for k in ("loss", "rewards/margins")})
         for loss in LOSSES:
             r = train_setting(loss, tokenizer, init)
             first = r["log"][0]
