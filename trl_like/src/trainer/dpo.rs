@@ -58,6 +58,8 @@ pub struct DPOHooks {
     /// Run the forwards without dropout (`disable_dropout`).
     pub disable_dropout: bool,
     pub reference: Reference,
+    /// Lay each batch's sequences back to back in one row (`padding_free`).
+    pub padding_free: bool,
 }
 
 /// The metrics TRL's `DPOTrainer` logs beside the loss, in its order.
@@ -83,6 +85,14 @@ pub struct PreferenceBatch {
     /// `[2B, T]`, 1 for completion tokens (the ones whose log-probability counts).
     pub completion_mask: Tensor,
     pub has_padding: bool,
+    /// `[rows, T]`: which of the `2B` sequences each token belongs to (the
+    /// row index when padded; several per row when padding-free).
+    pub segments: Tensor,
+    /// `[2B]`: completion tokens of each sequence (IPO's length normalisation).
+    pub completion_lens: Tensor,
+    /// Padding-free: the sequence lengths of the single row, and positions restarting per sequence.
+    pub seq_lens: Option<Vec<i64>>,
+    pub position_ids: Option<Tensor>,
     /// `[B]` each, when precomputed.
     pub ref_logps: Option<(Tensor, Tensor)>,
     pub num_tokens: i64,
@@ -92,8 +102,8 @@ pub struct PreferenceBatch {
 struct SequenceStats {
     /// `[2B]` summed completion log-probabilities (with grad when training).
     logps: Tensor,
-    /// `[2B, T-1]` per-token log-probabilities (for the sft loss term).
-    per_token_logps: Tensor,
+    /// Token-mean negative log-likelihood of the chosen completions (the sft loss term).
+    chosen_nll: Tensor,
     entropy: f64,
     logits_chosen: f64,
     logits_rejected: f64,
@@ -131,6 +141,7 @@ impl DPOHooks {
             discopop_tau: args.discopop_tau,
             disable_dropout: args.disable_dropout,
             reference,
+            padding_free: args.padding_free,
         })
     }
 
@@ -149,8 +160,8 @@ impl DPOHooks {
         let input = CausalLMInput {
             input_ids: &batch.input_ids,
             attention_mask: batch.has_padding.then_some(&batch.attention_mask),
-            position_ids: None,
-            seq_lens: None,
+            position_ids: batch.position_ids.as_ref(),
+            seq_lens: batch.seq_lens.as_deref(),
         };
         let dropout = train && !self.disable_dropout;
         model.forward_for_loss(&input, dropout, backward, |hidden| {
@@ -188,7 +199,7 @@ impl DPOHooks {
         &self,
         stats: &SequenceStats,
         refs: &(Tensor, Tensor),
-        completion_mask: &Tensor,
+        batch: &PreferenceBatch,
     ) -> Tensor {
         let b = stats.logps.size()[0] / 2;
         let (chosen, rejected) = (stats.logps.narrow(0, 0, b), stats.logps.narrow(0, b, b));
@@ -198,9 +209,7 @@ impl DPOHooks {
         let delta = &chosen_scores - &rejected_scores;
         let beta = self.beta;
         let ls = self.label_smoothing;
-        let lens = completion_mask
-            .sum_dim_intlist(1, false, Kind::Float)
-            .clamp_min(1.0);
+        let lens = batch.completion_lens.clamp_min(1.0);
         let (chosen_len, rejected_len) = (lens.narrow(0, 0, b), lens.narrow(0, b, b));
         let logsig = |x: &Tensor| x.log_sigmoid();
         let mut total = Tensor::zeros([], (Kind::Float, stats.logps.device()));
@@ -260,14 +269,8 @@ impl DPOHooks {
                     let modulation = (&x / self.discopop_tau).sigmoid();
                     -logsig(&x) * (-&modulation + 1.0) + (-&x).exp() * &modulation
                 }
-                Sft => {
-                    // The chosen completions' token-mean NLL, expanded per sequence.
-                    let mask = completion_mask.narrow(1, 1, completion_mask.size()[1] - 1);
-                    let m = mask.narrow(0, 0, b).to_kind(Kind::Float);
-                    let lp = stats.per_token_logps.narrow(0, 0, b);
-                    let nll = -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0);
-                    nll.expand([b], false)
-                }
+                // The chosen completions' token-mean NLL, expanded per sequence.
+                Sft => stats.chosen_nll.expand([b], false),
                 SigmoidNorm => {
                     let d = &chosen_scores / &chosen_len - &rejected_scores / &rejected_len;
                     -logsig(&(d * beta))
@@ -303,61 +306,70 @@ impl DPOHooks {
 
 /// Per-sequence completion log-probabilities and TRL's statistics from the
 /// final hidden states (logits in fp32, as transformers computes them).
+/// Works on padded batches (one sequence per row) and padding-free ones (all
+/// sequences in one row): each target token is summed into its sequence.
 ///
 /// # Shapes
-/// `hidden`: `[2B, T, hidden]`.
+/// `hidden`: `[rows, T, hidden]`.
 fn sequence_stats<M: PreTrainedModel>(
     model: &M,
     hidden: &Tensor,
     batch: &PreferenceBatch,
 ) -> SequenceStats {
-    let (rows, t) = (batch.input_ids.size()[0], batch.input_ids.size()[1]);
-    let b = rows / 2;
-    // Position i predicts token i + 1.
+    let t = batch.input_ids.size()[1];
+    let n = batch.completion_lens.size()[0];
+    let b = n / 2;
+    // Position i predicts token i + 1 — of the same sequence only.
     let logits = model
         .lm_head(&hidden.narrow(1, 0, t - 1))
         .to_kind(Kind::Float);
     let logp = logits.log_softmax(-1, Kind::Float);
     let targets = batch.input_ids.narrow(1, 1, t - 1);
-    let mask = batch.completion_mask.narrow(1, 1, t - 1);
-    let mask_f = mask.to_kind(Kind::Float);
+    let seg = batch.segments.narrow(1, 1, t - 1);
+    let same = seg.eq_tensor(&batch.segments.narrow(1, 0, t - 1));
+    let mask_f = batch
+        .completion_mask
+        .narrow(1, 1, t - 1)
+        .to_kind(Kind::Float)
+        * same.to_kind(Kind::Float);
     let per_token = logp
         .gather(2, &targets.unsqueeze(-1), false)
         .squeeze_dim(-1)
         * &mask_f;
-    let logps = per_token.sum_dim_intlist(1, false, Kind::Float);
+    let logps = Tensor::zeros([n], (Kind::Float, per_token.device())).index_add(
+        0,
+        &seg.reshape([-1]),
+        &per_token.reshape([-1]),
+    );
+    let chosen_f = seg.lt(b).to_kind(Kind::Float) * &mask_f;
+    let rejected_f = seg.ge(b).to_kind(Kind::Float) * &mask_f;
+    let chosen_nll =
+        -(&per_token * &chosen_f).sum(Kind::Float) / chosen_f.sum(Kind::Float).clamp_min(1.0);
     let (entropy, logits_chosen, logits_rejected, accuracy) = tch::no_grad(|| {
-        let count = |m: &Tensor| m.sum(Kind::Float).double_value(&[]);
-        let ent = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float);
-        let total = count(&mask_f);
-        let entropy = if total > 0.0 {
-            (ent * &mask_f).sum(Kind::Float).double_value(&[]) / total
-        } else {
-            0.0
-        };
-        let mean_logits = logits.mean_dim(-1, false, Kind::Float);
-        let (mc, mr) = (mask_f.narrow(0, 0, b), mask_f.narrow(0, b, b));
-        let avg = |l: Tensor, m: &Tensor| {
-            let n = count(m);
-            if n > 0.0 {
-                (l * m).sum(Kind::Float).double_value(&[]) / n
+        let avg = |l: &Tensor, m: &Tensor| {
+            let count = m.sum(Kind::Float).double_value(&[]);
+            if count > 0.0 {
+                (l * m).sum(Kind::Float).double_value(&[]) / count
             } else {
                 0.0
             }
         };
-        let lc = avg(mean_logits.narrow(0, 0, b), &mc);
-        let lr = avg(mean_logits.narrow(0, b, b), &mr);
+        let ent = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float);
+        let mean_logits = logits.mean_dim(-1, false, Kind::Float);
         let top1 = logp
-            .narrow(0, 0, b)
             .argmax(-1, false)
-            .eq_tensor(&targets.narrow(0, 0, b))
+            .eq_tensor(&targets)
             .to_kind(Kind::Float);
-        let acc = avg(top1, &mc);
-        (entropy, lc, lr, acc)
+        (
+            avg(&ent, &mask_f),
+            avg(&mean_logits, &chosen_f),
+            avg(&mean_logits, &rejected_f),
+            avg(&top1, &chosen_f),
+        )
     });
     SequenceStats {
         logps,
-        per_token_logps: per_token,
+        chosen_nll,
         entropy,
         logits_chosen,
         logits_rejected,
@@ -405,30 +417,11 @@ impl<M: PreTrainedModel> TrainingHooks<M> for DPOHooks {
                 )
             }))
             .collect();
-        let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
-        let width = match self.pad_to_multiple_of {
-            Some(m) if m > 1 => longest.div_ceil(m) * m,
-            _ => longest,
-        };
-        let n = rows.len();
-        let (mut ids, mut attn, mut comp) = (
-            Vec::with_capacity(n * width),
-            Vec::with_capacity(n * width),
-            Vec::with_capacity(n * width),
-        );
-        let mut num_tokens = 0i64;
-        for (row, mask) in &rows {
-            let pad = width - row.len();
-            ids.extend_from_slice(row);
-            ids.extend(std::iter::repeat_n(self.pad_token_id, pad));
-            attn.extend(std::iter::repeat_n(1i64, row.len()));
-            attn.extend(std::iter::repeat_n(0i64, pad));
-            comp.extend_from_slice(mask);
-            comp.extend(std::iter::repeat_n(0i64, pad));
-            num_tokens += row.len() as i64;
-        }
-        let shape = [n as i64, width as i64];
-        let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(device);
+        let completion_lens: Vec<f32> = rows
+            .iter()
+            .map(|(_, m)| m.iter().sum::<i64>() as f32)
+            .collect();
+        let completion_lens = Tensor::from_slice(&completion_lens).to_device(device);
         let ref_logps = examples
             .iter()
             .map(|e| e.ref_logps)
@@ -442,11 +435,65 @@ impl<M: PreTrainedModel> TrainingHooks<M> for DPOHooks {
                     Tensor::from_slice(&r).to_device(device),
                 )
             });
+        let num_tokens: i64 = rows.iter().map(|(r, _)| r.len() as i64).sum();
+        if self.padding_free {
+            // One row: the sequences back to back, positions restarting at each.
+            let (mut ids, mut comp, mut seg, mut pos) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (i, (row, mask)) in rows.iter().enumerate() {
+                ids.extend_from_slice(row);
+                comp.extend_from_slice(mask);
+                seg.extend(std::iter::repeat_n(i as i64, row.len()));
+                pos.extend(0..row.len() as i64);
+            }
+            let shape = [1, ids.len() as i64];
+            let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(device);
+            return PreferenceBatch {
+                input_ids: t(&ids),
+                attention_mask: Tensor::ones(shape, (Kind::Int64, device)),
+                completion_mask: t(&comp),
+                has_padding: false,
+                segments: t(&seg),
+                completion_lens,
+                seq_lens: Some(rows.iter().map(|(r, _)| r.len() as i64).collect()),
+                position_ids: Some(t(&pos)),
+                ref_logps,
+                num_tokens,
+            };
+        }
+        let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let width = match self.pad_to_multiple_of {
+            Some(m) if m > 1 => longest.div_ceil(m) * m,
+            _ => longest,
+        };
+        let n = rows.len();
+        let (mut ids, mut attn, mut comp, mut seg) = (
+            Vec::with_capacity(n * width),
+            Vec::with_capacity(n * width),
+            Vec::with_capacity(n * width),
+            Vec::with_capacity(n * width),
+        );
+        for (i, (row, mask)) in rows.iter().enumerate() {
+            let pad = width - row.len();
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(self.pad_token_id, pad));
+            attn.extend(std::iter::repeat_n(1i64, row.len()));
+            attn.extend(std::iter::repeat_n(0i64, pad));
+            comp.extend_from_slice(mask);
+            comp.extend(std::iter::repeat_n(0i64, pad));
+            seg.extend(std::iter::repeat_n(i as i64, width));
+        }
+        let shape = [n as i64, width as i64];
+        let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(device);
         PreferenceBatch {
             input_ids: t(&ids),
             attention_mask: t(&attn),
             completion_mask: t(&comp),
             has_padding: rows.iter().any(|(r, _)| r.len() < width),
+            segments: t(&seg),
+            completion_lens,
+            seq_lens: None,
+            position_ids: None,
             ref_logps,
             num_tokens,
         }
@@ -481,7 +528,7 @@ impl<M: PreTrainedModel> TrainingHooks<M> for DPOHooks {
             batch,
             train,
             train,
-            |s| self.loss(s, &refs, &batch.completion_mask),
+            |s| self.loss(s, &refs, batch),
             denom,
         );
         let b = stats.logps.size()[0] / 2;
@@ -617,12 +664,6 @@ impl<'d, M: PreTrainedModel> DPOTrainerBuilder<'d, M> {
             return Err(TrainerError::Invalid(
                 "neftune_noise_alpha is not supported by DPOTrainer; remove it from the config or flags".into(),
             ));
-        }
-        if args.padding_free {
-            // TRL 1.16: "Temporarily unavailable ... warns and falls back to standard padding".
-            log::warn!(
-                "padding_free is not available for DPO (as in TRL 1.16); batches are padded"
-            );
         }
         let train_dataset = train_dataset
             .ok_or_else(|| TrainerError::Invalid("DPOTrainer needs a train_dataset".into()))?;
