@@ -103,3 +103,36 @@ impl LoraLayer {
         (base + delta).to_kind(base.kind())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn adapters_switch_off_inside_with_adapters_disabled_only() {
+        let opts = (Kind::Float, Device::Cpu);
+        let linear = Linear {
+            weight: Tensor::randn([3, 4], opts),
+            bias: None,
+            lora: Some(LoraLayer {
+                lora_a: Tensor::randn([2, 4], opts),
+                lora_b: Tensor::randn([3, 2], opts),
+                scaling: 2.0,
+                dropout: 0.0,
+            }),
+        };
+        let x = Tensor::randn([5, 4], opts);
+        let base = x.linear(&linear.weight, None::<&Tensor>);
+        let with = linear.forward(&x);
+        assert!(!with.allclose(&base, 1e-6, 1e-6, false));
+        let off = with_adapters_disabled(|| linear.forward(&x));
+        assert!(off.equal(&base));
+        // Restored afterwards, also after a panic inside.
+        assert!(linear.forward(&x).equal(&with));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_adapters_disabled(|| panic!("inside"))
+        }));
+        assert!(linear.forward(&x).equal(&with));
+    }
+}
