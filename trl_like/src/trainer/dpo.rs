@@ -577,7 +577,7 @@ enum Adapters {
     Existing(PeftAdapter),
 }
 
-/// Builds a [`DPOTrainer`]; see [`Trainer::builder`](Trainer#method.builder-1).
+/// Builds a [`DPOTrainer`] (`DPOTrainer::builder(model, args)`).
 pub struct DPOTrainerBuilder<'d, M: PreTrainedModel> {
     model: M,
     args: DPOConfig,
@@ -720,12 +720,12 @@ impl<'d, M: PreTrainedModel> DPOTrainerBuilder<'d, M> {
             let train_bs = args
                 .precompute_ref_batch_size
                 .unwrap_or(args.per_device_train_batch_size);
-            precompute_ref_logps(&model, &hooks, &mut train, train_bs);
+            precompute_ref_logps(&model, &hooks, &mut train, train_bs)?;
             if let Some(eval) = eval.as_mut() {
                 let eval_bs = args
                     .precompute_ref_batch_size
                     .unwrap_or(args.per_device_eval_batch_size);
-                precompute_ref_logps(&model, &hooks, eval, eval_bs);
+                precompute_ref_logps(&model, &hooks, eval, eval_bs)?;
             }
         }
         Ok(Trainer::new(
@@ -776,7 +776,7 @@ fn precompute_ref_logps<M: PreTrainedModel>(
     hooks: &DPOHooks,
     pairs: &mut [TokenizedPair],
     batch_size: usize,
-) {
+) -> Result<(), TrainerError> {
     let device = model.device();
     let mut plain = hooks.clone();
     plain.reference = Reference::DisabledAdapters;
@@ -789,10 +789,13 @@ fn precompute_ref_logps<M: PreTrainedModel>(
                 .0
                 .logps
         });
-        let v: Vec<f64> = Vec::<f64>::try_from(logps.to_kind(Kind::Double)).unwrap_or_default();
+        let v = Vec::<f64>::try_from(logps.to_kind(Kind::Double)).map_err(|e| {
+            TrainerError::Invalid(format!("reading the reference log-probabilities: {e}"))
+        })?;
         let b = chunk.len();
         for (i, pair) in chunk.iter_mut().enumerate() {
             pair.ref_logps = Some((v[i], v[b + i]));
         }
     }
+    Ok(())
 }
