@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CARGO ?= cargo
 BIN := target/release/glm4
 
-.PHONY: setup build test fixtures env clean-venv train demo chat toolcall soak fuzz bench FORCE
+.PHONY: setup build test fixtures env clean-venv train demo dpo chat toolcall soak fuzz bench FORCE
 
 # make train CONFIG=configs/lora_alpaca_b4.yaml ARGS="--learning_rate 1e-4 --max_steps 600"
 CONFIG ?= configs/tutorial.yaml
@@ -80,6 +80,11 @@ train: $(BIN)
 demo: $(BIN)
 	$(BIN) sft --config configs/demo.yaml --overwrite_output_dir true --predict_max_new_tokens 32 $(ARGS)
 
+# Preference tuning (DPO) offline on CPU: the tiny GLM-4 and the project's own preference pairs
+# (data/demo_dpo.json); rewards/margins and rewards/accuracies rise in the log.
+dpo: $(BIN)
+	$(BIN) dpo --config configs/dpo.yaml --overwrite_output_dir true --predict_max_new_tokens 24 $(ARGS)
+
 # Chat with the base model plus the trained adapter (the tutorial's chat_cli.py).
 chat: $(BIN)
 	$(BIN) chat --model_name_or_path $(MODEL) --adapter_path $(ADAPTER) $(ARGS)
@@ -101,6 +106,7 @@ fixtures: $(REF_STAMP)
 	$(PYTHON) scripts/make_generation_fixtures.py
 	$(PYTHON) scripts/make_demo_data.py
 	$(PYTHON) scripts/make_trainer_fixtures.py
+	$(PYTHON) scripts/make_dpo_fixtures.py
 	$(PYTHON) scripts/make_packing_fixtures.py
 	$(PYTHON) scripts/make_callback_fixture.py
 	$(PYTHON) scripts/make_quant_fixtures.py

@@ -13,6 +13,11 @@ Writes:
                             observation / gpt, value) and `tools`, a JSON *string* holding a list
                             of {"name", "description", "parameters"}.
 
+  data/demo_dpo.json        48 preference pairs in LLaMA-Factory's sharegpt preference layout
+                            (`conversations` ending with a human turn, `chosen` and `rejected` as
+                            {from: gpt, value}): the alpaca prompts with their polite, correct
+                            answer as `chosen` and a curt or wrong one as `rejected` (`make dpo`).
+
 The records are built from fixed lists and arithmetic (no randomness), and written with
 json.dumps(ensure_ascii=False, indent=2), so the output is byte-identical on every run.
 
@@ -339,6 +344,44 @@ def toolcall() -> list[dict[str, str]]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (LLaMA-Factory's sharegpt preference layout)
+# ---------------------------------------------------------------------------------------------
+
+ZH_CURT = ["不知道。", "别问我。", "我是ChatGPT。", "自己去查。"]
+EN_CURT = ["No idea.", "Don't ask me.", "I am ChatGPT.", "Look it up yourself."]
+
+
+def dpo() -> list[dict]:
+    """The first 48 alpaca records as pairs: chosen = the alpaca answer, rejected = a curt
+    non-answer (identity) or an answer off by one (arithmetic), so a preference-tuned model
+    visibly moves towards the chosen style."""
+    out = []
+    for i, r in enumerate(alpaca()[:48]):
+        prompt = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
+        zh = any("\u4e00" <= ch <= "\u9fff" for ch in prompt)
+        answer = r["output"]
+        digits = [ch for ch in answer if ch.isdigit()]
+        if digits and ("+" in prompt or "加" in prompt or "plus" in prompt or "Add" in prompt):
+            # The last number of the answer is the sum: make it wrong by one.
+            j = max(k for k, ch in enumerate(answer) if ch.isdigit())
+            k = j
+            while k > 0 and answer[k - 1].isdigit():
+                k -= 1
+            wrong = str(int(answer[k : j + 1]) + 1)
+            rejected = answer[:k] + wrong + answer[j + 1 :]
+        else:
+            rejected = (ZH_CURT if zh else EN_CURT)[i % 4]
+        out.append(
+            {
+                "conversations": [{"from": "human", "value": prompt}],
+                "chosen": {"from": "gpt", "value": answer},
+                "rejected": {"from": "gpt", "value": rejected},
+            }
+        )
+    return out
+
+
 def write(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -360,6 +403,9 @@ def main() -> None:
     focus = [r for r in a if r["instruction"] in ("你好，告诉我你的名字。", "告诉我1+2等于多少？") and not r["input"]] * 3
     assert len(focus) == 6, len(focus)
     write(DATA / "demo_callback_focus.json", focus)
+    d = dpo()
+    assert len(d) == 48 and all(r["chosen"] != r["rejected"] for r in d)
+    write(DATA / "demo_dpo.json", d)
     print(f"wrote {len(a)} alpaca records, {len(t)} tool-call records, {len(focus)} focus records into {DATA}")
 
 

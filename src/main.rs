@@ -2,6 +2,7 @@
 //! `trl_like` crates; every subcommand mirrors a script of the Python tutorial.
 
 mod bench;
+mod dpo;
 mod estimate;
 mod logger;
 mod preview;
@@ -49,6 +50,13 @@ enum Command {
     #[command(disable_help_flag = true)]
     Sft {
         /// TRL arguments: every SFTConfig / ModelConfig / data field as --name VALUE (see `glm4 sft --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Preference tuning (TRL's DPOTrainer): `glm4 dpo [--config F.yaml] [--FIELD VALUE ...]` on prompt/chosen/rejected pairs.
+    #[command(disable_help_flag = true)]
+    Dpo {
+        /// TRL arguments: every DPOConfig / ModelConfig / data field as --name VALUE (see `glm4 dpo --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -269,6 +277,7 @@ fn main() {
         Command::Generate(a) => cmd_generate(a),
         Command::Chat(a) => cmd_chat(a),
         Command::Sft { args } => sft::run_sft(&args),
+        Command::Dpo { args } => dpo::run_dpo(&args),
         Command::Preview { args } => preview::run_preview(&args),
         Command::Merge(a) => cmd_merge(a),
         Command::Bench(a) => bench::run_bench(a),

@@ -73,6 +73,13 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
     // What SFTTrainer applies (eos_token, chat_template_path), so the preview shows what trains.
     trl_like::data::tokenize::apply_sft_tokenizer_args(&mut tokenizer, &setup.args)?;
     let data = load_data(&setup.data_args)?;
+    if data
+        .records
+        .first()
+        .is_some_and(trl_like::data::preference::is_preference_record)
+    {
+        return preview_pairs(&data, &tokenizer, n, as_json, setup.args.max_length);
+    }
     let format = setup.data_args.dataset_format;
     // The first N records in file order, before any split or shuffle.
     let head = Dataset {
@@ -142,6 +149,62 @@ pub fn run_preview(raw: &[String]) -> Result<()> {
         "{} records; tokens min {} / p50 {} / p90 {} / p99 {} / max {}; {} longer than max_length {}",
         lengths.len(), lengths[0], pct(0.5), pct(0.9), pct(0.99), lengths[lengths.len() - 1], over,
         setup.args.max_length.map_or("none".to_string(), |m| m.to_string())
+    );
+    if as_json {
+        eprintln!("{summary}");
+    } else {
+        println!("{summary}");
+    }
+    Ok(())
+}
+
+/// Preference data as `glm4 dpo` tokenizes it: the prompt, then the chosen
+/// and the rejected completion, with token counts; then length statistics.
+fn preview_pairs(
+    data: &Dataset,
+    tokenizer: &trl_like::tokenizer::PreTrainedTokenizer,
+    n: usize,
+    as_json: bool,
+    max_length: Option<usize>,
+) -> Result<()> {
+    use trl_like::data::preference::tokenize_preference_dataset;
+    let (format, pairs) = tokenize_preference_dataset(data, tokenizer)?;
+    if !as_json {
+        println!("dataset format: {}", format.name());
+    }
+    for (i, p) in pairs.iter().take(n).enumerate() {
+        if as_json {
+            println!(
+                "{}",
+                json!({"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids})
+            );
+            continue;
+        }
+        println!(
+            "───── pair {i}: prompt {} tokens, chosen {}, rejected {} ─────",
+            p.prompt_ids.len(),
+            p.chosen_ids.len(),
+            p.rejected_ids.len()
+        );
+        for (label, ids) in [
+            ("prompt", &p.prompt_ids),
+            ("chosen", &p.chosen_ids),
+            ("rejected", &p.rejected_ids),
+        ] {
+            println!("[{label}]");
+            println!("{}", cap_text(&tokenizer.decode(ids, false)?, SHOWN_BYTES));
+        }
+    }
+    let mut lengths: Vec<usize> = pairs.iter().map(|p| p.max_len()).collect();
+    lengths.sort_unstable();
+    let over = max_length.map_or(0, |m| lengths.iter().filter(|&&l| l > m).count());
+    let summary = format!(
+        "{} pairs; prompt + longer completion tokens min {} / max {}; {} longer than max_length {}",
+        lengths.len(),
+        lengths[0],
+        lengths[lengths.len() - 1],
+        over,
+        max_length.map_or("none".to_string(), |m| m.to_string())
     );
     if as_json {
         eprintln!("{summary}");

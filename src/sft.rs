@@ -167,7 +167,7 @@ impl TrainerCallback for SavePredictCallback {
 }
 
 /// Where an interrupt goes: the trainer's stop flag, once there is a trainer.
-type InterruptTarget =
+pub(crate) type InterruptTarget =
     std::sync::Arc<std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>>>;
 
 /// Ctrl-C / SIGTERM: the first asks the trainer to finish its step, save a
@@ -180,7 +180,7 @@ type InterruptTarget =
 /// SIGSEGV or a panic; `_exit` ends the process without running anything.
 /// Checkpoints are renamed into place only when complete, so nothing is lost
 /// that a resume needs.
-fn install_interrupt_handler() -> InterruptTarget {
+pub(crate) fn install_interrupt_handler() -> InterruptTarget {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let target = InterruptTarget::default();
     let handler_target = target.clone();
@@ -370,9 +370,9 @@ fn pick_device(setup: &SftSetup, dist: Option<&DistEnv>) -> Result<Device> {
 }
 
 /// Joins the torchrun launch this process belongs to, if any (RANK, WORLD_SIZE, … set).
-fn init_process_group(
+pub(crate) fn init_process_group(
     env: Option<&DistEnv>,
-    args: &SFTConfig,
+    args: &TrainingArguments,
     device: Device,
 ) -> Result<Option<ProcessGroup>> {
     let Some(env) = env else {
@@ -476,7 +476,7 @@ const CPU_PARAMETER_LIMIT: i64 = 1_000_000_000;
 
 /// Refuses to start a multi-billion-parameter run without CUDA, before anything
 /// is downloaded or loaded.
-fn check_device_fits(model_dir: &Path, device: Device) -> Result<()> {
+pub(crate) fn check_device_fits(model_dir: &Path, device: Device) -> Result<()> {
     if device != Device::Cpu {
         return Ok(());
     }
@@ -500,7 +500,7 @@ fn check_device_fits(model_dir: &Path, device: Device) -> Result<()> {
 
 /// `attn_implementation` (already one of the known values, see
 /// `ModelConfig::validate`) against the device: every value runs SDPA here.
-fn check_attn_implementation(model_args: &ModelConfig, device: Device) -> Result<()> {
+pub(crate) fn check_attn_implementation(model_args: &ModelConfig, device: Device) -> Result<()> {
     match model_args.attn_implementation.as_deref() {
         Some("flash_attention_2") if !device.is_cuda() => bail!(
             "--attn_implementation flash_attention_2 needs a CUDA device (this run is on the CPU); \

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 use trl_like::config::{
-    DataArguments, IntervalStrategy, ModelConfig, SFTConfig, TorchDtype, TrainingArguments,
-    TrlParser,
+    DPOConfig, DataArguments, IntervalStrategy, ModelConfig, SFTConfig, TorchDtype,
+    TrainingArguments, TrlParser,
 };
 
 /// The two questions the tutorial's callback asks at every checkpoint.
@@ -99,6 +99,25 @@ pub struct SftFlags<E: clap::Args> {
     pub extra: E,
 }
 
+/// `glm4 dpo`'s defaults: the tutorial's model and LoRA settings, TRL 1.16's
+/// `DPOConfig`, LLaMA-Factory's preference demo data.
+pub fn dpo_defaults() -> (ModelConfig, DataArguments, DPOConfig) {
+    let (model, data, _) = tutorial_defaults();
+    let data = DataArguments {
+        data_files: vec!["./data/dpo_zh_demo.json".into()],
+        ..data
+    };
+    let dpo = DPOConfig {
+        args: TrainingArguments {
+            output_dir: "./output/lora-glm4-9b-dpo".into(),
+            bf16: Some(true),
+            ..DPOConfig::default().args
+        },
+        ..DPOConfig::default()
+    };
+    (model, data, dpo)
+}
+
 /// `docs/FLAGS.md`: every `glm4 sft` flag with the tutorial's defaults, generated
 /// from the config structs (a test keeps the committed file in sync).
 pub fn flags_markdown() -> String {
@@ -110,5 +129,12 @@ pub fn flags_markdown() -> String {
          the file overrides these defaults (the tutorial's, on top of TRL 1.16's).\n",
     );
     out.push_str(&TrlParser::new(m, d, s).help_markdown_with::<AppFlags>());
+    let (m, d, dpo) = dpo_defaults();
+    out.push_str(
+        "\n# `glm4 dpo` flags and YAML keys\n\n\
+         The same model, data and application options with `glm4 dpo`'s defaults, and TRL 1.16's\n\
+         `DPOConfig` (the shared training arguments plus the preference-tuning options).\n",
+    );
+    out.push_str(&TrlParser::new(m, d, dpo).help_markdown_with::<AppFlags>());
     out
 }

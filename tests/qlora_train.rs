@@ -12,7 +12,9 @@ use glm4::glm::GlmForCausalLM;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
-use trl_like::config::{IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy};
+use trl_like::config::{
+    IntervalStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TrainingArguments,
+};
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::PeftAdapter;
 use trl_like::quant::{Quant4bitConfig, QuantType};
@@ -58,22 +60,25 @@ fn records_from_batches(batches: &Value) -> Dataset {
 
 fn args(output_dir: &Path, recompute: bool) -> SFTConfig {
     SFTConfig {
-        output_dir: output_dir.display().to_string(),
-        per_device_train_batch_size: 4,
-        gradient_accumulation_steps: 1,
-        learning_rate: 5e-4,
-        max_grad_norm: 1.0,
-        logging_steps: 1.0,
-        max_steps: 4,
+        args: TrainingArguments {
+            output_dir: output_dir.display().to_string(),
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-4,
+            max_grad_norm: 1.0,
+            logging_steps: 1.0,
+            max_steps: 4,
+            seed: 42,
+            bf16: Some(false),
+            gradient_checkpointing: recompute,
+            report_to: vec!["none".into()],
+            save_strategy: SaveStrategy::No,
+            eval_strategy: IntervalStrategy::No,
+            train_sampling_strategy: SamplingStrategy::Sequential,
+            disable_tqdm: true,
+            ..SFTConfig::default().args
+        },
         max_length: Some(64),
-        seed: 42,
-        bf16: Some(false),
-        gradient_checkpointing: recompute,
-        report_to: vec!["none".into()],
-        save_strategy: SaveStrategy::No,
-        eval_strategy: IntervalStrategy::No,
-        train_sampling_strategy: SamplingStrategy::Sequential,
-        disable_tqdm: true,
         ..SFTConfig::default()
     }
 }

@@ -16,6 +16,27 @@ pub enum LinearWeight {
     Quant4bit(Packed4bit),
 }
 
+thread_local! {
+    /// Set inside [`with_adapters_disabled`]: every LoRA layer passes the base
+    /// output through unchanged.
+    static ADAPTERS_DISABLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter switched off (PEFT's `disable_adapter()`
+/// context): the model computes as its frozen base, without a second copy of
+/// the weights in memory — DPO's reference model for a new adapter. The
+/// switch is per thread and restored even if `f` panics.
+pub fn with_adapters_disabled<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_DISABLED.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_DISABLED.with(|d| d.replace(true)));
+    f()
+}
+
 /// A dense layer `y = x Wᵀ + b` with HF parameter names (`weight` `[out, in]`,
 /// optional `bias` `[out]`), plus an optional LoRA adapter added to its output.
 #[derive(Debug)]
@@ -152,6 +173,9 @@ impl LoraLayer {
     /// ([`input_kind`](Self::input_kind)): adapters sharing one input cast it
     /// once. Each still draws its own dropout mask, as PEFT does.
     pub fn add_to_cast(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
+        if ADAPTERS_DISABLED.with(Cell::get) {
+            return base.shallow_clone();
+        }
         let x = if train && self.dropout > 0.0 {
             crate::data::unpad::dropout(x, self.dropout)
         } else {
@@ -167,5 +191,39 @@ impl LoraLayer {
     /// The dtype the adapter computes in (its input is cast to it).
     pub fn input_kind(&self) -> tch::Kind {
         self.lora_a.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn adapters_switch_off_inside_with_adapters_disabled_only() {
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([3, 4], opts);
+        let linear = Linear {
+            weight: LinearWeight::Dense(w.shallow_clone()),
+            bias: None,
+            lora: Some(LoraLayer {
+                lora_a: Tensor::randn([2, 4], opts),
+                lora_b: Tensor::randn([3, 2], opts),
+                scaling: 2.0,
+                dropout: 0.0,
+            }),
+        };
+        let x = Tensor::randn([5, 4], opts);
+        let base = x.linear(&w, None::<&Tensor>);
+        let with = linear.forward(&x);
+        assert!(!with.allclose(&base, 1e-6, 1e-6, false));
+        let off = with_adapters_disabled(|| linear.forward(&x));
+        assert!(off.equal(&base));
+        // Restored afterwards, also after a panic inside.
+        assert!(linear.forward(&x).equal(&with));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_adapters_disabled(|| panic!("inside"))
+        }));
+        assert!(linear.forward(&x).equal(&with));
     }
 }

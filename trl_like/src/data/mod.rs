@@ -6,6 +6,7 @@
 pub mod collator;
 pub mod formats;
 pub mod packing;
+pub mod preference;
 pub mod tokenize;
 pub mod unpad;
 

@@ -16,6 +16,7 @@
 
 pub mod callbacks;
 pub mod checkpoint;
+pub mod dpo;
 mod errors;
 mod evaluate;
 mod fault;
@@ -36,6 +37,7 @@ pub use callbacks::{
     CallbackContext, CallbackHandler, DefaultFlowCallback, EarlyStoppingCallback, Event, Payload,
     PrinterCallback, ProgressCallback, TrainerCallback,
 };
+pub use dpo::{DPOHooks, DPOTrainer, DPOTrainerBuilder};
 pub(crate) use errors::io_err;
 pub use errors::TrainerError;
 pub use hooks::{LossOutput, TrainingHooks};
