@@ -214,7 +214,7 @@ fn train_and_compare(
             .unwrap();
     let data = dataset(&all[..16], "demo_dpo.json");
     let out = std::env::temp_dir().join(format!(
-        "glm4-dpo-parity-{setting}-{recompute}-{}",
+        "glm4-dpo-parity-{setting}-{recompute}-{padding_free}-{}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&out);
