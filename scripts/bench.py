@@ -154,7 +154,7 @@ def main():
 
     print()
     head = (f"{'side':<34} {'GC':<4} {'batches':<13} {'tokens/s':>9} {'s/step':>8} {'fwd+bwd s':>10} {'optim s':>8} "
-            f"{'peak RSS MB':>12} {'loss':>7}")
+            f"{'peak RSS MB':>12} {'loss':>7} {'CPU s/1k tok':>12}")
     print(head)
     print("-" * len(head))
     for gc, mode, rust, trl in rows:
@@ -164,7 +164,7 @@ def main():
             ph = r.get("phase_seconds") or {}
             print(f"{label:<34} {'on' if gc else 'off':<4} {mode:<13} {r['tokens_per_second']:>9.1f} {r['seconds_per_step']:>8.3f} "
                   f"{ph.get('forward_backward', float('nan')):>10.3f} {ph.get('optimizer', float('nan')):>8.4f} "
-                  f"{r['peak_rss_mb']:>12.1f} {r['train_loss']:>7.3f}")
+                  f"{r['peak_rss_mb']:>12.1f} {r['train_loss']:>7.3f} {cpu_per_1k(r):>12.3f}")
     print()
     padded_trl = {gc: t for gc, mode, _, t in rows if mode == "padded"}
     padded_rust = {gc: r for gc, mode, r, _ in rows if mode == "padded"}
@@ -201,6 +201,13 @@ def main():
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"reports and logs: {os.path.relpath(a.out, ROOT)}/")
+
+
+def cpu_per_1k(r):
+    """CPU seconds of the process per 1,000 measured tokens: on a busy machine
+    wall-clock tokens/s follows the share of the CPUs a run got, this much less."""
+    cpu = r.get("measured_cpu_seconds")
+    return 1000 * cpu / r["measured_tokens"] if cpu and r.get("measured_tokens") else float("nan")
 
 
 def r_impl(r):

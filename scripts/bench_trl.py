@@ -327,6 +327,7 @@ def main(argv=None):
     class Timing(TrainerCallback):
         def __init__(self):
             self.begins, self.ends, self.pre_opt, self.opt = [], [], {}, {}
+            self.cpu_ends = {}  # step -> CPU seconds of this process (robust to a busy machine)
 
         def _sync(self):
             if device.startswith("cuda"):
@@ -347,6 +348,8 @@ def main(argv=None):
         def on_step_end(self, args, state, control, **kw):
             self._sync()
             self.ends.append((state.global_step, time.perf_counter(), state.num_input_tokens_seen))
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            self.cpu_ends[state.global_step] = ru.ru_utime + ru.ru_stime
 
     timing = Timing()
     padding_free = a.padding_free or (a.packing and a.packing_strategy in ("bfd", "bfd_split"))
@@ -470,6 +473,8 @@ def main(argv=None):
         "measured_steps": measured,
         "measured_tokens": tokens,
         "measured_seconds": round(seconds, 4),
+        "measured_cpu_seconds": (round(timing.cpu_ends[last_step] - timing.cpu_ends[a.warmup], 3)
+                                 if a.warmup > 0 and a.warmup in timing.cpu_ends else None),
         "tokens_per_second": round(tps, 2),
         "seconds_per_step": round(seconds / measured, 4),
         "median_step_seconds": round(median, 4) if median is not None else None,

@@ -331,6 +331,20 @@ struct Timings {
     pre_optimizer: Vec<(usize, Instant)>,
     /// After the optimizer update (`on_optimizer_step`).
     optimizer: Vec<(usize, Instant)>,
+    /// `(global_step, CPU seconds of this process)` at the end of every step:
+    /// unlike wall time, barely moved by other processes on a busy machine.
+    cpu_ends: Vec<(usize, f64)>,
+}
+
+/// User + system CPU seconds of this process so far.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 impl Timings {
@@ -428,11 +442,15 @@ impl TrainerCallback for TimingCallback {
         _ctx: &mut CallbackContext,
     ) {
         self.sync();
-        self.timings.borrow_mut().ends.push((
+        let mut timings = self.timings.borrow_mut();
+        timings.ends.push((
             state.global_step,
             Instant::now(),
             state.num_input_tokens_seen,
         ));
+        timings
+            .cpu_ends
+            .push((state.global_step, process_cpu_seconds()));
     }
 }
 
@@ -574,6 +592,17 @@ fn report(
     }
     let seconds = (t1 - t0).as_secs_f64();
     let tokens = n1 - n0;
+    let cpu_at = |step: usize| {
+        timings
+            .cpu_ends
+            .iter()
+            .find(|(s, _)| *s == step)
+            .map(|(_, c)| *c)
+    };
+    let cpu_seconds = match (cpu_at(a.warmup), cpu_at(last_step)) {
+        (Some(c0), Some(c1)) if a.warmup > 0 => Some(c1 - c0),
+        _ => None,
+    };
     let tps = tokens as f64 / seconds;
     let step_seconds: Vec<f64> = timings
         .begins
@@ -637,6 +666,7 @@ fn report(
         ("measured_steps", json!(measured_steps)),
         ("measured_tokens", json!(tokens)),
         ("measured_seconds", json!(round(seconds, 4))),
+        ("measured_cpu_seconds", json!(cpu_seconds.map(|c| round(c, 3)))),
         ("tokens_per_second", json!(round(tps, 2))),
         ("seconds_per_step", json!(round(seconds / measured_steps as f64, 4))),
         ("median_step_seconds", json!(median.map(|m| round(m, 4)))),
