@@ -226,11 +226,13 @@ pub fn report(b: &Breakdown, a: &EstimateArgs) -> String {
     out
 }
 
-/// Logs the estimate of the run `glm4 sft` is starting (rank 0).
+/// Logs the estimate of the run `glm4 sft` / `glm4 dpo` is starting (rank 0);
+/// `max_length` is the trainer's longest sequence.
 pub fn log_for_run(
     cfg: &GlmConfig,
     model_args: &trl_like::config::ModelConfig,
-    args: &trl_like::config::SFTConfig,
+    args: &trl_like::config::TrainingArguments,
+    max_length: Option<usize>,
     world: usize,
 ) {
     let zero_stage = args.deepspeed.as_deref().map_or(0, |path| {
@@ -248,7 +250,7 @@ pub fn log_for_run(
         zero_stage,
         world_size: world as i64,
         batch_size: args.per_device_train_batch_size as i64,
-        seq_len: args.max_length.unwrap_or(1024) as i64,
+        seq_len: max_length.unwrap_or(1024) as i64,
         gradient_checkpointing: args.gradient_checkpointing,
     };
     match breakdown(cfg, &a) {

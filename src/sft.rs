@@ -355,17 +355,112 @@ pub fn parse_with<E: clap::Args>(raw: &[String]) -> Result<Option<(SftSetup, E)>
     }
 }
 
-fn pick_device(setup: &SftSetup, dist: Option<&DistEnv>) -> Result<Device> {
-    if setup.args.use_cpu {
+/// The device a training command runs on: the CPU with `--use_cpu`, under
+/// torchrun the GPU of this rank's LOCAL_RANK (as transformers does), else `--device`.
+fn pick_device(use_cpu: bool, device_flag: &str, dist: Option<&DistEnv>) -> Result<Device> {
+    if use_cpu {
         return Ok(Device::Cpu);
     }
-    match (dist, setup.app.device.as_str()) {
-        // Under torchrun each process drives the GPU of its LOCAL_RANK, as transformers does.
+    match (dist, device_flag) {
         (Some(env), "auto" | "cuda") if tch::Cuda::is_available() => {
             runtime::parse_device(&format!("cuda:{}", env.local_rank))
                 .with_context(|| format!("LOCAL_RANK={}", env.local_rank))
         }
-        _ => runtime::parse_device(&setup.app.device),
+        _ => runtime::parse_device(device_flag),
+    }
+}
+
+/// What a training command (`glm4 sft`, `glm4 dpo`) holds from its first step
+/// to its last: the Ctrl-C target, the device, the process group and, on rank
+/// 0, the output directory's lock.
+pub(crate) struct Run {
+    pub interrupt: InterruptTarget,
+    pub device: Device,
+    pub model_dir: PathBuf,
+    /// Handed to the trainer once it exists.
+    pub group: Option<ProcessGroup>,
+    pub world: usize,
+    pub is_main: bool,
+    /// One run per output_dir, from before the first file is read until the last
+    /// is written (only rank 0 writes, so only rank 0 locks).
+    _lock: Option<trl_like::trainer::output_dir::OutputDirLock>,
+}
+
+impl Run {
+    /// Installs the interrupt handler, picks the device, checks that the model
+    /// fits it, joins the torchrun launch (if any) and locks the output directory.
+    pub(crate) fn start(
+        model_args: &ModelConfig,
+        args: &TrainingArguments,
+        device_flag: &str,
+    ) -> Result<Self> {
+        let interrupt = install_interrupt_handler();
+        let dist_env = DistEnv::from_env()?;
+        let device = pick_device(args.use_cpu, device_flag, dist_env.as_ref())?;
+        let model_dir = PathBuf::from(model_args.model_name_or_path.clone().unwrap_or_default());
+        check_device_fits(&model_dir, device)?;
+        check_attn_implementation(model_args, device)?;
+        let group = init_process_group(dist_env.as_ref(), args, device)?;
+        let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
+        let world = group.as_ref().map_or(1, |g| g.world_size());
+        let _lock = if is_main {
+            Some(trl_like::trainer::output_dir::OutputDirLock::acquire(
+                Path::new(&args.output_dir),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            interrupt,
+            device,
+            model_dir,
+            group,
+            world,
+            is_main,
+            _lock,
+        })
+    }
+
+    /// Loads the model to train ([`load_model`]; bf16 under `--deepspeed`'s bf16
+    /// mode) and logs the memory estimate of this run on rank 0.
+    pub(crate) fn load_model(
+        &self,
+        model_args: &ModelConfig,
+        args: &TrainingArguments,
+        max_length: Option<usize>,
+    ) -> Result<GlmForCausalLM> {
+        let model = load_model_for(model_args, self.device, deepspeed_bf16(args, self.world)?)?;
+        if self.is_main {
+            crate::estimate::log_for_run(&model.config, model_args, args, max_length, self.world);
+        }
+        Ok(model)
+    }
+}
+
+/// Says what is on disk after Ctrl-C stopped training after `step`: the
+/// checkpoint of that step with its optimizer, or why there is none.
+pub(crate) fn report_interrupted(output_dir: &Path, step: usize) {
+    let last = trl_like::trainer::checkpoint::list_checkpoints(output_dir).pop();
+    match last {
+        Some((s, p))
+            if s == step
+                && (p.join("optimizer.safetensors").is_file()
+                    || p.join(trl_like::optim::ZERO_LAYOUT_FILE).is_file()) =>
+        {
+            eprintln!(
+                "\ninterrupted: stopped after step {step}; the checkpoint is {}. Run the same command again to resume.",
+                p.display()
+            )
+        }
+        Some((_, p)) => eprintln!(
+            "\ninterrupted: stopped after step {step}, but no resumable checkpoint of that step was written; \
+             the newest checkpoint is {}",
+            p.display()
+        ),
+        None => eprintln!(
+            "\ninterrupted: stopped after step {step}, but no checkpoint was written; running the same \
+             command again starts over"
+        ),
     }
 }
 
@@ -401,7 +496,7 @@ pub(crate) fn init_process_group(
 
 /// `--deepspeed`'s bf16 mode, checked against the flags before anything is
 /// loaded (None without --deepspeed).
-fn deepspeed_bf16(args: &trl_like::config::SFTConfig, world: usize) -> Result<Option<bool>> {
+fn deepspeed_bf16(args: &TrainingArguments, world: usize) -> Result<Option<bool>> {
     let Some(path) = args.deepspeed.as_deref() else {
         return Ok(None);
     };
@@ -596,34 +691,13 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let Some(setup) = parse(raw)? else {
         return Ok(());
     };
-    let interrupt = install_interrupt_handler();
-    let dist_env = DistEnv::from_env()?;
-    let device = pick_device(&setup, dist_env.as_ref())?;
-    let model_dir = PathBuf::from(
-        setup
-            .model_args
-            .model_name_or_path
-            .clone()
-            .unwrap_or_default(),
-    );
-    check_device_fits(&model_dir, device)?;
-    check_attn_implementation(&setup.model_args, device)?;
-    let group = init_process_group(dist_env.as_ref(), &setup.args, device)?;
-    let is_main = group.as_ref().is_none_or(|g| g.rank() == 0);
-    // One run per output_dir, from before the first file is read until the last is
-    // written (only rank 0 writes, so only rank 0 locks).
-    let _lock = if is_main {
-        Some(trl_like::trainer::output_dir::OutputDirLock::acquire(
-            Path::new(&setup.args.output_dir),
-        )?)
-    } else {
-        None
-    };
+    let mut run = Run::start(&setup.model_args, &setup.args, &setup.app.device)?;
+    let model_dir = run.model_dir.clone();
     // Rank 0 downloads what is missing while the others wait (main_process_first).
-    if is_main {
+    if run.is_main {
         fetch_tutorial_files(&setup)?;
     }
-    if let Some(g) = &group {
+    if let Some(g) = &run.group {
         g.barrier()?;
     }
     let tokenizer = glm4::load_tokenizer(&model_dir)?;
@@ -636,15 +710,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     if setup.args.eval_strategy != IntervalStrategy::No && eval.is_none() {
         bail!("eval_strategy is {} but there is no evaluation split (test_size 0); set --eval_strategy no or --test_size", setup.args.eval_strategy);
     }
-    let world = group.as_ref().map_or(1, |g| g.world_size());
-    let model = load_model_for(
-        &setup.model_args,
-        device,
-        deepspeed_bf16(&setup.args, world)?,
-    )?;
-    if is_main {
-        crate::estimate::log_for_run(&model.config, &setup.model_args, &setup.args, world);
-    }
+    let model = run.load_model(&setup.model_args, &setup.args, setup.args.max_length)?;
     let mut generation = GenerationConfig::from_pretrained(&model_dir)?.unwrap_or_default();
     if generation.eos_token_id.is_empty() {
         generation.eos_token_id = model.config.eos_token_ids();
@@ -662,7 +728,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let mut data_format = setup.data_args.dataset_format;
     if let (DatasetFormat::Auto, Some(first)) = (data_format, train.records.first()) {
         data_format = data_format.resolve(first)?;
-        if is_main {
+        if run.is_main {
             eprintln!(
                 "dataset format: {} (detected; set --dataset_format to override)",
                 data_format.name()
@@ -678,41 +744,19 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
         builder = builder.eval_dataset(eval);
     }
     let mut trainer = builder.build()?;
-    let _ = interrupt.set(trainer.interrupt_handle());
-    if let Some(g) = group {
+    let _ = run.interrupt.set(trainer.interrupt_handle());
+    if let Some(g) = run.group.take() {
         trainer.set_process_group(g);
     }
     trainer.train()?;
     if trainer.interrupted_at.is_none() {
         trainer.save_model(None)?;
     }
-    if !is_main {
+    if !run.is_main {
         return Ok(());
     }
     if let Some(step) = trainer.interrupted_at {
-        // Say only what is on disk: the checkpoint of the interrupted step, with its optimizer.
-        let last = trl_like::trainer::checkpoint::list_checkpoints(&output_dir).pop();
-        match last {
-            Some((s, p))
-                if s == step
-                    && (p.join("optimizer.safetensors").is_file()
-                        || p.join(trl_like::optim::ZERO_LAYOUT_FILE).is_file()) =>
-            {
-                eprintln!(
-                "\ninterrupted: stopped after step {step}; the checkpoint is {}. Run the same command again to resume.",
-                p.display()
-            )
-            }
-            Some((_, p)) => eprintln!(
-                "\ninterrupted: stopped after step {step}, but no resumable checkpoint of that step was written; \
-                 the newest checkpoint is {}",
-                p.display()
-            ),
-            None => eprintln!(
-                "\ninterrupted: stopped after step {step}, but no checkpoint was written; running the same \
-                 command again starts over"
-            ),
-        }
+        report_interrupted(&output_dir, step);
         return Ok(());
     }
     eprint!(

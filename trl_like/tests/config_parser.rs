@@ -646,7 +646,10 @@ fn out_of_range_values_are_validation_errors_with_their_origin() {
         (&["--test_size", "2.5"][..], "test_size"),
         (&["--use_dora"][..], "use_dora"),
         (&["--load_in_8bit"][..], "load_in_8bit"),
-        (&["--load_in_4bit", "--use_peft", "false"][..], "load_in_4bit"),
+        (
+            &["--load_in_4bit", "--use_peft", "false"][..],
+            "load_in_4bit",
+        ),
         (&["--fp16"][..], "fp16"), // the tutorial sets bf16 true, so fp16 conflicts
         (
             &["--load_best_model_at_end", "--save_strategy", "epoch"][..],
