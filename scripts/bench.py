@@ -17,6 +17,14 @@ Padded batches run with glm4's defaults (computed unpadded internally,
 `unpad_batches`); `--dense on` adds a glm4-only row with `--unpad_batches false`
 (dense padded compute, what glm4 did before issue 13) for the same batches.
 
+`--modes` also takes `dpo` (on by default): LoRA DPO on data/demo_dpo.json (48
+sharegpt pairs, the tiny tokenizer, max_length 512, batch 4 pairs = 8 rows,
+`--dpo_steps` measured steps after `--dpo_warmup`), run three times: glm4 bench
+--method dpo (reference = the base with the adapters disabled), TRL's
+DPOTrainer + PEFT (the same, PEFT's disable_adapter), and TRL with an explicit
+frozen copy of the model as ref_model (the two-copy setup), so the memory the
+reference-by-disabling saves shows as peak RSS.
+
 Prints a table (side, tokens/s, s/step, peak RSS) and the Rust/TRL ratios
 against issue 13's targets (padded, the tutorial's setting, with default flags:
 >= 1.6x TRL's tokens/s at <= 0.7x its peak RSS; padding-free: >= 1.4x TRL
@@ -85,8 +93,11 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gc", choices=["off", "on", "both"], default="both", help="gradient_checkpointing rows (default both)")
-    p.add_argument("--modes", default="padded,padding_free",
-                   help="comma-separated batch layouts: padded, padding_free, packing (default padded,padding_free)")
+    p.add_argument("--modes", default="padded,padding_free,dpo",
+                   help="comma-separated: padded, padding_free, packing (SFT batch layouts) and dpo "
+                        "(the DPO rows; default padded,padding_free,dpo)")
+    p.add_argument("--dpo_steps", type=int, default=5, help="DPO measured steps (default 5)")
+    p.add_argument("--dpo_warmup", type=int, default=2, help="DPO warm-up steps (default 2)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "alpaca_zh_demo.json"),
                    help="alpaca JSON file, or 'synthetic' (random ids of exactly 512 tokens)")
     p.add_argument("--num_records", type=int, default=64)
@@ -128,8 +139,12 @@ def main():
     gcs = {"off": [False], "on": [True], "both": [False, True]}[a.gc]
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in MODE_FLAGS:
-            sys.exit(f"--modes: unknown layout {m!r} (padded, padding_free, packing)")
+        if m not in MODE_FLAGS and m != "dpo":
+            sys.exit(f"--modes: unknown layout {m!r} (padded, padding_free, packing, dpo)")
+    dpo = "dpo" in modes
+    modes = [m for m in modes if m != "dpo"]
+    if not modes:
+        gcs = []
     rows = []
     for gc in gcs:
         for mode in modes:
@@ -152,11 +167,14 @@ def main():
                       f"({dense['process_wall_seconds']} s)", flush=True)
                 rows.append((gc, "padded_dense", dense, None))
 
+    dpo_rows = run_dpo(a, threads) if dpo else []
+
     print()
     head = (f"{'side':<34} {'GC':<4} {'batches':<13} {'tokens/s':>9} {'s/step':>8} {'fwd+bwd s':>10} {'optim s':>8} "
             f"{'peak RSS MB':>12} {'loss':>7} {'CPU s/1k tok':>12}")
-    print(head)
-    print("-" * len(head))
+    if rows:
+        print(head)
+        print("-" * len(head))
     for gc, mode, rust, trl in rows:
         for r, label in ((rust, "glm4 (Rust, tch)"), (trl, r_impl(trl) if trl else None)):
             if r is None:
@@ -186,6 +204,7 @@ def main():
         mem_target = f"target <= {max_mem:.2f}x" if max_mem is not None else "no target"
         print(f"GC {'on ' if gc else 'off'} {mode:<12}: Rust/TRL tokens/s = {speed:.2f}x (target >= {min_speed}x), "
               f"peak RSS = {mem:.2f}x ({mem_target}) -> {'MET' if met else 'NOT MET'}{vs_padded}")
+    print_dpo(dpo_rows)
     padded = [(gc, r) for gc, mode, r, _ in rows if mode == "padded"]
     if len(padded) == 2:
         off, on = padded[0][1], padded[1][1]
@@ -197,10 +216,57 @@ def main():
     if load_end is not None and load_end > (machine["nproc"] or 1) + 0.5:
         print(f"note: load average {load_end:.1f} on {machine['nproc']} CPUs — other work was running; numbers are noisy")
     results = {"machine": machine,
-               "runs": [{"gradient_checkpointing": gc, "batches": mode, "rust": r, "trl": t} for gc, mode, r, t in rows]}
+               "runs": [{"gradient_checkpointing": gc, "batches": mode, "rust": r, "trl": t} for gc, mode, r, t in rows],
+               "dpo": [{"label": label, "report": r} for label, r in dpo_rows]}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"reports and logs: {os.path.relpath(a.out, ROOT)}/")
+
+
+def run_dpo(a, threads):
+    """The DPO rows: glm4, TRL + PEFT (reference by disabling the adapters), TRL + an explicit ref copy."""
+    common = [
+        "--model_config", "small", "--random_init", "--method", "dpo", "--steps", str(a.dpo_steps),
+        "--warmup", str(a.dpo_warmup), "--batch_size", "4", "--seq_len", "512", "--lora_r", "8", "--lora_alpha", "32",
+        "--lora_dropout", "0.1", "--lora_target_modules", "q_proj", "k_proj", "v_proj", "--dtype", "float32",
+        "--device", "cpu", "--data", os.path.join(ROOT, "data", "demo_dpo.json"), "--seed", "42",
+        "--num_threads", str(threads), "--json",
+    ]
+    trl_cmd = [a.python, os.path.join(ROOT, "scripts", "bench_trl.py"), *common]
+    sides = [
+        ("glm4 DPO (adapters off = ref)", [a.binary, "bench", *common], "rust-dpo"),
+        ("TRL DPO+PEFT (adapters off = ref)", trl_cmd, "trl-dpo"),
+        ("TRL DPO+PEFT + ref_model copy", [*trl_cmd, "--ref_model", "copy"], "trl-dpo-refcopy"),
+    ]
+    rows = []
+    for label, cmd, tag in sides:
+        r = run_side(label, cmd, os.path.join(a.out, f"{tag}.log"))
+        print(f"  {label:<34} {r['tokens_per_second']:8.1f} tok/s  ({r['process_wall_seconds']} s)", flush=True)
+        rows.append((label, r))
+    tokens = {(r["dataset_tokens"], r["measured_tokens"]) for _, r in rows}
+    if len(tokens) != 1:
+        print(f"WARNING: the DPO runs did not process the same tokens (dataset/measured): {sorted(tokens)}")
+    return rows
+
+
+def print_dpo(rows):
+    if not rows:
+        return
+    print(f"DPO: small GLM-4, LoRA r 8 q/k/v, fp32, data/demo_dpo.json, batch 4 pairs, "
+          f"{rows[0][1]['measured_steps']} steps after {rows[0][1]['warmup_steps']} warm-up")
+    head = f"{'side':<34} {'tokens/s':>9} {'s/step':>8} {'CPU s/1k tok':>12} {'peak RSS MB':>12} {'loss':>7}"
+    print(head)
+    print("-" * len(head))
+    for label, r in rows:
+        print(f"{label:<34} {r['tokens_per_second']:>9.1f} {r['seconds_per_step']:>8.3f} {cpu_per_1k(r):>12.3f} "
+              f"{r['peak_rss_mb']:>12.1f} {r['train_loss']:>7.3f}")
+    glm, trl, copy = (r for _, r in rows)
+    print(f"DPO glm4/TRL: tokens/s {glm['tokens_per_second'] / trl['tokens_per_second']:.2f}x, "
+          f"CPU s per token {cpu_per_1k(glm) / cpu_per_1k(trl):.2f}x, peak RSS {glm['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x")
+    print(f"DPO reference memory: TRL with a ref_model copy {copy['peak_rss_mb']:.0f} MB vs reference by disabling "
+          f"the adapters {trl['peak_rss_mb']:.0f} MB ({copy['peak_rss_mb'] - trl['peak_rss_mb']:+.0f} MB); "
+          f"glm4 {glm['peak_rss_mb']:.0f} MB")
+    print()
 
 
 def cpu_per_1k(r):

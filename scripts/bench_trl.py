@@ -76,6 +76,11 @@ def parse_args(argv):
     p.add_argument("--load_in_4bit", "--load-in-4bit", nargs="?", const="true", default="false")
     p.add_argument("--bnb_4bit_quant_type", "--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4")
     p.add_argument("--use_bnb_nested_quant", "--use-bnb-nested-quant", nargs="?", const="true", default="false")
+    p.add_argument("--method", choices=["sft", "dpo"], default="sft",
+                   help="sft (SFTTrainer) or dpo (DPOTrainer on a sharegpt preference file, e.g. data/demo_dpo.json)")
+    p.add_argument("--ref_model", "--ref-model", choices=["none", "copy"], default="none",
+                   help="dpo: none = PEFT reference by disabling the adapters (TRL's default with peft_config); "
+                        "copy = an explicit frozen copy of the model passed as ref_model (two copies in memory)")
     p.add_argument("--trainer", choices=["auto", "trl", "transformers"], default="auto",
                    help="TRL SFTTrainer (auto: when importable) or transformers' Trainer")
     a = p.parse_args(argv)
@@ -249,6 +254,19 @@ def vm_rss_mb():
     return None
 
 
+# LLaMA-Factory's sharegpt roles -> chat roles (as scripts/make_dpo_fixtures.py and the Rust side map them).
+ROLES = {"human": "user", "gpt": "assistant", "observation": "observation", "function_call": "assistant", "system": "system"}
+
+
+def sharegpt_pair(r):
+    """A sharegpt preference record as TRL's conversational prompt/chosen/rejected."""
+    prompt = [{"role": ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]]
+    if r.get("system"):
+        prompt.insert(0, {"role": "system", "content": r["system"]})
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": r["chosen"]["value"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]["value"]}]}
+
+
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     t_setup = time.time()
@@ -290,7 +308,16 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(TINY_DIR)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    records = make_records(a, cfg, tokenizer)
+    if a.method == "dpo":
+        if a.data == "synthetic":
+            sys.exit("error: --method dpo needs --data PATH to a preference file (e.g. data/demo_dpo.json)")
+        with open(a.data, encoding="utf-8") as f:
+            raw = json.load(f)
+        records = [sharegpt_pair(r) for r in raw[: a.num_records]]
+    else:
+        if a.ref_model != "none":
+            sys.exit("error: --ref_model is a --method dpo option")
+        records = make_records(a, cfg, tokenizer)
 
     torch.manual_seed(a.seed)
     if a.random_init:
@@ -302,8 +329,6 @@ def main(argv=None):
     if a.load_in_4bit:
         # transformers quantizes in from_pretrained only: round-trip the (random) weights
         # through a temporary checkpoint, as TRL's get_quantization_config would load them.
-        import tempfile
-
         from transformers import BitsAndBytesConfig
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=a.bnb_4bit_quant_type,
@@ -371,7 +396,28 @@ def main(argv=None):
                 return SequentialSampler(self.train_dataset)
         return Seq
 
-    if use_trl:
+    if a.method == "dpo":
+        if not use_trl:
+            sys.exit("error: --method dpo needs TRL (transformers' Trainer has no DPO)")
+        import copy
+
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        ref = None
+        if a.ref_model == "copy":
+            # The two-copy setup: a frozen duplicate of the base as ref_model.
+            ref = copy.deepcopy(model).eval()
+            for p_ in ref.parameters():
+                p_.requires_grad_(False)
+        fields = {f.name for f in dataclasses.fields(DPOConfig)}
+        extra = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in fields else {}
+        args = DPOConfig(max_length=a.seq_len, **common, **extra)
+        trainer_cls = DPOTrainer if extra else sequential(DPOTrainer)
+        trainer = trainer_cls(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(records),
+                              processing_class=tokenizer, peft_config=lora, callbacks=[timing])
+        implementation = f"TRL {trl.__version__} DPOTrainer + PEFT" + (" + ref copy" if ref is not None else "")
+    elif use_trl:
         from datasets import Dataset
 
         fields = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -413,7 +459,11 @@ def main(argv=None):
         implementation = f"transformers {transformers.__version__} Trainer + PEFT (no TRL)"
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    lens = [len(r["input_ids"]) for r in (trainer.train_dataset if use_trl else records)]
+    if a.method == "dpo":
+        # Both rows of each pair (prompt + chosen, prompt + rejected), as glm4 bench counts them.
+        lens = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset]
+    else:
+        lens = [len(r["input_ids"]) for r in (trainer.train_dataset if use_trl else records)]
     setup_s = time.time() - t_setup
     t_train = time.time()
     # transformers prints its end-of-training metrics on stdout; keep stdout for the report.
@@ -448,6 +498,9 @@ def main(argv=None):
     r = {
         "side": "python",
         "implementation": implementation,
+        "method": a.method,
+        "reference_model": ({"none": "adapters disabled (no copy)", "copy": "explicit ref_model copy"}[a.ref_model]
+                            if a.method == "dpo" else None),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__ if use_trl else None, "peft": __import__("peft").__version__},
         "model_config": a.model_config,

@@ -7,7 +7,9 @@
 //! records tokenized with the tiny tokenizer), train `warmup + steps`
 //! optimizer steps with sequential sampling and nothing else switched on (no
 //! evaluation, checkpoints, predictions or trackers), and time the steps after
-//! the warm-up with a [`TrainerCallback`].
+//! the warm-up with a [`TrainerCallback`]. `--method dpo` runs the same loop as
+//! TRL's DPOTrainer + LoRA on a preference file instead (the reference forward
+//! is the base with the adapters disabled; tokens count both rows of each pair).
 //!
 //! What is reported, and how it is measured:
 //! - **tokens/s**: real (attention-mask) tokens of the measured steps divided by
@@ -47,13 +49,13 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind};
 use trl_like::config::{
-    IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy, TorchDtype,
-    TrainingArguments,
+    DPOConfig, IntervalStrategy, PackingStrategy, SFTConfig, SamplingStrategy, SaveStrategy,
+    TorchDtype, TrainingArguments,
 };
 use trl_like::data::{Dataset, Origin, Record};
 use trl_like::peft::{LoraConfig, TargetModules};
 use trl_like::trainer::{
-    CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
+    CallbackContext, DPOTrainer, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
 };
 
 /// Dense bf16 peak of an H100 SXM (and H200, the same chip), in TFLOP/s.
@@ -201,6 +203,10 @@ pub struct BenchArgs {
           num_args = 0..=1, default_missing_value = "true", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), hide_possible_values = true)]
     pub use_bnb_nested_quant: bool,
+    /// sft (SFTTrainer, the tutorial's recipe) or dpo (DPOTrainer on a preference file; the
+    /// reference is the base with the LoRA adapters disabled, no second copy).
+    #[arg(long, value_name = "sft|dpo", default_value = "sft", value_parser = ["sft", "dpo"])]
+    pub method: String,
     /// Print one JSON object on stdout instead of the report.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
           default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(),
@@ -222,6 +228,22 @@ impl BenchArgs {
         }
         if self.lora_target_modules.iter().all(|m| m.is_empty()) {
             bail!("--lora_target_modules expects module names or all-linear");
+        }
+        if self.method == "dpo" {
+            if self.data == "synthetic" {
+                bail!("--method dpo needs --data PATH to a preference file (e.g. data/demo_dpo.json); synthetic ids have no chosen/rejected pairs");
+            }
+            // SFT-only layouts: refused by name rather than silently ignored.
+            for (set, flag) in [
+                (self.packing, "--packing"),
+                (self.padding_free, "--padding_free"),
+                (!self.unpad_batches, "--unpad_batches false"),
+                (self.dump_dataset.is_some(), "--dump_dataset"),
+            ] {
+                if set {
+                    bail!("{flag} is not supported with --method dpo (it benchmarks padded preference batches); remove it");
+                }
+            }
         }
         Ok(())
     }
@@ -635,6 +657,9 @@ fn report(
     let fields: Vec<(&str, Value)> = vec![
         ("side", json!("rust")),
         ("implementation", json!("glm4 (tch-rs, libtorch)")),
+        ("method", json!(a.method)),
+        // DPO's reference forward: the same weights with the adapters switched off.
+        ("reference_model", json!((a.method == "dpo").then_some("adapters disabled (no copy)"))),
         ("model_config", json!(a.model_config)),
         ("num_parameters", json!(n_params)),
         ("trainable_parameters", json!(trainable)),
@@ -895,31 +920,24 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     };
     let lora = LoraConfig::new(a.lora_r, a.lora_alpha, a.lora_dropout, targets);
     let output_dir = std::env::temp_dir().join(format!("glm4-bench-{}", std::process::id()));
-    let args = SFTConfig {
-        args: TrainingArguments {
-            output_dir: output_dir.display().to_string(),
-            max_steps: (a.warmup + a.steps) as i64,
-            per_device_train_batch_size: a.batch_size,
-            gradient_accumulation_steps: 1,
-            learning_rate: a.learning_rate,
-            bf16: Some(kind == Kind::BFloat16),
-            gradient_checkpointing: a.gradient_checkpointing,
-            logging_strategy: IntervalStrategy::No,
-            eval_strategy: IntervalStrategy::No,
-            save_strategy: SaveStrategy::No,
-            report_to: vec!["none".into()],
-            disable_tqdm: true,
-            train_sampling_strategy: SamplingStrategy::Sequential,
-            seed: a.seed,
-            use_cpu: device == Device::Cpu,
-            ..SFTConfig::default().args
-        },
-        max_length: Some(a.seq_len),
-        padding_free: a.padding_free,
-        unpad_batches: a.unpad_batches,
-        packing: a.packing,
-        packing_strategy: a.packing_strategy,
-        ..SFTConfig::default()
+    // The same loop settings for both methods; each config fills the rest with its own defaults.
+    let training_args = |defaults: TrainingArguments| TrainingArguments {
+        output_dir: output_dir.display().to_string(),
+        max_steps: (a.warmup + a.steps) as i64,
+        per_device_train_batch_size: a.batch_size,
+        gradient_accumulation_steps: 1,
+        learning_rate: a.learning_rate,
+        bf16: Some(kind == Kind::BFloat16),
+        gradient_checkpointing: a.gradient_checkpointing,
+        logging_strategy: IntervalStrategy::No,
+        eval_strategy: IntervalStrategy::No,
+        save_strategy: SaveStrategy::No,
+        report_to: vec!["none".into()],
+        disable_tqdm: true,
+        train_sampling_strategy: SamplingStrategy::Sequential,
+        seed: a.seed,
+        use_cpu: device == Device::Cpu,
+        ..defaults
     };
     let timings = Rc::new(RefCell::new(Timings::default()));
     let callback = TimingCallback {
@@ -928,6 +946,90 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
             Device::Cuda(i) => Some(i as i64),
             _ => None,
         },
+    };
+    let finish = |a: &BenchArgs,
+                  trainable: i64,
+                  record_stats: (usize, usize, f64),
+                  slots: (usize, f64),
+                  setup_s: f64,
+                  train_s: f64,
+                  gpu: Option<(Option<u64>, Option<u64>)>,
+                  loss: f64|
+     -> Result<()> {
+        let r = report(
+            a,
+            &cfg,
+            device,
+            kind,
+            trainable,
+            record_stats,
+            slots,
+            &timings.borrow(),
+            setup_s,
+            train_s,
+            rss_after_model,
+            gpu,
+            Some(loss),
+        )?;
+        if a.json {
+            println!("{r}");
+        } else {
+            print_report(&r);
+        }
+        Ok(())
+    };
+    if a.method == "dpo" {
+        let args = DPOConfig {
+            args: training_args(DPOConfig::default().args),
+            max_length: Some(a.seq_len),
+            ..DPOConfig::default()
+        };
+        let mut trainer = DPOTrainer::builder(model, args)
+            .train_dataset(&dataset)
+            .processing_class(tokenizer)
+            .peft_config(Some(lora))
+            .callbacks(vec![Box::new(callback)])
+            .build()?;
+        let (trainable, _) = trainer.trainable_parameters();
+        // Each pair is two rows (prompt + chosen, prompt + rejected), padded per batch of 2 × batch_size.
+        let lens: Vec<usize> = trainer
+            .train_dataset
+            .iter()
+            .flat_map(|p| {
+                let n = p.prompt_ids.len();
+                [n + p.chosen_ids.len(), n + p.rejected_ids.len()]
+            })
+            .collect();
+        let total: usize = lens.iter().sum();
+        let pairs = trainer.train_dataset.len();
+        let record_stats = (pairs, total, total as f64 / pairs.max(1) as f64);
+        let slots = token_slots(&lens, 2 * a.batch_size, false);
+        let setup_s = t_setup.elapsed().as_secs_f64();
+        let t_train = Instant::now();
+        let out = trainer.train();
+        let train_s = t_train.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(&output_dir);
+        let out = out?;
+        let gpu = gpu_monitor.map(GpuMemoryMonitor::finish);
+        return finish(
+            &a,
+            trainable,
+            record_stats,
+            slots,
+            setup_s,
+            train_s,
+            gpu,
+            out.training_loss,
+        );
+    }
+    let args = SFTConfig {
+        args: training_args(SFTConfig::default().args),
+        max_length: Some(a.seq_len),
+        padding_free: a.padding_free,
+        unpad_batches: a.unpad_batches,
+        packing: a.packing,
+        packing_strategy: a.packing_strategy,
+        ..SFTConfig::default()
     };
     let mut trainer = SFTTrainer::builder(model, args)
         .train_dataset(&dataset)
@@ -970,27 +1072,16 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&output_dir);
     let out = out?;
     let gpu = gpu_monitor.map(GpuMemoryMonitor::finish);
-    let r = report(
+    finish(
         &a,
-        &cfg,
-        device,
-        kind,
         trainable,
         record_stats,
         slots,
-        &timings.borrow(),
         setup_s,
         train_s,
-        rss_after_model,
         gpu,
-        Some(out.training_loss),
-    )?;
-    if a.json {
-        println!("{r}");
-    } else {
-        print_report(&r);
-    }
-    Ok(())
+        out.training_loss,
+    )
 }
 
 #[cfg(test)]

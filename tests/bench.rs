@@ -249,3 +249,61 @@ fn unpadded_and_dense_padded_runs_agree() {
         "unpadded {unpadded} vs dense {dense}"
     );
 }
+
+#[test]
+fn dpo_method_reports_json_on_preference_pairs() {
+    let out = glm4(&[
+        "--model_config",
+        "tiny",
+        "--random_init",
+        "--method",
+        "dpo",
+        "--data",
+        "data/demo_dpo.json",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch_size",
+        "2",
+        "--seq_len",
+        "128",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let r: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout}"));
+    assert_eq!(r["method"], "dpo", "{r}");
+    assert_eq!(r["reference_model"], "adapters disabled (no copy)", "{r}");
+    assert_eq!(r["measured_steps"], 2);
+    // demo_dpo.json's 48 pairs; each pair counts both rows (prompt + chosen, prompt + rejected).
+    assert_eq!(r["num_records"], 48);
+    let dataset_tokens = r["dataset_tokens"].as_u64().unwrap();
+    let measured = r["measured_tokens"].as_u64().unwrap();
+    assert!(measured > 0 && measured < dataset_tokens, "{r}");
+    for k in ["tokens_per_second", "peak_rss_mb", "measured_cpu_seconds"] {
+        assert!(r[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {r}");
+    }
+    // LoRA on q/k/v of the tiny model, as in the SFT run.
+    assert_eq!(r["trainable_parameters"], 2 * (2048 + 2 * 1536));
+    assert!(r["train_loss"].as_f64().is_some_and(f64::is_finite), "{r}");
+
+    // DPO needs preference pairs, and SFT-only layouts are refused by name.
+    let synthetic = glm4(&["--model_config", "tiny", "--method", "dpo"]);
+    assert!(!synthetic.status.success());
+    assert!(text(&synthetic.stderr).contains("--method dpo needs --data"));
+    let packing = glm4(&[
+        "--model_config",
+        "tiny",
+        "--method",
+        "dpo",
+        "--data",
+        "data/demo_dpo.json",
+        "--packing",
+    ]);
+    assert!(!packing.status.success());
+    assert!(text(&packing.stderr).contains("--packing is not supported with --method dpo"));
+}
