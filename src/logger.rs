@@ -15,11 +15,16 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        match record.level() {
-            Level::Error => eprintln!("error: {}", record.args()),
-            Level::Warn => eprintln!("warning: {}", record.args()),
-            _ => eprintln!("{}", record.args()),
-        }
+        let prefix = match record.level() {
+            Level::Error => "error: ",
+            Level::Warn => "warning: ",
+            _ => "",
+        };
+        // One write per line: stderr is unbuffered, so `eprintln!` would write each
+        // formatted piece separately, and ranks sharing a stderr (torchrun) could
+        // then interleave inside a line.
+        let line = format!("{prefix}{}\n", record.args());
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
 
     fn flush(&self) {}
