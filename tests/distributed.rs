@@ -6,36 +6,13 @@
 
 mod common;
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use common::launch::{
+    free_port, log_history, ok, per_step, root, single, tmp, torchrun, under_torchrun,
+};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::Tensor;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("glm4-dist-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// torchrun from the torch wheel `make setup` installs.
-fn torchrun() -> PathBuf {
-    let p = root().join(".venv/bin/torchrun");
-    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
-    p
-}
 
 /// A short LoRA run of the tiny model on the demo data (dropout 0, so the
 /// single-process and two-rank runs see the same computation).
@@ -75,49 +52,6 @@ fn sft_args(out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn ok(out: &Output, what: &str) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{what} failed:\n{err}");
-    err
-}
-
-fn single(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glm4"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("WORLD_SIZE")
-        .output()
-        .unwrap()
-}
-
-fn under_torchrun(nproc: usize, args: &[String]) -> Output {
-    Command::new(torchrun())
-        .args([
-            format!("--nproc_per_node={nproc}"),
-            "--master_addr=127.0.0.1".into(),
-            format!("--master_port={}", free_port()),
-            "--no-python".into(),
-            env!("CARGO_BIN_EXE_glm4").into(),
-        ])
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-fn log_history(dir: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["log_history"].as_array().unwrap().clone()
-}
-
-fn per_step(history: &[Value], key: &str) -> Vec<f64> {
-    history
-        .iter()
-        .filter_map(|e| e.get(key).and_then(Value::as_f64))
-        .collect()
-}
-
 fn adapter(dir: &Path) -> Vec<(String, Tensor)> {
     let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -143,12 +77,12 @@ fn check_union(name: &str, world: usize, batch: usize, ga: &str, more: &[&str]) 
         "no",
     ];
     extra.extend_from_slice(more);
-    let one = tmp(&format!("{name}-one"));
+    let one = tmp("dist", &format!("{name}-one"));
     ok(
         &single(&sft_args(&one, world * batch, &extra)),
         "single process",
     );
-    let ranks = tmp(&format!("{name}-ranks"));
+    let ranks = tmp("dist", &format!("{name}-ranks"));
     let out = under_torchrun(world, &sft_args(&ranks, batch, &extra));
     let log = ok(&out, "torchrun");
     assert!(
@@ -267,7 +201,7 @@ fn wait_at_most(mut child: Child, limit: Duration, what: &str) -> (bool, String)
 
 #[test]
 fn a_dead_rank_stops_the_others_with_a_clear_error_and_the_run_resumes() {
-    let out = tmp("failure");
+    let out = tmp("dist", "failure");
     let extra = ["--max_steps", "6", "--save_steps", "2"];
     let args = sft_args(&out, 2, &extra);
     let port = free_port();
@@ -303,7 +237,7 @@ fn a_dead_rank_stops_the_others_with_a_clear_error_and_the_run_resumes() {
 
 #[test]
 fn bad_launch_settings_are_clear_errors() {
-    let out = tmp("badenv");
+    let out = tmp("dist", "badenv");
     let run = |env: &[(&str, &str)], extra: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_glm4"));
         cmd.args(sft_args(&out, 2, &[&["--max_steps", "1"], extra].concat()))
@@ -338,7 +272,7 @@ fn bad_launch_settings_are_clear_errors() {
 
 #[test]
 fn under_torchrun_a_dead_rank_fails_the_launch_without_hanging() {
-    let out = tmp("torchrun-failure");
+    let out = tmp("dist", "torchrun-failure");
     let args = sft_args(&out, 2, &["--max_steps", "6", "--save_steps", "2"]);
     let child = Command::new(torchrun())
         .args([
@@ -369,7 +303,7 @@ fn under_torchrun_a_dead_rank_fails_the_launch_without_hanging() {
 /// same step: one checkpoint, written by rank 0, and both exit 0.
 #[test]
 fn an_interrupt_on_one_rank_stops_all_ranks_after_the_same_step() {
-    let out = tmp("interrupt");
+    let out = tmp("dist", "interrupt");
     let args = sft_args(
         &out,
         2,

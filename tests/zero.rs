@@ -4,34 +4,12 @@
 //! optimizer memory by the ZeRO formula, and resumes its sharded optimizer
 //! state with another world size.
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::launch::{free_port, log_history, ok, per_step, root, single, tmp, under_torchrun};
+use std::path::Path;
+use std::process::Command;
 use tch::Tensor;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("glm4-zero-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn torchrun() -> PathBuf {
-    let p = root().join(".venv/bin/torchrun");
-    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
-    p
-}
 
 /// DeepSpeed JSON configs with "auto" values (fp32 with --bf16 false).
 fn ds_config(stage: u8) -> String {
@@ -88,55 +66,12 @@ fn sft_args(out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn ok(out: &Output, what: &str) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{what} failed:\n{err}");
-    err
-}
-
-fn single(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glm4"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("WORLD_SIZE")
-        .output()
-        .unwrap()
-}
-
-fn under_torchrun(nproc: usize, args: &[String]) -> Output {
-    Command::new(torchrun())
-        .args([
-            format!("--nproc_per_node={nproc}"),
-            "--master_addr=127.0.0.1".into(),
-            format!("--master_port={}", free_port()),
-            "--no-python".into(),
-            env!("CARGO_BIN_EXE_glm4").into(),
-        ])
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
 fn run(world: usize, args: &[String], what: &str) -> String {
     if world == 1 {
         ok(&single(args), what)
     } else {
         ok(&under_torchrun(world, args), what)
     }
-}
-
-fn log_history(dir: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["log_history"].as_array().unwrap().clone()
-}
-
-fn per_step(history: &[Value], key: &str) -> Vec<f64> {
-    history
-        .iter()
-        .filter_map(|e| e.get(key).and_then(Value::as_f64))
-        .collect()
 }
 
 fn weights(dir: &Path, lora: bool) -> Vec<(String, Tensor)> {
@@ -221,9 +156,9 @@ fn check_stages(name: &str, lora: bool) {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         sft_args(out, batch, &extra)
     };
-    let one = tmp(&format!("{name}-one"));
+    let one = tmp("zero", &format!("{name}-one"));
     run(1, &base(&one, 6, None), "single process");
-    let ddp = tmp(&format!("{name}-ddp"));
+    let ddp = tmp("zero", &format!("{name}-ddp"));
     run(2, &base(&ddp, 3, None), "ddp");
     assert_same_run(&one, &ddp, lora, &format!("{name}: ddp"));
     // Stage 0 (replicated fp32 masters and moments) only for LoRA: the
@@ -234,7 +169,7 @@ fn check_stages(name: &str, lora: bool) {
         &[(2, 3, 1), (3, 2, 2)]
     };
     for &(world, batch, stage) in stages {
-        let out = tmp(&format!("{name}-z{stage}-w{world}"));
+        let out = tmp("zero", &format!("{name}-z{stage}-w{world}"));
         let log = run(world, &base(&out, batch, Some(stage)), "zero");
         let what = format!("{name}: ZeRO-{stage} on {world} ranks");
         assert!(
@@ -300,7 +235,7 @@ fn check_resume(from: usize, to: usize, zero: (bool, bool)) {
         e.extend_from_slice(extra);
         sft_args(out, 6 / world, &e)
     };
-    let full = tmp(&format!("{name}-full"));
+    let full = tmp("zero", &format!("{name}-full"));
     run(from, &args(&full, from, zero.0, &[]), "uninterrupted run");
     let ckpt = full.join("checkpoint-2");
     let files: Vec<String> = std::fs::read_dir(&ckpt)
@@ -314,7 +249,7 @@ fn check_resume(from: usize, to: usize, zero: (bool, bool)) {
         shards,
         "one optimizer shard per rank: {files:?}"
     );
-    let resumed = tmp(&format!("{name}-resumed"));
+    let resumed = tmp("zero", &format!("{name}-resumed"));
     let ckpt_arg = ckpt.display().to_string();
     let log = run(
         to,
@@ -360,7 +295,7 @@ fn zero2_checkpoint_continues_without_deepspeed() {
 
 #[test]
 fn bad_deepspeed_configs_are_refused_before_training() {
-    let dir = tmp("bad");
+    let dir = tmp("zero", "bad");
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         (
@@ -493,10 +428,10 @@ fn bf16_zero2_ranks_equal_one_bf16_process_with_master_weights() {
         v[at + 1] = "true".into();
         v
     };
-    let one = tmp("bf16-one");
+    let one = tmp("zero", "bf16-one");
     let log = run(1, &args(&one, 4), "bf16 single process");
     assert!(log.contains("bf16 true"), "{log}");
-    let ranks = tmp("bf16-ranks");
+    let ranks = tmp("zero", "bf16-ranks");
     let log = run(2, &args(&ranks, 2), "bf16 ranks");
     assert!(
         log.contains("data parallel: all 2 ranks hold bit-identical trainable weights"),
@@ -550,7 +485,7 @@ fn bf16_zero2_ranks_equal_one_bf16_process_with_master_weights() {
 fn a_dead_zero_rank_stops_the_other_with_a_clear_error() {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    let out = tmp("dead");
+    let out = tmp("zero", "dead");
     let ds = ds_config(2);
     let args = sft_args(
         &out,

@@ -4,6 +4,8 @@
 //! uses part of this module.
 #![allow(dead_code)]
 
+pub mod launch;
+
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
