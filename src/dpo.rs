@@ -3,10 +3,7 @@
 //! model and the preference pairs, train with checkpoints and answers at each
 //! save, save the adapter — on [`trl_like::trainer::DPOTrainer`].
 
-use crate::sft::{
-    closing_summary, load_data, report_interrupted, resolve_app_flags, AppOptions, Run,
-    SavePredictCallback,
-};
+use crate::sft::{load_data, resolve_app_flags, AppOptions, Run, SavePredictCallback};
 use anyhow::{bail, Result};
 use glm4::tutorial::{dpo_defaults, SftFlags};
 use std::path::PathBuf;
@@ -53,7 +50,7 @@ pub fn run_dpo(raw: &[String]) -> Result<()> {
     let Some(setup) = parse(raw)? else {
         return Ok(());
     };
-    let mut run = Run::start(&setup.model_args, &setup.args, &setup.app.device)?;
+    let run = Run::start(&setup.model_args, &setup.args, &setup.app.device)?;
     let model_dir = run.model_dir.clone();
     let tokenizer = glm4::load_tokenizer(&model_dir)?;
     let raw_data = load_data(&setup.data_args)?;
@@ -85,30 +82,11 @@ pub fn run_dpo(raw: &[String]) -> Result<()> {
     if evaluates {
         builder = builder.eval_dataset(&test);
     }
-    let mut trainer = builder.build()?;
-    let _ = run.interrupt.set(trainer.interrupt_handle());
-    if let Some(g) = run.group.take() {
-        trainer.set_process_group(g);
-    }
-    trainer.train()?;
-    if trainer.interrupted_at.is_none() {
-        trainer.save_model(None)?;
-    }
-    if !run.is_main {
-        return Ok(());
-    }
-    if let Some(step) = trainer.interrupted_at {
-        report_interrupted(&output_dir, step);
-        return Ok(());
-    }
-    eprint!(
-        "\n{}",
-        closing_summary(
-            &model_dir,
-            &output_dir,
-            setup.model_args.use_peft,
-            setup.app.predict
-        )
-    );
-    Ok(())
+    let trainer = builder.build()?;
+    run.train_and_save(
+        trainer,
+        &output_dir,
+        setup.model_args.use_peft,
+        setup.app.predict,
+    )
 }

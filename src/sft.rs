@@ -21,7 +21,8 @@ use trl_like::generation::{generate, GenerationConfig};
 use trl_like::peft::get_peft_config;
 use trl_like::tokenizer::PaddingSide;
 use trl_like::trainer::{
-    CallbackContext, SFTTrainer, TrainerCallback, TrainerControl, TrainerState,
+    CallbackContext, SFTTrainer, Trainer, TrainerCallback, TrainerControl, TrainerState,
+    TrainingHooks,
 };
 
 /// Options of `glm4 sft` that are not TRL fields, as the run uses them.
@@ -437,9 +438,43 @@ impl Run {
     }
 }
 
+impl Run {
+    /// The recipe's end, shared by `sft` and `dpo`: hands the process group to
+    /// the trainer, trains, saves the final model unless Ctrl-C stopped the run,
+    /// and on rank 0 says what was written and how to try it.
+    pub(crate) fn train_and_save<H: TrainingHooks<GlmForCausalLM>>(
+        mut self,
+        mut trainer: Trainer<GlmForCausalLM, H>,
+        output_dir: &Path,
+        peft: bool,
+        predict: bool,
+    ) -> Result<()> {
+        let _ = self.interrupt.set(trainer.interrupt_handle());
+        if let Some(g) = self.group.take() {
+            trainer.set_process_group(g);
+        }
+        trainer.train()?;
+        if trainer.interrupted_at.is_none() {
+            trainer.save_model(None)?;
+        }
+        if !self.is_main {
+            return Ok(());
+        }
+        if let Some(step) = trainer.interrupted_at {
+            report_interrupted(output_dir, step);
+            return Ok(());
+        }
+        eprint!(
+            "\n{}",
+            closing_summary(&self.model_dir, output_dir, peft, predict)
+        );
+        Ok(())
+    }
+}
+
 /// Says what is on disk after Ctrl-C stopped training after `step`: the
 /// checkpoint of that step with its optimizer, or why there is none.
-pub(crate) fn report_interrupted(output_dir: &Path, step: usize) {
+fn report_interrupted(output_dir: &Path, step: usize) {
     let last = trl_like::trainer::checkpoint::list_checkpoints(output_dir).pop();
     match last {
         Some((s, p))
@@ -691,7 +726,7 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     let Some(setup) = parse(raw)? else {
         return Ok(());
     };
-    let mut run = Run::start(&setup.model_args, &setup.args, &setup.app.device)?;
+    let run = Run::start(&setup.model_args, &setup.args, &setup.app.device)?;
     let model_dir = run.model_dir.clone();
     // Rank 0 downloads what is missing while the others wait (main_process_first).
     if run.is_main {
@@ -743,32 +778,13 @@ pub fn run_sft(raw: &[String]) -> Result<()> {
     if let Some(eval) = eval {
         builder = builder.eval_dataset(eval);
     }
-    let mut trainer = builder.build()?;
-    let _ = run.interrupt.set(trainer.interrupt_handle());
-    if let Some(g) = run.group.take() {
-        trainer.set_process_group(g);
-    }
-    trainer.train()?;
-    if trainer.interrupted_at.is_none() {
-        trainer.save_model(None)?;
-    }
-    if !run.is_main {
-        return Ok(());
-    }
-    if let Some(step) = trainer.interrupted_at {
-        report_interrupted(&output_dir, step);
-        return Ok(());
-    }
-    eprint!(
-        "\n{}",
-        closing_summary(
-            &model_dir,
-            &output_dir,
-            setup.model_args.use_peft,
-            setup.app.predict
-        )
-    );
-    Ok(())
+    let trainer = builder.build()?;
+    run.train_and_save(
+        trainer,
+        &output_dir,
+        setup.model_args.use_peft,
+        setup.app.predict,
+    )
 }
 
 /// What a finished run wrote and the command to try it: the base model plus
