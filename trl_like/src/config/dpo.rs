@@ -316,13 +316,7 @@ impl ConfigGroup for DPOConfig {
     }
 
     fn preprocess(field: &str, value: Value) -> Value {
-        match (field, value) {
-            // TRL: "auto" pads to 128 on AWS Neuron only, so nothing here.
-            ("pad_to_multiple_of", Value::String(s)) if s.eq_ignore_ascii_case("auto") => {
-                Value::Null
-            }
-            (f, v) => super::training_args::preprocess(f, v),
-        }
+        super::training_args::trl_preprocess(field, value)
     }
 }
 

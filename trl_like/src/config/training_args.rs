@@ -631,6 +631,16 @@ fn check_interval(field: &'static str, v: f64, required: bool) -> Result<(), Con
     Ok(())
 }
 
+/// What TRL's configs (SFTConfig, DPOConfig) accept before type coercion:
+/// their own `pad_to_multiple_of: auto`, then the shared fields' spellings.
+pub(crate) fn trl_preprocess(field: &str, value: Value) -> Value {
+    match (field, value) {
+        // TRL: "auto" pads to 128 on AWS Neuron only, so nothing here.
+        ("pad_to_multiple_of", Value::String(s)) if s.eq_ignore_ascii_case("auto") => Value::Null,
+        (f, v) => preprocess(f, v),
+    }
+}
+
 /// Spellings of the shared fields applied before type coercion (the TRL
 /// configs' `ConfigGroup::preprocess`).
 pub(crate) fn preprocess(field: &str, value: Value) -> Value {
